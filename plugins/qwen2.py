@@ -1,0 +1,8 @@
+"""Qwen2."""
+
+from shortcut.arch import ArchSpec, llama_like_kv, register_architecture
+
+register_architecture(
+    ArchSpec(model_types=("qwen2",), layers="model.layers", final_norm="model.norm",
+             project_kv=llama_like_kv)
+)

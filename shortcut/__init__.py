@@ -1,0 +1,31 @@
+"""shortcut: HuggingFace causal LMs that get faster on what they have practised.
+
+    import shortcut
+    model, tokenizer = shortcut.load_model("smollm2")
+    handle = shortcut.wrap(model)
+    ...
+    handle.remove()
+"""
+
+from .api import Shortcut, load, wrap
+from .arch import ArchSpec, UnsupportedArchitectureError, register_architecture, registered_model_types
+from .config import ShortcutConfig
+from .models import load_model
+from .runtime import FixedPlan, LayerPolicy
+from .skills import SkillsMismatchError
+
+__all__ = [
+    "ArchSpec",
+    "FixedPlan",
+    "LayerPolicy",
+    "Shortcut",
+    "ShortcutConfig",
+    "SkillsMismatchError",
+    "UnsupportedArchitectureError",
+    "load",
+    "load_model",
+    "register_architecture",
+    "registered_model_types",
+    "wrap",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,97 @@
+"""ShortcutConfig: every knob of a wrapped model, saved as json beside its skills."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MODES = ("lossless", "fast")
+
+
+@dataclass
+class ShortcutConfig:
+    """Configuration of a wrapped model.
+
+    Attributes:
+        mode: ``"lossless"`` (shallow paths draft, the full path verifies; output equals
+            the unwrapped model) or ``"fast"`` (shallow paths commit, error rate bounded).
+        observer_layers: decoder layers whose output the SAE observers read. ``None``
+            picks one layer about a fifth of the way up (layer 6 of 30 on SmolLM2).
+        exit_layers: candidate early-exit layers. ``None`` picks every fourth layer from
+            the first observer layer up to three quarters of the depth.
+        learn: practise while the model is used (generate / forward calls update skills).
+        target_error_rate: fast mode's bound on tokens that differ from the full path.
+        audit_fraction: fast mode's fraction of steps checked against the full path.
+        max_draft: most tokens one lossless draft may propose before verification.
+        seed: seed of every random choice shortcut makes (audits, shuffles).
+    """
+
+    mode: str = "lossless"
+    observer_layers: list[int] | None = None
+    exit_layers: list[int] | None = None
+    learn: bool = True
+    target_error_rate: float = 0.01
+    audit_fraction: float = 0.05
+    max_draft: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is not one of {MODES}")
+        if not 0.0 <= self.target_error_rate < 1.0:
+            raise ValueError(f"target_error_rate={self.target_error_rate} must be in [0, 1)")
+        if not 0.0 <= self.audit_fraction <= 1.0:
+            raise ValueError(f"audit_fraction={self.audit_fraction} must be in [0, 1]")
+        if self.max_draft < 1:
+            raise ValueError(f"max_draft={self.max_draft} must be at least 1")
+
+    def resolved(self, num_layers: int) -> "ShortcutConfig":
+        """A copy with the ``None`` defaults filled in for a model of ``num_layers``
+        layers, checked against that depth."""
+        observers = self.observer_layers
+        if observers is None:
+            observers = [max(1, num_layers // 5)]
+        exits = self.exit_layers
+        if exits is None:
+            exits = list(range(min(observers), max(min(observers) + 1, (3 * num_layers) // 4), 4))
+        for name, layers in (("observer_layers", observers), ("exit_layers", exits)):
+            bad = [i for i in layers if not 0 <= i < num_layers]
+            if bad:
+                raise ValueError(f"{name}={bad} out of range: the model has layers 0..{num_layers - 1}")
+        low = [e for e in exits if e < min(observers)]
+        if low:
+            raise ValueError(
+                f"exit_layers {low} lie below the first observer layer {min(observers)}: the "
+                "policy reads the observer before it can decide to exit"
+            )
+        return dataclasses.replace(self, observer_layers=sorted(observers), exit_layers=sorted(exits))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ShortcutConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning("ignoring unknown ShortcutConfig keys: %s", ", ".join(unknown))
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ShortcutConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid json: {err}") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a json object, not {type(data).__name__}")
+        return cls.from_dict(data)

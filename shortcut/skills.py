@@ -1,0 +1,115 @@
+"""Skill folders: everything a wrapped model learned, as safetensors + json.
+
+Layout::
+
+    skills/
+      shortcut.json          format version, base-model fingerprint, what is inside
+      config.json            the ShortcutConfig
+      observers/layer_N/     one sae-lens SAE folder per observed layer
+      *.safetensors          learned tensors (exit heads, policy statistics)
+
+No pickles and no base-model weights. A folder is written next to its destination and
+renamed into place, so a failed save leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .arch import ModelParts
+
+FORMAT_VERSION = 1
+MANIFEST = "shortcut.json"
+
+
+class SkillsMismatchError(ValueError):
+    """Skills were learned on a different base model than the one they are loaded onto."""
+
+
+def fingerprint(model: nn.Module, parts: ModelParts) -> dict[str, Any]:
+    """Identify the base model by shape and a hash of a sample of its weights.
+
+    Weights are rounded to bfloat16 before hashing so the same checkpoint matches in
+    float32, float16 and bfloat16.
+    """
+    cfg = model.config
+    digest = hashlib.sha256()
+    samples = [parts.unembed.weight] + [next(layer.parameters()) for layer in parts.layers]
+    for tensor in samples:
+        flat = tensor.detach().reshape(-1)[:4096].to("cpu", torch.bfloat16).float()
+        digest.update(flat.numpy().tobytes())
+    return {
+        "model_type": parts.model_type,
+        "num_layers": parts.num_layers,
+        "hidden_size": getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None),
+        "vocab_size": getattr(cfg, "vocab_size", None),
+        "weights_sha256": digest.hexdigest(),
+    }
+
+
+def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], folder: Path) -> None:
+    if saved != current:
+        diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
+        raise SkillsMismatchError(
+            f"the skills in {folder} were learned on another base model; differences "
+            f"(saved, this model): {diff}"
+        )
+
+
+def write_atomically(folder: str | Path, fill: Callable[[Path], None], *, overwrite: bool = True) -> Path:
+    """Create ``folder`` by calling ``fill(tmp)`` on a sibling temporary folder, then
+    renaming it into place. An existing folder is replaced only if it is a skills folder
+    (has a manifest) and ``overwrite`` is true; anything else there is refused."""
+    folder = Path(folder)
+    if folder.exists():
+        if not folder.is_dir():
+            raise FileExistsError(f"{folder} exists and is not a folder")
+        if any(folder.iterdir()):
+            if not (folder / MANIFEST).exists():
+                raise FileExistsError(f"{folder} is not empty and is not a shortcut skills folder; refusing to overwrite it")
+            if not overwrite:
+                raise FileExistsError(f"{folder} already holds skills; pass overwrite=True to replace them")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        fill(tmp)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def write_manifest(folder: Path, fingerprint_: dict[str, Any], contents: dict[str, Any]) -> None:
+    manifest = {"format_version": FORMAT_VERSION, "base_model": fingerprint_, "contents": contents}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a shortcut skills folder: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is corrupted: {err}") from err
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path} has format_version {version!r}; this shortcut reads {FORMAT_VERSION}")
+    return manifest
