@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import weakref
+from collections import defaultdict
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from torch import nn
 from transformers import PreTrainedModel
@@ -13,7 +16,14 @@ from transformers import PreTrainedModel
 from . import skills
 from .arch import ModelParts, resolve
 from .config import ShortcutConfig
+from .heads import ExitHeads
+from .observe import Observer
+from .policy import ExitPolicy
+from .practice import Learner
 from .runtime import FixedPlan, LayerPolicy, LayerRuntime, Stats
+from .speculate import ShallowDrafter, make_decoder, unsupported_options
+
+logger = logging.getLogger(__name__)
 
 _HANDLES: "weakref.WeakKeyDictionary[nn.Module, Shortcut]" = weakref.WeakKeyDictionary()
 
@@ -33,6 +43,10 @@ class Shortcut:
         self.fingerprint = skills.fingerprint(model, parts)
         self._runtime = LayerRuntime(model, parts)
         self._removed = False
+        self.learner: Learner | None = None
+        # Draft accounting of lossless generation (forwards, drafted/accepted tokens, ...).
+        self.draft_counters: defaultdict[str, float] = defaultdict(float)
+        self._warned: set[str] = set()
 
     # -- compute ------------------------------------------------------------------
     @property
@@ -70,10 +84,88 @@ class Shortcut:
         finally:
             self._runtime.bypass = previous
 
+    # -- skills -------------------------------------------------------------------
+    @property
+    def observer(self) -> Observer | None:
+        return self.learner.observer if self.learner else None
+
+    @property
+    def heads(self) -> ExitHeads | None:
+        return self.learner.heads if self.learner else None
+
+    @property
+    def exit_policy(self) -> ExitPolicy | None:
+        return self.learner.policy if self.learner else None
+
+    def attach_observer(self, observer: Observer, *, heads: ExitHeads | None = None,
+                        policy: ExitPolicy | None = None) -> None:
+        """Give the handle its SAE observer (and, when loading, learned heads and
+        policy). From then on full-path forwards of batch 1 are practice (while
+        ``config.learn``), and lossless ``generate`` drafts with what was learned."""
+        self._check_live()
+        width = self.parts.unembed.weight.shape[1]
+        if observer.d_model != width:
+            raise ValueError(f"observer width {observer.d_model} does not match the model's residual width {width}")
+        if observer.layer >= self.num_layers:
+            raise ValueError(f"observer layer {observer.layer} out of range 0..{self.num_layers - 1}")
+        exits = [e for e in self.config.exit_layers if e > observer.layer]
+        if not exits:
+            raise ValueError(f"no exit layer in {self.config.exit_layers} lies above observer layer {observer.layer}")
+        heads = heads or ExitHeads(self.parts, exits)
+        policy = policy or ExitPolicy(exits, observer.d_sae, threshold=self.config.policy_threshold)
+        if self.learner is not None:
+            self.learner.uninstall()
+        self.learner = Learner(self.model, self.parts, observer, heads, policy,
+                               consolidate_every=self.config.consolidate_every, fit_steps=self.config.fit_steps,
+                               seed=self.config.seed)
+        self.learner.enabled = self.config.learn
+        self.learner.install(gate=lambda: self._runtime.policy is None and not self._runtime.bypass)
+
+    def set_learning(self, enabled: bool) -> None:
+        """Switch practice on or off (off: skills are frozen)."""
+        self.config.learn = enabled
+        if self.learner is not None:
+            self.learner.enabled = enabled
+
+    def _generate(self, original: Any, *args: Any, **kwargs: Any) -> Any:
+        """``model.generate`` with lossless self-speculative drafting when skills exist."""
+        learner = self.learner
+        if (self._removed or self._runtime.bypass or learner is None or self.config.mode != "lossless"
+                or self._runtime.policy is not None):
+            return original(*args, **kwargs)
+        input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        bad = unsupported_options(self.model, kwargs, input_ids)
+        if bad:
+            message = ", ".join(bad)
+            if message not in self._warned:
+                self._warned.add(message)
+                logger.warning("shortcut: lossless drafting cannot honour %s; using the full path", message)
+            return original(*args, **kwargs)
+        drafter = ShallowDrafter(self.model, self._runtime, learner.observer, learner.heads, learner.policy,
+                                 max_draft=self.config.max_draft, min_confidence=self.config.draft_confidence,
+                                 counters=self.draft_counters)
+        return original(*args, custom_generate=make_decoder(drafter, self.draft_counters), **kwargs)
+
+    def practice(self, prompts: list[Any], *, rounds: int = 1, max_new_tokens: int = 64,
+                 tokenizer: Any = None, shuffle: bool = True, progress: bool = True) -> list[dict[str, Any]]:
+        """Practise ``prompts`` (strings, with ``tokenizer``, or token-id tensors
+        [1, T]) for ``rounds`` rounds of greedy generation, consolidating after each
+        round. Returns one row of figures per round."""
+        from .practice import run_rounds
+
+        self._check_live()
+        if self.learner is None:
+            raise RuntimeError("practice needs an observer: attach_observer(...) or train_observer(...) first")
+        return run_rounds(self, prompts, rounds=rounds, max_new_tokens=max_new_tokens, tokenizer=tokenizer,
+                          shuffle=shuffle, progress=progress)
+
     # -- lifecycle ----------------------------------------------------------------
     def remove(self) -> PreTrainedModel:
         """Detach shortcut; the model is returned exactly as it was. Idempotent."""
         if not self._removed:
+            if self.learner is not None:
+                self.learner.uninstall()
+            self.model.__dict__.pop("generate", None)
             self._runtime.uninstall()
             _HANDLES.pop(self.model, None)
             self._removed = True
@@ -89,7 +181,10 @@ class Shortcut:
 
         def fill(tmp: Path) -> None:
             self.config.save(tmp / "config.json")
-            skills.write_manifest(tmp, self.fingerprint, {"config": "config.json"})
+            contents = {"config": "config.json"}
+            if self.learner is not None:
+                contents.update(skills.save_learned(tmp, self.learner, self.fingerprint))
+            skills.write_manifest(tmp, self.fingerprint, contents)
 
         return skills.write_atomically(folder, fill, overwrite=overwrite)
 
@@ -140,6 +235,8 @@ def wrap(model: PreTrainedModel, config: ShortcutConfig | None = None) -> Shortc
     config = (config or ShortcutConfig()).resolved(parts.num_layers)
     handle = Shortcut(model, parts, config)
     handle._runtime.install()
+    original_generate = model.generate
+    model.generate = functools.update_wrapper(functools.partial(handle._generate, original_generate), original_generate)
     _HANDLES[model] = handle
     return handle
 
@@ -154,4 +251,14 @@ def load(model: PreTrainedModel, folder: str | Path) -> Shortcut:
     parts = resolve(model)
     skills.check_fingerprint(manifest["base_model"], skills.fingerprint(model, parts), folder)
     config = ShortcutConfig.load(folder / "config.json")
-    return wrap(model, config)
+    handle = wrap(model, config)
+    try:
+        learned = skills.load_learned(folder, manifest, handle.parts, handle.fingerprint)
+        if learned is not None:
+            observer, heads, policy, practised = learned
+            handle.attach_observer(observer, heads=heads, policy=policy)
+            handle.learner.practised.extend(practised)
+    except BaseException:
+        handle.remove()
+        raise
+    return handle

@@ -23,12 +23,20 @@ class ShortcutConfig:
             the unwrapped model) or ``"fast"`` (shallow paths commit, error rate bounded).
         observer_layers: decoder layers whose output the SAE observers read. ``None``
             picks one layer about a fifth of the way up (layer 6 of 30 on SmolLM2).
-        exit_layers: candidate early-exit layers. ``None`` picks every fourth layer from
-            the first observer layer up to three quarters of the depth.
+        exit_layers: candidate early exits, each the number of decoder layers that run
+            before the exit head reads the residual stream (``l`` means layers
+            ``0..l-1`` run). Each must lie above the first observer layer, whose output
+            the policy reads before it decides. ``None`` picks every fourth depth from
+            just above the observer up to three quarters of the model.
         learn: practise while the model is used (generate / forward calls update skills).
         target_error_rate: fast mode's bound on tokens that differ from the full path.
         audit_fraction: fast mode's fraction of steps checked against the full path.
         max_draft: most tokens one lossless draft may propose before verification.
+        draft_confidence: a draft stops where the exit head's confidence falls below this.
+        policy_threshold: exit where the policy predicts at least this agreement.
+        consolidate_every: re-fit heads and policy after this many newly practised
+            tokens during ordinary use (0: only at the end of ``practice`` rounds).
+        fit_steps: optimiser steps of each exit-head re-fit during consolidation.
         seed: seed of every random choice shortcut makes (audits, shuffles).
     """
 
@@ -39,6 +47,10 @@ class ShortcutConfig:
     target_error_rate: float = 0.01
     audit_fraction: float = 0.05
     max_draft: int = 8
+    draft_confidence: float = 0.3
+    policy_threshold: float = 0.8
+    consolidate_every: int = 1024
+    fit_steps: int = 300
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -59,16 +71,19 @@ class ShortcutConfig:
             observers = [max(1, num_layers // 5)]
         exits = self.exit_layers
         if exits is None:
-            exits = list(range(min(observers), max(min(observers) + 1, (3 * num_layers) // 4), 4))
-        for name, layers in (("observer_layers", observers), ("exit_layers", exits)):
-            bad = [i for i in layers if not 0 <= i < num_layers]
-            if bad:
-                raise ValueError(f"{name}={bad} out of range: the model has layers 0..{num_layers - 1}")
-        low = [e for e in exits if e < min(observers)]
+            first = min(observers) + 1
+            exits = list(range(first, max(first + 1, (3 * num_layers) // 4), 4))
+        bad = [i for i in observers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"observer_layers={bad} out of range: the model has layers 0..{num_layers - 1}")
+        bad = [e for e in exits if not 1 <= e < num_layers]
+        if bad:
+            raise ValueError(f"exit_layers={bad} out of range: an exit after l layers needs 1 <= l < {num_layers}")
+        low = [e for e in exits if e <= min(observers)]
         if low:
             raise ValueError(
-                f"exit_layers {low} lie below the first observer layer {min(observers)}: the "
-                "policy reads the observer before it can decide to exit"
+                f"exit_layers {low} do not lie above the first observer layer {min(observers)}: "
+                "the policy reads the observer's output before it can decide to exit"
             )
         return dataclasses.replace(self, observer_layers=sorted(observers), exit_layers=sorted(exits))
 

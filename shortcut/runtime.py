@@ -35,6 +35,8 @@ class LayerPolicy(Protocol):
 
     ``begin`` is called once at the start of each model forward; ``should_run`` before
     each decoder layer with the hidden state that reaches it (shape [batch, seq, d]).
+    ``propagate_kv`` is read right after ``should_run`` returned False, so a policy may
+    set it per layer.
     """
 
     propagate_kv: bool

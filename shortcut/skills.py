@@ -26,6 +26,10 @@ from torch import nn
 
 from .arch import ModelParts
 
+HEADS_FILE = "heads.safetensors"
+POLICY_FILE = "policy.safetensors"
+REPLAY_LOG = "replay_log.json"
+
 FORMAT_VERSION = 1
 MANIFEST = "shortcut.json"
 
@@ -113,3 +117,46 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if version != FORMAT_VERSION:
         raise ValueError(f"{path} has format_version {version!r}; this shortcut reads {FORMAT_VERSION}")
     return manifest
+
+
+def save_learned(folder: Path, learner: Any, fingerprint_: dict[str, Any]) -> dict[str, Any]:
+    """Write observer, exit heads, policy and replay log of ``learner`` into ``folder``."""
+    from safetensors.torch import save_file
+
+    from .observe import save_observer
+
+    observer = learner.observer
+    rel = f"observers/layer_{observer.layer}"
+    save_observer(observer.sae, folder / rel, layer=observer.layer, fingerprint=fingerprint_, quality=observer.quality)
+    save_file({k: v.contiguous() for k, v in learner.heads.state_dict().items()}, str(folder / HEADS_FILE))
+    save_file({k: v.contiguous() for k, v in learner.policy.state_dict().items()}, str(folder / POLICY_FILE))
+    (folder / REPLAY_LOG).write_text(json.dumps({"prompts": learner.practised}) + "\n")
+    return {"observer": rel, "heads": HEADS_FILE, "policy": POLICY_FILE, "replay_log": REPLAY_LOG}
+
+
+def load_learned(folder: Path, manifest: dict[str, Any], parts: ModelParts, fingerprint_: dict[str, Any]):
+    """Read what :func:`save_learned` wrote; ``None`` when the folder holds config only."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .heads import ExitHeads
+    from .observe import load_observer
+    from .policy import ExitPolicy
+
+    contents = manifest.get("contents", {})
+    if "observer" not in contents:
+        return None
+    width = int(parts.unembed.weight.shape[1])
+    observer = load_observer(folder / contents["observer"], d_model=width, n_layers=parts.num_layers,
+                             expected_fingerprint=fingerprint_)
+    try:
+        heads_state = load_file(str(folder / contents["heads"]))
+        policy_state = load_file(str(folder / contents["policy"]))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{folder}: cannot read learned tensors ({err})") from err
+    heads = ExitHeads.from_state_dict(parts, heads_state)
+    policy = ExitPolicy([int(x) for x in policy_state["exit_layers"].tolist()], observer.d_sae)
+    policy.load_state_dict(policy_state)
+    log_path = folder / contents.get("replay_log", REPLAY_LOG)
+    practised = json.loads(log_path.read_text())["prompts"] if log_path.is_file() else []
+    return observer, heads, policy, practised

@@ -101,8 +101,11 @@ def test_layer_indices_out_of_range():
 def test_config_validation_and_unknown_keys(tmp_path, caplog):
     with pytest.raises(ValueError, match="mode='turbo'"):
         ShortcutConfig(mode="turbo")
-    with pytest.raises(ValueError, match="lie below the first observer layer"):
-        ShortcutConfig(observer_layers=[2], exit_layers=[1]).resolved(4)
+    with pytest.raises(ValueError, match="do not lie above the first observer layer"):
+        ShortcutConfig(observer_layers=[2], exit_layers=[2]).resolved(4)
+    with pytest.raises(ValueError, match=r"exit_layers=\[4\] out of range"):
+        ShortcutConfig(observer_layers=[1], exit_layers=[4]).resolved(4)
+    assert ShortcutConfig().resolved(30).exit_layers == [7, 11, 15, 19]
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"mode": "fast", "colour": "blue"}))
     assert ShortcutConfig.load(path).mode == "fast"

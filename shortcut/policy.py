@@ -1,0 +1,150 @@
+"""When to leave the forward pass early, learned with a local rule.
+
+For each candidate exit layer ``l`` the policy predicts "the exit head at ``l`` will
+agree with the full model here" from the SAE signature of the current token:
+
+    p_l = sigmoid(b_l + sum_f a_f w_lf)        a = signature values, L2-normalised
+
+and after the full path has verified the token (outcome ``y`` in {0, 1}) every active
+feature moves by the three-factor delta rule
+
+    w_lf += lr * a_f * (y - p_l),   b_l += lr_bias * (y - p_l)
+
+(feature activity x outcome error; no gradient touches the language model). Features
+never seen in practice keep weight 0, so an unfamiliar situation predicts the base
+rate ``sigmoid(b_l)``, which practice on mixed outcomes keeps low: novel tokens take
+the full path. The policy exits at the shallowest layer whose prediction reaches the
+threshold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .observe import Signature
+
+
+@dataclass
+class PolicyDecision:
+    """The chosen exit layer (``None``: full path) and every layer's prediction."""
+
+    exit_layer: int | None
+    probabilities: torch.Tensor
+
+
+class ExitPolicy:
+    """Delta-rule predictors of exit-head agreement, one per candidate exit layer.
+
+    Args:
+        exit_layers: candidate exit layers, ascending.
+        d_sae: number of SAE features of the observer the signatures come from.
+        threshold: exit when the predicted agreement reaches this.
+        lr: learning rate of the feature weights; lr_bias that of the base rates.
+        prior: initial logit of every base rate (sigmoid(-3) = 5%: unpractised means full path).
+    """
+
+    def __init__(self, exit_layers: list[int], d_sae: int, *, threshold: float = 0.8,
+                 lr: float = 1.0, lr_bias: float = 0.05, prior: float = -3.0) -> None:
+        if not exit_layers or sorted(exit_layers) != list(exit_layers):
+            raise ValueError(f"exit_layers must be a non-empty ascending list, got {exit_layers}")
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold={threshold} must be in (0, 1)")
+        self.exit_layers = list(exit_layers)
+        self.threshold = threshold
+        self.lr = lr
+        self.lr_bias = lr_bias
+        self.weights = torch.zeros(len(exit_layers), d_sae)
+        self.bias = torch.full((len(exit_layers),), float(prior))
+        # Evidence, for reports and merging: outcomes seen and agreements, per layer.
+        self.trials = torch.zeros(len(exit_layers))
+        self.agreements = torch.zeros(len(exit_layers))
+        # How often each feature was active at a verified token (familiarity).
+        self.feature_counts = torch.zeros(d_sae)
+
+    @staticmethod
+    def _activity(sig: Signature) -> tuple[torch.Tensor, torch.Tensor]:
+        values = sig.values.float()
+        norm = values.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        return sig.indices, values / norm
+
+    @torch.no_grad()
+    def probabilities(self, sig: Signature) -> torch.Tensor:
+        """Predicted agreement per exit layer, shape ``[..., n_exit]``."""
+        indices, activity = self._activity(sig)
+        # weights[:, indices] -> [n_exit, ..., k]; weighted sum over k.
+        logits = (self.weights[:, indices] * activity).sum(-1)
+        logits = logits.movedim(0, -1) + self.bias
+        return torch.sigmoid(logits)
+
+    def decide(self, sig: Signature) -> PolicyDecision:
+        """The shallowest exit layer predicted to agree (signature of one token)."""
+        probs = self.probabilities(sig).reshape(-1)
+        passing = (probs >= self.threshold).nonzero()
+        layer = self.exit_layers[int(passing[0])] if len(passing) else None
+        return PolicyDecision(layer, probs)
+
+    @torch.no_grad()
+    def update(self, sig: Signature, outcomes: torch.Tensor) -> None:
+        """Local update from verified outcomes.
+
+        Args:
+            sig: signatures of N tokens (``indices``/``values`` shaped [N, k]).
+            outcomes: [N, n_exit] booleans, whether each layer's head agreed with the
+                full model on that token.
+        """
+        indices, activity = self._activity(sig)
+        indices, activity = indices.reshape(-1, indices.shape[-1]), activity.reshape(-1, activity.shape[-1])
+        outcomes = outcomes.reshape(-1, len(self.exit_layers)).float()
+        if outcomes.shape[0] != indices.shape[0]:
+            raise ValueError(f"{indices.shape[0]} signatures but {outcomes.shape[0]} outcome rows")
+        for row in range(indices.shape[0]):  # sequential: each token sees the previous update
+            idx, act = indices[row], activity[row]
+            p = torch.sigmoid((self.weights[:, idx] * act).sum(-1) + self.bias)
+            error = outcomes[row] - p
+            self.weights[:, idx] += self.lr * error[:, None] * act[None, :]
+            self.bias += self.lr_bias * error
+            self.feature_counts[idx[act > 0]] += 1
+        self.trials += outcomes.shape[0]
+        self.agreements += outcomes.sum(0)
+
+    def reset(self, prior: float = -3.0) -> None:
+        """Forget everything learned (used before re-learning from replay)."""
+        self.weights.zero_()
+        self.bias.fill_(float(prior))
+        self.trials.zero_()
+        self.agreements.zero_()
+        self.feature_counts.zero_()
+
+    # -- persistence --------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "weights": self.weights, "bias": self.bias, "trials": self.trials,
+            "agreements": self.agreements, "feature_counts": self.feature_counts,
+            "exit_layers": torch.tensor(self.exit_layers),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        layers = state["exit_layers"].tolist()
+        if layers != self.exit_layers or state["weights"].shape != self.weights.shape:
+            raise ValueError(
+                f"saved policy has exit layers {layers} and {state['weights'].shape[1]} features; "
+                f"this one has {self.exit_layers} and {self.weights.shape[1]}"
+            )
+        for name in ("weights", "bias", "trials", "agreements", "feature_counts"):
+            getattr(self, name).copy_(state[name])
+
+    def merge(self, other: "ExitPolicy") -> None:
+        """Add another worker's practice: evidence-weighted average of the weights,
+        summed counts."""
+        if other.exit_layers != self.exit_layers or other.weights.shape != self.weights.shape:
+            raise ValueError("cannot merge policies with different exit layers or observers")
+        n_self, n_other = self.trials[:, None], other.trials[:, None]
+        total = n_self + n_other
+        seen = total > 0  # layers neither worker tried keep their values
+        self.weights = torch.where(seen, (self.weights * n_self + other.weights * n_other) / total.clamp_min(1), self.weights)
+        self.bias = torch.where(seen[:, 0], (self.bias * n_self[:, 0] + other.bias * n_other[:, 0]) / total[:, 0].clamp_min(1), self.bias)
+        self.trials += other.trials
+        self.agreements += other.agreements
+        self.feature_counts += other.feature_counts

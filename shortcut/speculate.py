@@ -1,0 +1,225 @@
+"""Lossless mode: the shallow path drafts, the full path verifies.
+
+``model.generate`` on a wrapped model with skills passes :func:`make_decoder`'s loop to
+transformers as ``custom_generate``: transformers still prepares the generation config,
+logits processors, stopping criteria and cache, and runs the prefill exactly as plain
+decoding does. Each step of the loop then
+
+1. drafts: :class:`ShallowDrafter` feeds the last token through the model's own layers
+   up to the observer, asks the policy for an exit layer from the SAE signature, runs
+   up to that layer and lets the exit head name the next token (scored on the practised
+   shortlist); it repeats until the policy sends a token to the full path, the head is
+   unsure, or the adaptive draft length is reached. Draft keys/values are cropped from
+   the cache before verification, so the cache verification extends is the full model's;
+2. verifies: one full forward over the last token and the drafts;
+3. accepts: position by position it picks the next token from the full model's logits
+   exactly as plain decoding does (same processors, ``argmax`` or one ``multinomial``
+   draw per token), keeps going while that token equals the draft, and crops the rest.
+
+So greedy output equals plain greedy output, and sampling draws every token from the
+full model's distribution with the random stream plain sampling would use (a seeded
+call gives the same tokens). Numerically, a verified position's logits come from a
+several-token forward instead of a one-token forward; in float32 this changes logits by
+about 1e-6, which flips an argmax only at an exact near-tie.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .heads import ExitHeads
+from .observe import Observer, Signature
+from .policy import ExitPolicy
+
+logger = logging.getLogger(__name__)
+
+
+class DraftStep:
+    """Layer policy of one drafted token: run through the observer layer, decide, exit.
+
+    After the forward, ``exit_layer`` is the chosen exit (``None``: not familiar, stop
+    drafting) and ``exit_hidden`` the residual stream there.
+
+    Consecutive drafted tokens may exit at different depths, so a skipped layer below
+    the deepest candidate exit still writes propagated keys/values: a later, deeper
+    draft step attends to them. Layers above every exit never run while drafting and
+    write nothing; the drafter crops all draft entries before verification.
+    """
+
+    def __init__(self, observer: Observer, policy: ExitPolicy) -> None:
+        self.observer = observer
+        self.policy = policy
+        self.signature_layer = observer.layer + 1
+        self.exit_layer: int | None = None
+        self.exit_hidden: torch.Tensor | None = None
+        self.signature: Signature | None = None
+        self.deepest_exit = max(policy.exit_layers)
+        self.propagate_kv = False
+
+    def begin(self, input_ids: torch.Tensor | None) -> None:
+        self.exit_layer, self.exit_hidden, self.signature = None, None, None
+
+    def should_run(self, layer_idx: int, hidden: torch.Tensor) -> bool:
+        if layer_idx < self.signature_layer:
+            return True
+        if layer_idx == self.signature_layer:
+            self.signature = self.observer.encode(hidden[:, -1])
+            self.exit_layer = self.policy.decide(self.signature).exit_layer
+        if self.exit_layer is not None and layer_idx == self.exit_layer:
+            self.exit_hidden = hidden
+        if self.exit_layer is not None and layer_idx < self.exit_layer:
+            return True
+        # Read by the runtime right after this call, for this skipped layer only.
+        self.propagate_kv = layer_idx < self.deepest_exit
+        return False
+
+
+class ShallowDrafter:
+    """Drafts tokens with the shallow path of the model itself."""
+
+    def __init__(self, model: nn.Module, runtime: Any, observer: Observer, heads: ExitHeads,
+                 policy: ExitPolicy, *, max_draft: int, min_confidence: float, counters: dict[str, float]) -> None:
+        self.base = getattr(model, model.base_model_prefix)
+        self.runtime = runtime
+        self.heads = heads
+        self.step = DraftStep(observer, policy)
+        self.max_draft = max_draft
+        self.num_draft = max_draft
+        self.min_confidence = min_confidence
+        self.counters = counters
+
+    @torch.no_grad()
+    def draft(self, input_ids: torch.Tensor, cache: Any, limit: int) -> torch.Tensor:
+        """Up to ``min(limit, adaptive length)`` draft tokens after ``input_ids`` [1, T],
+        whose last token is not in ``cache`` yet. Returns [1, k] (k may be 0); the cache
+        is left as it was."""
+        budget = min(limit, self.num_draft)
+        if budget <= 0 or self.heads.shortlist.numel() == 0:
+            return input_ids[:, :0]
+        lengths = [layer.get_seq_length() if layer.is_initialized else 0 for layer in cache.layers]
+        drafted: list[torch.Tensor] = []
+        token = input_ids[:, -1:]
+        position = input_ids.shape[1] - 1
+        previous = self.runtime.policy
+        self.runtime.policy = self.step
+        try:
+            for _ in range(budget):
+                self.base(input_ids=token, cache=cache, use_cache=True,
+                          position_ids=torch.tensor([[position]], device=token.device))
+                self.counters["draft_forwards"] += 1
+                self.counters["observer_encodes"] += 1
+                if self.step.exit_layer is None:
+                    self.counters["draft_refusals"] += 1
+                    break
+                self.counters["head_params"] += self.heads.head_cost(self.step.exit_layer)["shortlist"]
+                pred = self.heads.predict(self.step.exit_layer, self.step.exit_hidden[:, -1])
+                if float(pred.confidence) < self.min_confidence:
+                    self.counters["draft_unsure"] += 1
+                    break
+                token = pred.token_ids.view(1, 1)
+                drafted.append(token)
+                position += 1
+        finally:
+            self.runtime.policy = previous
+            _crop_to(cache, lengths)
+        self.counters["drafted"] += len(drafted)
+        return torch.cat(drafted, dim=-1) if drafted else input_ids[:, :0]
+
+    def record(self, drafted: int, accepted: int) -> None:
+        """Adapt the draft length to the measured acceptance."""
+        if drafted == 0:
+            return
+        self.counters["accepted"] += accepted
+        if accepted == drafted:
+            self.num_draft = min(self.max_draft, self.num_draft + 2)
+        else:
+            self.num_draft = max(1, self.num_draft - 1)
+
+
+def _crop_to(cache: Any, lengths: list[int]) -> None:
+    for layer, length in zip(cache.layers, lengths):
+        extra = (layer.get_seq_length() if layer.is_initialized else 0) - length
+        if extra > 0:
+            layer.crop(-extra)
+
+
+def make_decoder(drafter: ShallowDrafter, counters: dict[str, float]) -> Callable[..., torch.Tensor]:
+    """The decoding loop handed to ``generate(custom_generate=...)`` (see the module doc)."""
+
+    @torch.no_grad()
+    def speculative_decode(model: nn.Module, input_ids: torch.Tensor, logits_processor: Any,
+                           stopping_criteria: Any, generation_config: Any, synced_gpus: bool = False,
+                           streamer: Any = None, **model_kwargs: Any) -> torch.Tensor:
+        do_sample = bool(generation_config.do_sample)
+        cache = model_kwargs["cache"]
+        cache.activate_past_recording()  # sliding-window layers must be able to roll back
+        outputs = model._prefill(input_ids, generation_config, model_kwargs)
+        pending = outputs.logits[:, -1:]
+        drafts = input_ids[:, :0]
+        while True:
+            accepted, finished = 0, False
+            for i in range(pending.shape[1]):
+                scores = logits_processor(input_ids, pending[:, i].to(dtype=torch.float32, copy=True))
+                if do_sample:
+                    token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
+                else:
+                    token = scores.argmax(dim=-1, keepdim=True)
+                input_ids = torch.cat([input_ids, token], dim=-1)
+                if streamer is not None:
+                    streamer.put(token.cpu())
+                finished = bool(stopping_criteria(input_ids, scores).all())
+                if finished or i == drafts.shape[1] or int(token) != int(drafts[0, i]):
+                    break
+                accepted += 1
+            drafter.record(drafts.shape[1], accepted)
+            # The cache may hold only tokens before the newest one.
+            valid = input_ids.shape[1] - 1
+            _crop_to(cache, [min(valid, layer.get_seq_length()) if layer.is_initialized else 0 for layer in cache.layers])
+            if finished:
+                break
+            limit = generation_config.max_length - input_ids.shape[1] - 1
+            drafts = drafter.draft(input_ids, cache, limit)
+            verify = torch.cat([input_ids[:, -1:], drafts], dim=-1)
+            counters["verify_forwards"] += 1
+            pending = model(input_ids=verify, cache=cache, use_cache=True).logits
+        if streamer is not None:
+            streamer.end()
+        return input_ids
+
+    return speculative_decode
+
+
+UNSUPPORTED = {
+    "num_beams": lambda v: v not in (None, 1),
+    "num_return_sequences": lambda v: v not in (None, 1),
+    "assistant_model": lambda v: v is not None,
+    "prompt_lookup_num_tokens": lambda v: v is not None,
+    "assistant_early_exit": lambda v: v is not None,
+    "custom_generate": lambda v: v is not None,
+    "inputs_embeds": lambda v: v is not None,
+    "return_dict_in_generate": bool,
+    "output_scores": bool,
+    "output_logits": bool,
+    "output_attentions": bool,
+    "output_hidden_states": bool,
+    "use_cache": lambda v: v is False,
+    "past_key_values": lambda v: v is not None,
+    "cache": lambda v: v is not None,
+}
+
+
+def unsupported_options(model: nn.Module, kwargs: dict[str, Any], input_ids: Any) -> list[str]:
+    """Generate options lossless drafting cannot honour; the call then takes the full
+    path (same tokens as the unwrapped model, no drafting)."""
+    config = kwargs.get("generation_config") or model.generation_config
+    bad = [f"{name}={kwargs.get(name, getattr(config, name, None))!r}" for name, test in UNSUPPORTED.items()
+           if test(kwargs.get(name, getattr(config, name, None)))]
+    if not isinstance(input_ids, torch.Tensor):
+        bad.append("input_ids not given as a tensor")
+    elif input_ids.shape[0] != 1:
+        bad.append(f"batch size {input_ids.shape[0]} (drafts are verified one sequence at a time)")
+    return bad

@@ -1,0 +1,142 @@
+"""Practice and lossless drafting on tiny random models: identical tokens, real
+savings in layers run, skills that persist."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import shortcut
+from shortcut.observe import Observer, collect_activations, train_sae
+
+from .conftest import make_tiny
+
+PROMPTS = [torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([[9, 10, 11]]), torch.tensor([[30, 31, 4, 40]])]
+
+
+def _observer(model, layer: int = 0) -> Observer:
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 96, (40,), generator=g) for _ in range(20)]
+    parts = shortcut.arch.resolve(model)
+    acts = collect_activations(model, parts.layers[layer], seqs, max_tokens=600, progress=False)
+    return Observer(train_sae(acts, d_sae=128, k=8, steps=40, batch_size=64, progress=False), layer)
+
+
+def _practised(arch: str = "llama", rounds: int = 3):
+    model = make_tiny(arch)
+    # Low thresholds: a random tiny model is never confident, but drafting must be exercised.
+    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2], draft_confidence=0.0,
+                                     policy_threshold=0.3, fit_steps=30)
+    handle = shortcut.wrap(model, config)
+    handle.attach_observer(_observer(model))
+    rows = handle.practice(PROMPTS, rounds=rounds, max_new_tokens=16, progress=False)
+    return model, handle, rows
+
+
+@pytest.fixture(scope="module")
+def practised():
+    model, handle, rows = _practised()
+    yield model, handle, rows
+    handle.remove()
+
+
+@pytest.mark.parametrize("kw", [dict(do_sample=False), dict(do_sample=True), dict(do_sample=True, top_k=5, temperature=0.7)])
+def test_lossless_identical_to_unwrapped(practised, kw):
+    model, handle, _ = practised
+    accepted = 0.0
+    for prompt in PROMPTS:
+        with handle.disabled():
+            torch.manual_seed(3)
+            ref = model.generate(input_ids=prompt, max_new_tokens=20, **kw)
+        before = handle.draft_counters["accepted"]
+        torch.manual_seed(3)
+        out = model.generate(input_ids=prompt, max_new_tokens=20, **kw)
+        assert torch.equal(out, ref), (kw, prompt)
+        accepted += handle.draft_counters["accepted"] - before
+    if not kw["do_sample"]:
+        assert accepted > 0, "practised greedy prompts must accept drafts"
+
+
+def test_drafted_tokens_skip_real_compute(practised):
+    model, handle, _ = practised
+    handle.stats.reset()
+    before = dict(handle.draft_counters)
+    model.generate(input_ids=PROMPTS[0], max_new_tokens=20, do_sample=False)
+    drafted = handle.draft_counters["draft_forwards"] - before.get("draft_forwards", 0)
+    assert drafted > 0
+    runs = handle.stats.total.per_layer_runs
+    # Draft forwards exit after at most 2 of 4 layers: the deep layers run on fewer tokens.
+    assert runs[3] < runs[0] and runs[3] == runs[2]
+
+
+def test_padded_batch_and_unsupported_options_take_full_path(practised, caplog):
+    model, handle, _ = practised
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    with handle.disabled():
+        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        ref_beam = model.generate(input_ids=PROMPTS[0], max_new_tokens=8, num_beams=2, do_sample=False)
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0), ref)
+        assert torch.equal(model.generate(input_ids=PROMPTS[0], max_new_tokens=8, num_beams=2, do_sample=False), ref_beam)
+    assert "batch size 2" in caplog.text and "num_beams=2" in caplog.text
+
+
+def test_practice_rounds_report_and_learning_switch(practised):
+    model, handle, rows = practised
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["accepted"] > 0
+    assert all(r["learn_seconds"] >= 0 and r["consolidate_seconds"] > 0 for r in rows)
+    handle.set_learning(False)
+    learned = handle.learner.stats.tokens_learned
+    model.generate(input_ids=PROMPTS[1], max_new_tokens=5, do_sample=False)
+    assert handle.learner.stats.tokens_learned == learned
+    handle.set_learning(True)
+
+
+def test_save_load_same_decisions_and_tokens(practised, tmp_path):
+    model, handle, _ = practised
+    folder = handle.save_pretrained(tmp_path / "skills")
+    probe = handle.observer.encode(torch.randn(3, 64))
+    decisions = handle.exit_policy.probabilities(probe)
+    hidden = torch.randn(2, 64)
+    head_out = handle.heads.logits(1, hidden)
+    with handle.disabled():
+        ref = model.generate(input_ids=PROMPTS[2], max_new_tokens=12, do_sample=False)
+
+    other_model = make_tiny("llama")  # same seed: same weights, same fingerprint
+    loaded = shortcut.load(other_model, folder)
+    try:
+        assert torch.equal(loaded.exit_policy.probabilities(probe), decisions)
+        assert torch.equal(loaded.heads.logits(1, hidden), head_out)
+        assert torch.equal(loaded.heads.shortlist, handle.heads.shortlist)
+        assert loaded.learner.practised == handle.learner.practised
+        assert torch.equal(other_model.generate(input_ids=PROMPTS[2], max_new_tokens=12, do_sample=False), ref)
+    finally:
+        loaded.remove()
+
+
+def test_practice_bad_input(practised):
+    _, handle, _ = practised
+    with pytest.raises(ValueError, match="tokenizer"):
+        handle.practice(["text prompt"], rounds=1)
+    with pytest.raises(ValueError, match="rounds=0"):
+        handle.practice(PROMPTS, rounds=0)
+    fresh = shortcut.wrap(make_tiny("qwen2"))
+    with pytest.raises(RuntimeError, match="needs an observer"):
+        fresh.practice(PROMPTS)
+    fresh.remove()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma3_text"])
+def test_lossless_on_other_architectures(arch):
+    model, handle, rows = _practised(arch, rounds=2)
+    try:
+        for prompt in PROMPTS:
+            with handle.disabled():
+                ref = model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False)
+            assert torch.equal(model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False), ref)
+    finally:
+        handle.remove()
