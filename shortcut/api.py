@@ -121,6 +121,25 @@ class Shortcut:
         self.learner.enabled = self.config.learn
         self.learner.install(gate=lambda: self._runtime.policy is None and not self._runtime.bypass)
 
+    def train_observer(self, texts: list[str], tokenizer: Any, *, max_tokens: int | None = None,
+                       heldout_fraction: float = 0.1, progress: bool = True, **train_kwargs: Any) -> Observer:
+        """Train a sae-lens TopK SAE on this model's own residual stream at
+        ``config.observer_layers[0]`` over ``texts``, measure it on a held-out slice,
+        and attach it as the observer. ``train_kwargs`` go to :func:`observe.train_sae`."""
+        from .observe import DEFAULT_MAX_TOKENS, collect_activations, sae_quality, train_sae
+
+        self._check_live()
+        layer = self.config.observer_layers[0]
+        with self.disabled():
+            acts = collect_activations(self.model, self.parts.layers[layer], texts, tokenizer,
+                                       max_tokens=max_tokens or DEFAULT_MAX_TOKENS, progress=progress)
+        n_heldout = max(1, int(len(acts) * heldout_fraction))
+        sae = train_sae(acts[:-n_heldout], seed=self.config.seed, progress=progress, **train_kwargs)
+        quality = sae_quality(sae, acts[-n_heldout:])
+        observer = Observer(sae, layer, meta={"quality": quality})
+        self.attach_observer(observer)
+        return observer
+
     def set_learning(self, enabled: bool) -> None:
         """Switch practice on or off (off: skills are frozen)."""
         self.config.learn = enabled

@@ -10,11 +10,14 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .data import DataFileError, prompt_input_ids, read_prompts
+from .data import DataFileError, prompt_input_ids, read_jsonl, read_prompts
+
+DEFAULT_CORPUS = Path(__file__).resolve().parent.parent / "evals" / "data" / "passages.jsonl"
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -48,8 +51,57 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _practice(args: argparse.Namespace) -> int:
+    """Practise a prompts file for some rounds and save the skills."""
+    import shortcut
+
+    records = read_prompts(args.prompts)  # validate before the slow model load
+    if args.rounds < 1:
+        raise ValueError(f"--rounds {args.rounds} must be at least 1")
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not (out / "shortcut.json").exists():
+        raise FileExistsError(f"{out} is not empty and is not a shortcut skills folder")
+    model, tokenizer = shortcut.load_model(args.model)
+    if args.skills:
+        handle = shortcut.load(model, args.skills)
+    else:
+        handle = shortcut.wrap(model, shortcut.ShortcutConfig(consolidate_every=0, seed=args.seed))
+        texts = [r["text"] for r in read_jsonl(args.corpus)]
+        handle.train_observer(texts, tokenizer, steps=args.sae_steps, progress=not args.quiet)
+    rows = handle.practice(records, rounds=args.rounds, max_new_tokens=args.new_tokens, tokenizer=tokenizer,
+                           progress=not args.quiet)
+    print(f"{'round':>5}{'tokens':>8}{'tok/s':>8}{'layers/tok':>11}{'drafted':>9}{'accept':>8}{'learn s':>9}")
+    for r in rows:
+        print(f"{r['round']:>5}{r['generated_tokens']:>8}{r['tokens_per_second']:>8.1f}"
+              f"{r['layers_per_generated_token']:>11.1f}{r['drafted']:>9}{100 * r['acceptance']:>7.0f}%"
+              f"{r['learn_seconds'] + r['consolidate_seconds']:>9.1f}")
+    handle.save_pretrained(out)
+    print(f"skills saved to {out}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    """Show what a skills folder learned."""
+    from .inspect import describe
+
+    print(describe(Path(args.skills), top=args.top))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    """Merge the practice of several skills folders made on the same base model."""
+    from .merge import merge_skills
+
+    folder = merge_skills([Path(p) for p in args.skills], Path(args.output), overwrite=args.overwrite)
+    print(f"merged {len(args.skills)} skills folders into {folder}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "demo": (_demo, "wrap the packaged model and generate"),
+    "practice": (_practice, "practise a prompts JSONL for some rounds and save the skills"),
+    "inspect": (_inspect, "show what a skills folder learned"),
+    "merge": (_merge, "merge skills folders of the same base model"),
 }
 
 
@@ -62,6 +114,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompts", default=None, help="JSONL of prompts (default: two built-in questions)")
     demo.add_argument("-n", type=int, default=2, help="how many prompts from --prompts")
     demo.add_argument("--new-tokens", type=int, default=40)
+
+    practice = sub.add_parser("practice", help=COMMANDS["practice"][1])
+    practice.add_argument("prompts", help="JSONL with a 'prompt' or 'messages' per line")
+    practice.add_argument("-o", "--output", required=True, help="skills folder to write")
+    practice.add_argument("--model", default="smollm2", help="alias, local folder, .gguf file or hub id")
+    practice.add_argument("--skills", default=None, help="skills folder to start from")
+    practice.add_argument("--rounds", type=int, default=3)
+    practice.add_argument("--new-tokens", type=int, default=64)
+    practice.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="JSONL of {'text'} to train the observer on")
+    practice.add_argument("--sae-steps", type=int, default=1500)
+    practice.add_argument("--seed", type=int, default=0)
+    practice.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    inspect = sub.add_parser("inspect", help=COMMANDS["inspect"][1])
+    inspect.add_argument("skills", help="skills folder")
+    inspect.add_argument("--top", type=int, default=10, help="how many SAE features to list")
+
+    merge = sub.add_parser("merge", help=COMMANDS["merge"][1])
+    merge.add_argument("skills", nargs="+", help="skills folders (same base model, same observer)")
+    merge.add_argument("-o", "--output", required=True)
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing skills folder")
     return parser
 
 
@@ -71,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return COMMANDS[args.command][0](args)
-    except (DataFileError, FileNotFoundError, FileExistsError, ValueError, ModuleNotFoundError) as err:
+    except (DataFileError, FileNotFoundError, FileExistsError, ValueError, ModuleNotFoundError, RuntimeError) as err:
         print(f"shortcut {args.command}: error: {err}", file=sys.stderr)
         return 2
 

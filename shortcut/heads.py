@@ -303,6 +303,8 @@ class ExitHeads(nn.Module):
         seed: int = 0,
         vocab: FitVocab = "auto",
         weight_decay: float = 0.0,
+        schedule: Literal["cosine", "constant"] = "cosine",
+        precondition: bool = True,
         progress: bool = True,
     ) -> dict[int, list[float]]:
         """Train the translators at ``states``' layers to match the full model.
@@ -365,8 +367,22 @@ class ExitHeads(nn.Module):
                 cached_targets = None
                 if n * width * 4 <= _TARGET_CACHE_BYTES:
                     cached_targets = torch.cat([score(c).float().log_softmax(-1) for c in normed_final.split(1024)])
-            params = [p for layer in layers for p in self._translator(layer).parameters()]
-            opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+            # Train V = W diag(s) on inputs h / s, s = per-dimension RMS of the replayed
+            # states: a few residual dimensions are 10-100x larger than the rest
+            # (attention sinks), which makes plain Adam on W slow and unstable.
+            scales, inputs, weights, biases = {}, {}, {}, {}
+            with torch.no_grad():
+                for layer in layers:
+                    lin = self._translator(layer)
+                    s = xs[layer].float().pow(2).mean(0).sqrt().clamp_min(1e-6) if precondition \
+                        else torch.ones(self.width, device=device)
+                    scales[layer] = s
+                    inputs[layer] = (xs[layer].float() / s).to(dtype)
+                    weights[layer] = (lin.weight.float() * s).requires_grad_(True)
+                    biases[layer] = lin.bias.float().clone().requires_grad_(True)
+            opt = torch.optim.Adam([*weights.values(), *biases.values()], lr=lr, weight_decay=weight_decay)
+            sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if schedule == "cosine"
+                     else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
             gen = torch.Generator().manual_seed(seed)
             bs = min(batch_size, n)
             order, pos = torch.randperm(n, generator=gen), 0
@@ -386,13 +402,19 @@ class ExitHeads(nn.Module):
                     total = 0.0
                     for layer in layers:
                         h = xs[layer][idx]
-                        lin = self._translator(layer)
-                        logits = score(self.final_norm(h + F.linear(h, lin.weight, lin.bias)))
+                        delta = F.linear(inputs[layer][idx], weights[layer].to(dtype), biases[layer].to(dtype))
+                        logits = score(self.final_norm(h + delta))
                         loss = F.kl_div(logits.float().log_softmax(-1), target, log_target=True, reduction="batchmean")
                         total = total + loss
                         history[layer].append(float(loss.detach()))
                     total.backward()  # type: ignore[union-attr]
                     opt.step()
+                    sched.step()
+            with torch.no_grad():
+                for layer in layers:
+                    lin = self._translator(layer)
+                    lin.weight.copy_(weights[layer] / scales[layer])
+                    lin.bias.copy_(biases[layer])
         finally:
             for p, flag in zip(base_params, flags):
                 p.requires_grad_(flag)

@@ -87,6 +87,13 @@ class ComputeStats:
     layers_run: int = 0
     layers_skipped: int = 0
     per_layer_runs: list[int] = field(default_factory=list)
+    # Weight reads: a layer or the unembedding reads its weights once per call,
+    # whatever the number of tokens in it (decoding is memory-bandwidth bound).
+    layer_calls: int = 0
+    kv_projections: int = 0  # tokens whose keys/values were propagated into a skipped layer
+    kv_projection_calls: int = 0
+    unembed_calls: int = 0
+    unembed_tokens: int = 0
 
     @property
     def layers_per_token(self) -> float:
@@ -100,6 +107,11 @@ class ComputeStats:
             "layers_skipped": self.layers_skipped,
             "layers_per_token": self.layers_per_token,
             "per_layer_runs": list(self.per_layer_runs),
+            "layer_calls": self.layer_calls,
+            "kv_projections": self.kv_projections,
+            "kv_projection_calls": self.kv_projection_calls,
+            "unembed_calls": self.unembed_calls,
+            "unembed_tokens": self.unembed_tokens,
         }
 
 
@@ -125,9 +137,20 @@ class Stats:
                 s.tokens += n_tokens
             if ran:
                 s.layers_run += n_tokens
+                s.layer_calls += 1
                 s.per_layer_runs[layer_idx] += n_tokens
             else:
                 s.layers_skipped += n_tokens
+
+    def _count_kv(self, n_tokens: int) -> None:
+        for s in (self.last, self.total):
+            s.kv_projections += n_tokens
+            s.kv_projection_calls += 1
+
+    def _count_unembed(self, n_tokens: int) -> None:
+        for s in (self.last, self.total):
+            s.unembed_calls += 1
+            s.unembed_tokens += n_tokens
 
     def as_dict(self) -> dict[str, Any]:
         return {"last": self.last.as_dict(), "total": self.total.as_dict()}
@@ -167,6 +190,7 @@ class LayerRuntime:
             self._hook_handles.append(
                 self.model.register_forward_pre_hook(self._begin_forward, with_kwargs=True)
             )
+            self._hook_handles.append(self.parts.unembed.register_forward_hook(self._count_unembed))
         except BaseException:
             self.uninstall()
             raise
@@ -191,6 +215,10 @@ class LayerRuntime:
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             self.policy.begin(input_ids if isinstance(input_ids, torch.Tensor) else None)
 
+    def _count_unembed(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self.bypass:
+            self.stats._count_unembed(output.shape[0] * output.shape[1] if output.dim() == 3 else output.shape[0])
+
     def _make_wrapper(self, idx: int, layer: nn.Module, original: Any) -> Any:
         spec = self.parts.spec
 
@@ -209,6 +237,7 @@ class LayerRuntime:
                 if cache is not None:
                     keys, values = spec.project_kv(layer, hidden, kwargs.get("position_embeddings"))
                     cache.update(keys, values, idx)
+                    self.stats._count_kv(n_tokens)
             return hidden
 
         functools.update_wrapper(forward, original)

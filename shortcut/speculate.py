@@ -91,14 +91,25 @@ class ShallowDrafter:
         self.num_draft = max_draft
         self.min_confidence = min_confidence
         self.counters = counters
+        # Back-off: after a draft attempt that produced nothing accepted, skip the next
+        # `_pause` steps (doubling up to 8): asking costs the layers up to the observer,
+        # and unfamiliar text mostly answers "full path".
+        self._pause = 0
+        self._skip = 0
+        self.attempted = False  # whether the latest draft() ran any forward
 
     @torch.no_grad()
     def draft(self, input_ids: torch.Tensor, cache: Any, limit: int) -> torch.Tensor:
         """Up to ``min(limit, adaptive length)`` draft tokens after ``input_ids`` [1, T],
         whose last token is not in ``cache`` yet. Returns [1, k] (k may be 0); the cache
         is left as it was."""
+        self.attempted = False
         budget = min(limit, self.num_draft)
         if budget <= 0 or self.heads.shortlist.numel() == 0:
+            return input_ids[:, :0]
+        if self._skip > 0:
+            self._skip -= 1
+            self.counters["draft_paused"] += 1
             return input_ids[:, :0]
         lengths = [layer.get_seq_length() if layer.is_initialized else 0 for layer in cache.layers]
         drafted: list[torch.Tensor] = []
@@ -106,6 +117,7 @@ class ShallowDrafter:
         position = input_ids.shape[1] - 1
         previous = self.runtime.policy
         self.runtime.policy = self.step
+        self.attempted = True
         try:
             for _ in range(budget):
                 self.base(input_ids=token, cache=cache, use_cache=True,
@@ -115,6 +127,7 @@ class ShallowDrafter:
                 if self.step.exit_layer is None:
                     self.counters["draft_refusals"] += 1
                     break
+                self.counters[f"exit_{self.step.exit_layer}"] += 1
                 self.counters["head_params"] += self.heads.head_cost(self.step.exit_layer)["shortlist"]
                 pred = self.heads.predict(self.step.exit_layer, self.step.exit_hidden[:, -1])
                 if float(pred.confidence) < self.min_confidence:
@@ -130,7 +143,13 @@ class ShallowDrafter:
         return torch.cat(drafted, dim=-1) if drafted else input_ids[:, :0]
 
     def record(self, drafted: int, accepted: int) -> None:
-        """Adapt the draft length to the measured acceptance."""
+        """Adapt the draft length and the back-off to the measured acceptance of the
+        latest draft."""
+        if self.attempted and accepted == 0:
+            self._pause = min(8, max(1, 2 * self._pause))
+            self._skip = self._pause
+        elif accepted > 0:
+            self._pause = 0
         if drafted == 0:
             return
         self.counters["accepted"] += accepted

