@@ -298,13 +298,14 @@ class ExitHeads(nn.Module):
         final_hidden: torch.Tensor,
         *,
         steps: int = 300,
-        lr: float = 1e-3,
-        batch_size: int = 256,
+        lr: float = 3e-2,
+        batch_size: int = 128,
         seed: int = 0,
         vocab: FitVocab = "auto",
         weight_decay: float = 0.0,
         schedule: Literal["cosine", "constant"] = "cosine",
         precondition: bool = True,
+        hard_weight: float = 1.0,
         progress: bool = True,
     ) -> dict[int, list[float]]:
         """Train the translators at ``states``' layers to match the full model.
@@ -404,7 +405,10 @@ class ExitHeads(nn.Module):
                         h = xs[layer][idx]
                         delta = F.linear(inputs[layer][idx], weights[layer].to(dtype), biases[layer].to(dtype))
                         logits = score(self.final_norm(h + delta))
-                        loss = F.kl_div(logits.float().log_softmax(-1), target, log_target=True, reduction="batchmean")
+                        logp = logits.float().log_softmax(-1)
+                        loss = F.kl_div(logp, target, log_target=True, reduction="batchmean")
+                        if hard_weight:
+                            loss = loss + hard_weight * F.nll_loss(logp, target.argmax(-1))
                         total = total + loss
                         history[layer].append(float(loss.detach()))
                     total.backward()  # type: ignore[union-attr]

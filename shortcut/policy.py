@@ -10,11 +10,17 @@ feature moves by the three-factor delta rule
 
     w_lf += lr * a_f * (y - p_l),   b_l += lr_bias * (y - p_l)
 
-(feature activity x outcome error; no gradient touches the language model). Features
-never seen in practice keep weight 0, so an unfamiliar situation predicts the base
-rate ``sigmoid(b_l)``, which practice on mixed outcomes keeps low: novel tokens take
-the full path. The policy exits at the shallowest layer whose prediction reaches the
-threshold.
+(feature activity x outcome error; no gradient touches the language model).
+
+Telling familiar from novel. Practice mostly shows the rule successes, so on its own it
+learns a high base rate and trusts every token. The policy therefore also keeps a
+memory of the signatures of practised tokens (a sparse matrix, like an episodic store)
+and a token counts as familiar only if its signature's cosine similarity to the nearest
+remembered one reaches ``min_familiarity``. Measured on SmolLM2 after 3 rounds on 6
+prompts (layer-6 SAE): 100% of exact-repeat tokens pass 0.9, 47% of near-duplicate
+tokens (72% of those agree with the full model at exit 7) and 17% of novel tokens; the
+delta rule alone passed 99% of novel tokens. The policy exits at the shallowest layer
+whose prediction reaches the threshold, for familiar tokens only.
 """
 
 from __future__ import annotations
@@ -43,15 +49,25 @@ class ExitPolicy:
         threshold: exit when the predicted agreement reaches this.
         lr: learning rate of the feature weights; lr_bias that of the base rates.
         prior: initial logit of every base rate (sigmoid(-3) = 5%: unpractised means full path).
+        min_familiarity: cosine similarity to the nearest remembered signature needed
+            before any exit is considered.
+        memory_size: most signatures remembered (oldest forgotten first).
     """
 
     def __init__(self, exit_layers: list[int], d_sae: int, *, threshold: float = 0.8,
-                 lr: float = 1.0, lr_bias: float = 0.05, prior: float = -3.0) -> None:
+                 lr: float = 1.0, lr_bias: float = 0.05, prior: float = -3.0,
+                 min_familiarity: float = 0.9, memory_size: int = 16384) -> None:
         if not exit_layers or sorted(exit_layers) != list(exit_layers):
             raise ValueError(f"exit_layers must be a non-empty ascending list, got {exit_layers}")
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold={threshold} must be in (0, 1)")
         self.exit_layers = list(exit_layers)
+        self.d_sae = d_sae
+        self.min_familiarity = min_familiarity
+        self.memory_size = memory_size
+        self.memory_indices = torch.zeros(0, 0, dtype=torch.long)
+        self.memory_values = torch.zeros(0, 0)
+        self._memory_matrix: torch.Tensor | None = None
         self.threshold = threshold
         self.lr = lr
         self.lr_bias = lr_bias
@@ -78,9 +94,48 @@ class ExitPolicy:
         logits = logits.movedim(0, -1) + self.bias
         return torch.sigmoid(logits)
 
+    # -- familiarity ----------------------------------------------------------------
+    @torch.no_grad()
+    def remember(self, sig: Signature) -> None:
+        """Store the (L2-normalised) signatures of practised tokens."""
+        indices, activity = self._activity(sig)
+        indices, activity = indices.reshape(-1, indices.shape[-1]), activity.reshape(-1, activity.shape[-1])
+        if self.memory_indices.numel() == 0:
+            self.memory_indices, self.memory_values = indices.clone(), activity.clone()
+        else:
+            self.memory_indices = torch.cat([self.memory_indices, indices])[-self.memory_size:]
+            self.memory_values = torch.cat([self.memory_values, activity])[-self.memory_size:]
+        self._memory_matrix = None
+
+    @property
+    def memory_len(self) -> int:
+        return int(self.memory_indices.shape[0])
+
+    def _matrix(self) -> torch.Tensor:
+        if self._memory_matrix is None:
+            n, k = self.memory_indices.shape
+            rows = torch.arange(n).repeat_interleave(k)
+            dense_index = torch.stack([rows, self.memory_indices.reshape(-1)])
+            self._memory_matrix = torch.sparse_coo_tensor(
+                dense_index, self.memory_values.reshape(-1), (n, self.d_sae)).coalesce().to_sparse_csr()
+        return self._memory_matrix
+
+    @torch.no_grad()
+    def familiarity(self, sig: Signature) -> torch.Tensor:
+        """Cosine similarity of each signature to its nearest remembered one, shape [N]."""
+        indices, activity = self._activity(sig)
+        indices, activity = indices.reshape(-1, indices.shape[-1]), activity.reshape(-1, activity.shape[-1])
+        if self.memory_len == 0:
+            return torch.zeros(indices.shape[0])
+        query = torch.zeros(self.d_sae, indices.shape[0]).scatter_(0, indices.T, activity.T)
+        return (self._matrix() @ query).to_dense().max(dim=0).values
+
     def decide(self, sig: Signature) -> PolicyDecision:
-        """The shallowest exit layer predicted to agree (signature of one token)."""
+        """The shallowest exit layer predicted to agree (signature of one token);
+        ``None`` for unfamiliar tokens."""
         probs = self.probabilities(sig).reshape(-1)
+        if float(self.familiarity(sig)[0]) < self.min_familiarity:
+            return PolicyDecision(None, probs)
         passing = (probs >= self.threshold).nonzero()
         layer = self.exit_layers[int(passing[0])] if len(passing) else None
         return PolicyDecision(layer, probs)
@@ -116,6 +171,9 @@ class ExitPolicy:
         self.trials.zero_()
         self.agreements.zero_()
         self.feature_counts.zero_()
+        self.memory_indices = torch.zeros(0, 0, dtype=torch.long)
+        self.memory_values = torch.zeros(0, 0)
+        self._memory_matrix = None
 
     # -- persistence --------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -123,6 +181,8 @@ class ExitPolicy:
             "weights": self.weights, "bias": self.bias, "trials": self.trials,
             "agreements": self.agreements, "feature_counts": self.feature_counts,
             "exit_layers": torch.tensor(self.exit_layers),
+            "memory_indices": self.memory_indices.to(torch.int32),
+            "memory_values": self.memory_values.to(torch.float16),
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -134,6 +194,10 @@ class ExitPolicy:
             )
         for name in ("weights", "bias", "trials", "agreements", "feature_counts"):
             getattr(self, name).copy_(state[name])
+        if "memory_indices" in state:
+            self.memory_indices = state["memory_indices"].long()
+            self.memory_values = state["memory_values"].float()
+            self._memory_matrix = None
 
     def merge(self, other: "ExitPolicy") -> None:
         """Add another worker's practice: evidence-weighted average of the weights,
@@ -148,3 +212,5 @@ class ExitPolicy:
         self.trials += other.trials
         self.agreements += other.agreements
         self.feature_counts += other.feature_counts
+        if other.memory_len:
+            self.remember(Signature(other.memory_indices, other.memory_values))

@@ -184,6 +184,7 @@ class Learner:
         start = time.perf_counter()
         sig = self.observer.encode(states[self.signature_layer])
         self.policy.update(sig, self.outcomes(states, tokens))
+        self.policy.remember(sig)
         self.heads.grow_shortlist(tokens)
         self.replay.add(states, states[self.parts.num_layers], sig, tokens)
         n = int(tokens.shape[0])
@@ -204,6 +205,7 @@ class Learner:
             losses = self.heads.fit(states, final, steps=steps or self.fit_steps, seed=self.seed, progress=progress)
         self.policy.reset()
         self.policy.update(sig, self.outcomes(states, tokens))
+        self.policy.remember(sig)
         self._since_consolidation = 0
         took = time.perf_counter() - start
         self.stats.consolidations += 1

@@ -27,6 +27,10 @@ def test_local_rule_learns_familiar_and_keeps_novel_on_full_path():
         policy.update(practised, torch.tensor([[False, True]]))
     after = policy.probabilities(practised)[0]
     assert after[1] > before[0, 1] + 0.5 and after[0] < before[0, 0]
+    assert policy.decide(practised).exit_layer is None  # learned, but never remembered as practised
+    policy.remember(practised)
+    assert float(policy.familiarity(practised)[0]) == pytest.approx(1.0)
+    assert float(policy.familiarity(novel)[0]) == 0.0
     assert policy.decide(practised).exit_layer == 5
     # Features never seen keep weight 0: the novel signature gets only the base rate.
     assert policy.decide(novel).exit_layer is None
@@ -42,11 +46,14 @@ def test_state_dict_roundtrip_gives_same_decisions():
     policy = ExitPolicy([3, 5], d_sae=64)
     for _ in range(5):
         policy.update(_sig([1, 2, 3, 4]), torch.tensor([[True, True]]))
+    policy.remember(_sig([1, 2, 3, 4]))
     clone = ExitPolicy([3, 5], d_sae=64)
     clone.load_state_dict({k: v.clone() for k, v in policy.state_dict().items()})
     for sig in (_sig([1, 2, 3, 4]), _sig([9, 8, 7, 6])):
         assert torch.equal(clone.probabilities(sig), policy.probabilities(sig))
         assert clone.decide(sig).exit_layer == policy.decide(sig).exit_layer
+        assert torch.allclose(clone.familiarity(sig), policy.familiarity(sig), atol=1e-3)
+    assert float(clone.familiarity(_sig([1, 2, 3, 4]))[0]) == pytest.approx(1.0, abs=1e-3)
     with pytest.raises(ValueError, match="exit layers"):
         ExitPolicy([4], d_sae=64).load_state_dict(policy.state_dict())
 
@@ -61,8 +68,12 @@ def test_merge_adds_statistics():
     a.merge(b)
     assert torch.equal(a.trials, a_trials + b.trials)
     assert torch.equal(a.agreements, a_agree + b.agreements)
-    # Both workers' practised features now carry weight.
+    # Both workers' practised features now carry weight, and both memories are kept.
     assert a.weights[1, 1] > 0 and a.weights[1, 20] > 0
+    a_mem = a.memory_len
+    b.remember(_sig([20, 21, 22, 23]))
+    a.merge(b)
+    assert a.memory_len == a_mem + 1
     with pytest.raises(ValueError, match="cannot merge"):
         a.merge(ExitPolicy([3], d_sae=64))
 
