@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from . import skills
 from .arch import ModelParts, resolve
 from .config import ShortcutConfig
+from .fast import FastController, FastStep, make_fast_decoder
 from .heads import ExitHeads
 from .observe import Observer
 from .policy import ExitPolicy
@@ -47,6 +48,7 @@ class Shortcut:
         # Draft accounting of lossless generation (forwards, drafted/accepted tokens, ...).
         self.draft_counters: defaultdict[str, float] = defaultdict(float)
         self._warned: set[str] = set()
+        self.fast: FastController | None = None  # fast mode's audits and calibration
 
     # -- compute ------------------------------------------------------------------
     @property
@@ -119,6 +121,8 @@ class Shortcut:
                                consolidate_every=self.config.consolidate_every, fit_steps=self.config.fit_steps,
                                seed=self.config.seed)
         self.learner.enabled = self.config.learn
+        self.fast = FastController(policy, target_error_rate=self.config.target_error_rate,
+                                   audit_fraction=self.config.audit_fraction, seed=self.config.seed)
         self.learner.install(gate=lambda: self._runtime.policy is None and not self._runtime.bypass)
 
     def train_observer(self, texts: list[str], tokenizer: Any, *, max_tokens: int | None = None,
@@ -147,10 +151,10 @@ class Shortcut:
             self.learner.enabled = enabled
 
     def _generate(self, original: Any, *args: Any, **kwargs: Any) -> Any:
-        """``model.generate`` with lossless self-speculative drafting when skills exist."""
+        """``model.generate`` with the learned shallow paths: lossless drafting with full-path
+        verification, or fast mode's committed exits (see speculate.py and fast.py)."""
         learner = self.learner
-        if (self._removed or self._runtime.bypass or learner is None or self.config.mode != "lossless"
-                or self._runtime.policy is not None):
+        if self._removed or self._runtime.bypass or learner is None or self._runtime.policy is not None:
             return original(*args, **kwargs)
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         bad = unsupported_options(self.model, kwargs, input_ids)
@@ -158,8 +162,12 @@ class Shortcut:
             message = ", ".join(bad)
             if message not in self._warned:
                 self._warned.add(message)
-                logger.warning("shortcut: lossless drafting cannot honour %s; using the full path", message)
+                logger.warning("shortcut: %s mode cannot honour %s; using the full path", self.config.mode, message)
             return original(*args, **kwargs)
+        if self.config.mode == "fast":
+            step = FastStep(learner.observer, learner.policy)
+            decoder = make_fast_decoder(self._runtime, step, learner.heads, self.fast, self.draft_counters)
+            return original(*args, custom_generate=decoder, **kwargs)
         drafter = ShallowDrafter(self.model, self._runtime, learner.observer, learner.heads, learner.policy,
                                  max_draft=self.config.max_draft, min_confidence=self.config.draft_confidence,
                                  counters=self.draft_counters)

@@ -368,19 +368,26 @@ class ExitHeads(nn.Module):
                 cached_targets = None
                 if n * width * 4 <= _TARGET_CACHE_BYTES:
                     cached_targets = torch.cat([score(c).float().log_softmax(-1) for c in normed_final.split(1024)])
-            # Train V = W diag(s) on inputs h / s, s = per-dimension RMS of the replayed
-            # states: a few residual dimensions are 10-100x larger than the rest
-            # (attention sinks), which makes plain Adam on W slow and unstable.
-            scales, inputs, weights, biases = {}, {}, {}, {}
+            # Scale-free parametrisation: W = r V diag(1/s), b = r c, trained on inputs
+            # h / s, with s the per-dimension RMS of the replayed states and r their
+            # median per-token RMS. A few residual dimensions are 10-100x larger than
+            # the rest (attention sinks), which makes plain Adam on W slow and
+            # unstable, and r makes ``lr`` a relative step size whatever the model's
+            # hidden-state scale.
+            scales, radii, inputs, weights, biases = {}, {}, {}, {}, {}
             with torch.no_grad():
                 for layer in layers:
                     lin = self._translator(layer)
-                    s = xs[layer].float().pow(2).mean(0).sqrt().clamp_min(1e-6) if precondition \
-                        else torch.ones(self.width, device=device)
-                    scales[layer] = s
-                    inputs[layer] = (xs[layer].float() / s).to(dtype)
-                    weights[layer] = (lin.weight.float() * s).requires_grad_(True)
-                    biases[layer] = lin.bias.float().clone().requires_grad_(True)
+                    x = xs[layer].float()
+                    if precondition:
+                        s = x.pow(2).mean(0).sqrt().clamp_min(1e-8)
+                        r = x.pow(2).mean(1).sqrt().median().clamp_min(1e-8)
+                    else:
+                        s, r = torch.ones(self.width, device=device), torch.ones((), device=device)
+                    scales[layer], radii[layer] = s, r
+                    inputs[layer] = (x / s).to(dtype)
+                    weights[layer] = (lin.weight.float() * s / r).requires_grad_(True)
+                    biases[layer] = (lin.bias.float() / r).requires_grad_(True)
             opt = torch.optim.Adam([*weights.values(), *biases.values()], lr=lr, weight_decay=weight_decay)
             sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if schedule == "cosine"
                      else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
@@ -403,7 +410,7 @@ class ExitHeads(nn.Module):
                     total = 0.0
                     for layer in layers:
                         h = xs[layer][idx]
-                        delta = F.linear(inputs[layer][idx], weights[layer].to(dtype), biases[layer].to(dtype))
+                        delta = F.linear(inputs[layer][idx], weights[layer], biases[layer]).to(dtype) * radii[layer]
                         logits = score(self.final_norm(h + delta))
                         logp = logits.float().log_softmax(-1)
                         loss = F.kl_div(logp, target, log_target=True, reduction="batchmean")
@@ -417,8 +424,8 @@ class ExitHeads(nn.Module):
             with torch.no_grad():
                 for layer in layers:
                     lin = self._translator(layer)
-                    lin.weight.copy_(weights[layer] / scales[layer])
-                    lin.bias.copy_(biases[layer])
+                    lin.weight.copy_(weights[layer] * radii[layer] / scales[layer])
+                    lin.bias.copy_(biases[layer] * radii[layer])
         finally:
             for p, flag in zip(base_params, flags):
                 p.requires_grad_(flag)

@@ -25,6 +25,7 @@ whose prediction reaches the threshold, for familiar tokens only.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -116,8 +117,11 @@ class ExitPolicy:
             n, k = self.memory_indices.shape
             rows = torch.arange(n).repeat_interleave(k)
             dense_index = torch.stack([rows, self.memory_indices.reshape(-1)])
-            self._memory_matrix = torch.sparse_coo_tensor(
-                dense_index, self.memory_values.reshape(-1), (n, self.d_sae)).coalesce().to_sparse_csr()
+            with warnings.catch_warnings():  # sparse CSR is "beta" in torch; the ops used here are basic
+                warnings.simplefilter("ignore", UserWarning)
+                self._memory_matrix = torch.sparse_coo_tensor(
+                    dense_index, self.memory_values.reshape(-1), (n, self.d_sae),
+                    check_invariants=False).coalesce().to_sparse_csr()
         return self._memory_matrix
 
     @torch.no_grad()

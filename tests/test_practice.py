@@ -140,3 +140,29 @@ def test_lossless_on_other_architectures(arch):
             assert torch.equal(model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False), ref)
     finally:
         handle.remove()
+
+
+def test_fast_mode_commits_exits_and_audits():
+    model = make_tiny("llama")
+    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2], draft_confidence=0.0,
+                                     policy_threshold=0.3, fit_steps=30, audit_fraction=0.3)
+    handle = shortcut.wrap(model, config)
+    handle.attach_observer(_observer(model))
+    handle.practice(PROMPTS, rounds=2, max_new_tokens=16, progress=False)
+    handle.config.mode = "fast"
+    handle.stats.reset()
+    try:
+        out = model.generate(input_ids=PROMPTS[0], max_new_tokens=16, min_new_tokens=16, do_sample=False)
+        assert out.shape[1] == PROMPTS[0].shape[1] + 16
+        report = handle.fast.report()
+        assert report["exits"] > 0 and report["audits"] > 0
+        runs = handle.stats.total.per_layer_runs
+        assert runs[3] < runs[0]  # committed exits really skip the deep layers
+        assert handle.stats.total.kv_projections > 0  # ... and propagate their keys/values
+        # A forced policy still rules each forward in fast mode.
+        handle.set_policy(shortcut.FixedPlan(exit_after=0))
+        handle.stats.reset()
+        model.generate(input_ids=PROMPTS[1], max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        assert handle.stats.total.layers_per_token == 1
+    finally:
+        handle.remove()
