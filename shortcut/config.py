@@ -31,7 +31,8 @@ class ShortcutConfig:
         learn: practise while the model is used (generate / forward calls update skills).
         target_error_rate: fast mode's bound on tokens that differ from the full path.
         audit_fraction: fast mode's fraction of steps checked against the full path.
-        max_draft: most tokens one lossless draft may propose before verification.
+        max_draft: most tokens one lossless draft may propose before verification; the
+            draft length adapts below it (README: draft-length sweep).
         draft_confidence: a draft stops where the exit head's confidence falls below this.
         policy_threshold: exit where the policy predicts at least this agreement.
         consolidate_every: re-fit heads and policy after this many newly practised
@@ -46,7 +47,7 @@ class ShortcutConfig:
     learn: bool = True
     target_error_rate: float = 0.01
     audit_fraction: float = 0.05
-    max_draft: int = 8
+    max_draft: int = 16
     draft_confidence: float = 0.3
     policy_threshold: float = 0.8
     consolidate_every: int = 1024

@@ -29,7 +29,7 @@ class FastStep(DraftStep):
 
     def __init__(self, observer: Any, policy: Any) -> None:
         super().__init__(observer, policy)
-        self.propagate_kv = True
+        self.propagate_kv = True  # committed tokens need keys/values in every layer
 
     def should_run(self, layer_idx: int, hidden: torch.Tensor) -> bool:
         if layer_idx < self.signature_layer:

@@ -44,10 +44,10 @@ class DraftStep:
     After the forward, ``exit_layer`` is the chosen exit (``None``: not familiar, stop
     drafting) and ``exit_hidden`` the residual stream there.
 
-    Consecutive drafted tokens may exit at different depths, so a skipped layer below
-    the deepest candidate exit still writes propagated keys/values: a later, deeper
-    draft step attends to them. Layers above every exit never run while drafting and
-    write nothing; the drafter crops all draft entries before verification.
+    Skipped layers write no keys/values (the drafter crops everything it added before
+    verification). That is only consistent if no later draft token runs a layer an
+    earlier one skipped, so the first token's exit becomes the ``ceiling`` of the draft:
+    a later token that would need a deeper exit ends the draft instead.
     """
 
     def __init__(self, observer: Observer, policy: ExitPolicy) -> None:
@@ -57,7 +57,7 @@ class DraftStep:
         self.exit_layer: int | None = None
         self.exit_hidden: torch.Tensor | None = None
         self.signature: Signature | None = None
-        self.deepest_exit = max(policy.exit_layers)
+        self.ceiling: int | None = None
         self.propagate_kv = False
 
     def begin(self, input_ids: torch.Tensor | None) -> None:
@@ -69,13 +69,11 @@ class DraftStep:
         if layer_idx == self.signature_layer:
             self.signature = self.observer.encode(hidden[:, -1])
             self.exit_layer = self.policy.decide(self.signature).exit_layer
+            if self.exit_layer is not None and self.ceiling is not None and self.exit_layer > self.ceiling:
+                self.exit_layer = None
         if self.exit_layer is not None and layer_idx == self.exit_layer:
             self.exit_hidden = hidden
-        if self.exit_layer is not None and layer_idx < self.exit_layer:
-            return True
-        # Read by the runtime right after this call, for this skipped layer only.
-        self.propagate_kv = layer_idx < self.deepest_exit
-        return False
+        return self.exit_layer is not None and layer_idx < self.exit_layer
 
 
 class ShallowDrafter:
@@ -118,6 +116,7 @@ class ShallowDrafter:
         previous = self.runtime.policy
         self.runtime.policy = self.step
         self.attempted = True
+        self.step.ceiling = None
         try:
             for _ in range(budget):
                 self.base(input_ids=token, cache=cache, use_cache=True,
@@ -127,6 +126,7 @@ class ShallowDrafter:
                 if self.step.exit_layer is None:
                     self.counters["draft_refusals"] += 1
                     break
+                self.step.ceiling = self.step.exit_layer
                 self.counters[f"exit_{self.step.exit_layer}"] += 1
                 self.counters["head_params"] += self.heads.head_cost(self.step.exit_layer)["shortlist"]
                 pred = self.heads.predict(self.step.exit_layer, self.step.exit_hidden[:, -1])
