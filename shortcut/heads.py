@@ -310,11 +310,19 @@ class ExitHeads(nn.Module):
     ) -> dict[int, list[float]]:
         """Train the translators at ``states``' layers to match the full model.
 
-        Minimises KL(full model || head) per token with Adam, one shared seeded batch
-        order for all layers (so each batch's target is computed once). The target is
-        ``unembed(final_norm(final_hidden))``, computed without gradient. The base
-        model is not touched: its norm/unembedding ``requires_grad`` flags are turned
-        off during the fit and restored afterwards.
+        Minimises KL(full model || head) per token, plus ``hard_weight`` times the
+        cross-entropy on the full model's argmax (which is what early exit needs: on
+        SmolLM2 it takes practised top-1 agreement from ~96% to 100%), with Adam and a
+        cosine schedule, one shared seeded batch order for all layers (so each batch's
+        target is computed once). The target is ``unembed(final_norm(final_hidden))``,
+        computed without gradient. The base model is not touched: its norm and
+        unembedding ``requires_grad`` flags are turned off during the fit and
+        restored afterwards. Fitting continues from the current translators.
+
+        Cost per step is about ``6 * batch_size * d * (d + S)`` FLOPs per layer with the
+        shortlist (``S`` ids) and ``6 * batch_size * d * (d + V)`` with the full
+        vocabulary, independent of N. On SmolLM2 (6 layers, S = 756, batch 128,
+        1 CPU thread) that is ~30-50 ms a step; the full vocabulary is ~50x slower.
 
         Args:
             states: ``{layer: Tensor[N, d]}``, hidden states at exit layers (see
@@ -330,10 +338,16 @@ class ExitHeads(nn.Module):
                 renormalised; much cheaper, and exactly what shortlist scoring uses),
                 or ``"auto"``: the shortlist when one is set, else full.
             weight_decay: Adam L2 penalty pulling translators toward the logit lens.
+            schedule: ``"cosine"`` decay to zero over ``steps``, or ``"constant"``.
+            precondition: train in a rescaled parametrisation (per-dimension input
+                scaling, step relative to the hidden-state scale); the result is the
+                same kind of ``W, b``. Off: plain Adam on ``W, b``.
+            hard_weight: weight of the cross-entropy on the target argmax (0: pure KL).
             progress: show a tqdm bar.
 
         Returns:
-            ``{layer: [loss per step]}`` (mean KL per token of each batch).
+            ``{layer: [loss per step]}``: per-token KL (+ weighted cross-entropy) of
+            each batch.
 
         Raises:
             ValueError: empty states, a layer without a head, mismatched widths or
@@ -385,10 +399,10 @@ class ExitHeads(nn.Module):
                     else:
                         s, r = torch.ones(self.width, device=device), torch.ones((), device=device)
                     scales[layer], radii[layer] = s, r
-                    inputs[layer] = (x / s).to(dtype)
+                    inputs[layer] = x / s
                     weights[layer] = (lin.weight.float() * s / r).requires_grad_(True)
                     biases[layer] = (lin.bias.float() / r).requires_grad_(True)
-            opt = torch.optim.Adam([*weights.values(), *biases.values()], lr=lr, weight_decay=weight_decay)
+            opt = _adam([*weights.values(), *biases.values()], lr=lr, weight_decay=weight_decay)
             sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if schedule == "cosine"
                      else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
             gen = torch.Generator().manual_seed(seed)
@@ -407,6 +421,7 @@ class ExitHeads(nn.Module):
                         with torch.no_grad():
                             target = score(normed_final[idx]).float().log_softmax(-1)
                     opt.zero_grad(set_to_none=True)
+                    hard_target = target.argmax(-1) if hard_weight else None
                     total = 0.0
                     for layer in layers:
                         h = xs[layer][idx]
@@ -414,8 +429,8 @@ class ExitHeads(nn.Module):
                         logits = score(self.final_norm(h + delta))
                         logp = logits.float().log_softmax(-1)
                         loss = F.kl_div(logp, target, log_target=True, reduction="batchmean")
-                        if hard_weight:
-                            loss = loss + hard_weight * F.nll_loss(logp, target.argmax(-1))
+                        if hard_target is not None:
+                            loss = loss + hard_weight * F.nll_loss(logp, hard_target)
                         total = total + loss
                         history[layer].append(float(loss.detach()))
                     total.backward()  # type: ignore[union-attr]
@@ -433,6 +448,15 @@ class ExitHeads(nn.Module):
                     layers, n, vocab, steps, time.perf_counter() - start,
                     {layer: round(h[-1], 3) for layer, h in history.items()})
         return history
+
+
+def _adam(params: list[torch.Tensor], **kwargs: float) -> torch.optim.Optimizer:
+    """Fused Adam where the device supports it (4x faster per step on CPU here: the
+    unfused update was 40% of a fit step), else the default implementation."""
+    try:
+        return torch.optim.Adam(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.Adam(params, **kwargs)
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:

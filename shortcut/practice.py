@@ -246,7 +246,7 @@ def run_rounds(handle: Any, prompts: list[Any], *, rounds: int, max_new_tokens: 
     for round_index in range(rounds):
         order = torch.randperm(len(inputs), generator=generator).tolist() if shuffle else list(range(len(inputs)))
         counters = dict(handle.draft_counters)
-        layers_before, learn_before = handle.stats.total.layers_run, learner.stats.learn_seconds
+        calls_before, learn_before = handle.stats.total.layer_calls, learner.stats.learn_seconds
         generated, start = 0, time.perf_counter()
         for index in tqdm(order, desc=f"practice round {round_index + 1}/{rounds}", disable=not progress, leave=False):
             ids = inputs[index]
@@ -261,7 +261,10 @@ def run_rounds(handle: Any, prompts: list[Any], *, rounds: int, max_new_tokens: 
             "generated_tokens": generated,
             "seconds": seconds,
             "tokens_per_second": generated / seconds if seconds else 0.0,
-            "layers_per_generated_token": (handle.stats.total.layers_run - layers_before) / max(generated, 1),
+            # Decoder-layer calls (each reads the layer's weights once) per generated token:
+            # plain decoding makes num_layers of them; drafts make fewer, verification
+            # makes num_layers per draft it checks.
+            "layer_calls_per_token": (handle.stats.total.layer_calls - calls_before) / max(generated, 1),
             "drafted": int(delta.get("drafted", 0)),
             "accepted": int(delta.get("accepted", 0)),
             "acceptance": delta.get("accepted", 0) / delta["drafted"] if delta.get("drafted") else 0.0,

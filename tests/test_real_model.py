@@ -91,3 +91,32 @@ def test_gemma3_270m_wrap_generate_identical():
         assert out.shape[1] == inputs["input_ids"].shape[1] + 10
     finally:
         handle.remove()
+
+
+def test_practice_on_real_model_shrinks_path_with_identical_tokens(smollm2):
+    """3 prompts x 3 rounds: fewer layers per generated token in round 3 than round 1,
+    and the practised prompts still decode to exactly the plain model's tokens."""
+    from pathlib import Path
+
+    from shortcut.data import read_jsonl, read_prompts
+
+    model, tokenizer = smollm2
+    data = Path(__file__).resolve().parent.parent / "evals" / "data"
+    texts = [r["text"] for r in read_jsonl(data / "passages.jsonl") if r.get("split") == "train"][:40]
+    prompts = [r["prompt"] for r in read_prompts(data / "prompts.jsonl", split="practice")[:3]]
+    handle = shortcut.wrap(model, shortcut.ShortcutConfig(consolidate_every=0, fit_steps=100))
+    try:
+        # A small observer is enough here: the test is about the path shrinking.
+        handle.train_observer(texts, tokenizer, max_tokens=4000, steps=100, d_sae=512, progress=False)
+        rows = handle.practice(prompts, rounds=3, max_new_tokens=16, tokenizer=tokenizer, progress=False)
+        assert rows[0]["layer_calls_per_token"] > 29  # round 1: (nearly) every token runs all 30 layers
+        assert rows[2]["layer_calls_per_token"] < 0.8 * rows[0]["layer_calls_per_token"]
+        assert rows[2]["accepted"] > 0
+        handle.set_learning(False)
+        for text in prompts:
+            ids = _chat_ids(tokenizer, text)
+            with handle.disabled():
+                ref = model.generate(**ids, max_new_tokens=16, do_sample=False)
+            assert torch.equal(model.generate(**ids, max_new_tokens=16, do_sample=False), ref)
+    finally:
+        handle.remove()
