@@ -98,8 +98,8 @@ def test_fit_only_trains_given_layers_and_shortlist_kl_drops():
     lens = (heads.predict(2, states[2]).token_ids == nxt).float().mean()
     heads.fit({2: states[2]}, final, steps=40, batch_size=16, hard_weight=0.0, progress=False)  # auto: shortlist
     assert heads.kl(2, states[2], final, vocab="shortlist") < 0.7 * before
-    heads.fit({2: states[2]}, final, steps=40, batch_size=16, progress=False)  # default: + hard-label term
-    assert (heads.predict(2, states[2]).token_ids == nxt).float().mean() > max(lens, 0.9)
+    heads.fit({2: states[2]}, final, steps=100, lr=1e-2, batch_size=16, progress=False)  # + hard-label term
+    assert (heads.predict(2, states[2]).token_ids == nxt).float().mean() > max(lens + 0.3, 0.9)
     assert torch.count_nonzero(heads.translators["1"].weight) == 0
 
 
@@ -191,8 +191,18 @@ def test_bad_input_raises_value_error():
         heads.set_shortlist([VOCAB])
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared 2-core machine, two threads under contention from
+    another process run 20-50x slower (measured: generate 75 s vs 3 s)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.mark.real
-def test_real_head_beats_logit_lens_on_practised_answer(smollm2):
+def test_real_head_beats_logit_lens_on_practised_answer(smollm2, one_thread):
     model, tok = smollm2
     parts = resolve(model)
     rows = [json.loads(line) for line in (Path(__file__).parents[1] / "evals/data/prompts.jsonl").open()]
