@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import shortcut
-from shortcut.accounting import ParamSizes, plain_cost, shortcut_cost, stats_delta
+from shortcut.accounting import ParamSizes, decode_only, plain_cost, shortcut_cost, stats_delta
 from shortcut.data import prompt_input_ids, read_jsonl, read_prompts
 from shortcut.models import cache_root
 from shortcut.observe import load_observer, save_observer
@@ -73,7 +73,7 @@ def measure(handle, model, ids, new_tokens, sizes, plain_first):
         if kind == "wrapped":
             stats = stats_delta(handle.stats.total.as_dict(), stats_before)
             counters = {k: v - counters_before.get(k, 0.0) for k, v in handle.draft_counters.items()}
-            result["cost"] = shortcut_cost(sizes, stats, counters)
+            result["cost"] = decode_only(shortcut_cost(sizes, stats, counters), sizes, ids.shape[1])
             result["counters"] = counters
             result["learn_seconds"] = handle.learner.stats.learn_seconds - learn_before
     new = result["plain"].shape[1] - ids.shape[1]

@@ -10,6 +10,9 @@ Counted for shortcut: every decoder layer that ran (drafts and verification), ke
 values propagated into skipped layers, every unembedding call, every exit-head scoring
 (translator + shortlisted unembedding rows), and every observer encode (the SAE
 encoder) during drafting.
+
+The prompt's prefill forward is the same full forward on both sides and is left out of
+both (``decode_only``): the figures are per generated token of decoding proper.
 """
 
 from __future__ import annotations
@@ -47,14 +50,25 @@ class ParamSizes:
                    bytes_per_param=parts.unembed.weight.element_size())
 
 
-def plain_cost(sizes: ParamSizes, prompt_tokens: int, new_tokens: int) -> dict[str, float]:
-    """Bytes and FLOPs of plain greedy decoding: one prefill forward over the prompt
-    (logits for its last position only), then one single-token forward per further token."""
-    forwards = max(new_tokens, 1)
-    layer_tokens = prompt_tokens + new_tokens - 1
-    params_read = forwards * (sizes.num_layers * sizes.layer + sizes.unembed)
-    macs = layer_tokens * sizes.num_layers * sizes.layer + new_tokens * sizes.unembed
+def prefill_cost(sizes: ParamSizes, prompt_tokens: int) -> dict[str, float]:
+    """The prompt's full forward (logits for its last position only)."""
+    params_read = sizes.num_layers * sizes.layer + sizes.unembed
+    macs = prompt_tokens * sizes.num_layers * sizes.layer + sizes.unembed
     return {"bytes": params_read * sizes.bytes_per_param, "flops": 2.0 * macs}
+
+
+def plain_cost(sizes: ParamSizes, prompt_tokens: int, new_tokens: int) -> dict[str, float]:
+    """Bytes and FLOPs of plain greedy decoding after the prefill: one single-token
+    forward per generated token after the first."""
+    steps = max(new_tokens - 1, 1)
+    per_step = sizes.num_layers * sizes.layer + sizes.unembed
+    return {"bytes": steps * per_step * sizes.bytes_per_param, "flops": 2.0 * steps * per_step}
+
+
+def decode_only(cost: dict[str, float], sizes: ParamSizes, prompt_tokens: int) -> dict[str, float]:
+    """``cost`` of a whole generate call minus its prefill forward."""
+    prefill = prefill_cost(sizes, prompt_tokens)
+    return {k: cost[k] - prefill[k] for k in cost}
 
 
 def shortcut_cost(sizes: ParamSizes, stats: dict[str, Any], counters: dict[str, float]) -> dict[str, float]:
