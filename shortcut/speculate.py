@@ -86,7 +86,7 @@ class ShallowDrafter:
         self.heads = heads
         self.step = DraftStep(observer, policy)
         self.max_draft = max_draft
-        self.num_draft = max_draft
+        self.num_draft = min(4, max_draft)  # doubles while every drafted token is accepted
         self.min_confidence = min_confidence
         self.counters = counters
         # Back-off: after a draft attempt that produced nothing accepted, skip the next
@@ -154,9 +154,9 @@ class ShallowDrafter:
             return
         self.counters["accepted"] += accepted
         if accepted == drafted:
-            self.num_draft = min(self.max_draft, self.num_draft + 2)
-        else:
-            self.num_draft = max(1, self.num_draft - 1)
+            self.num_draft = min(self.max_draft, 2 * self.num_draft)
+        else:  # the next draft proposes one more than this one got accepted
+            self.num_draft = max(1, min(self.num_draft - 1, accepted + 1))
 
 
 def _crop_to(cache: Any, lengths: list[int]) -> None:
