@@ -20,28 +20,18 @@ import torch
 from torch import nn
 
 from .heads import ExitHeads
-from .speculate import DraftStep
+from .speculate import DraftStep, choose_next
 
 
 class FastStep(DraftStep):
-    """Like a draft step, but every skipped layer gets propagated keys/values: the
-    token is committed and later tokens attend to it in every layer."""
+    """Like a draft step, but an unfamiliar token runs the full path, and every skipped
+    layer gets propagated keys/values: the token is committed and later tokens attend
+    to it in every layer."""
 
     def __init__(self, observer: Any, policy: Any) -> None:
         super().__init__(observer, policy)
         self.propagate_kv = True  # committed tokens need keys/values in every layer
-
-    def should_run(self, layer_idx: int, hidden: torch.Tensor) -> bool:
-        if layer_idx < self.signature_layer:
-            return True
-        if layer_idx == self.signature_layer:
-            self.signature = self.observer.encode(hidden[:, -1])
-            self.exit_layer = self.policy.decide(self.signature).exit_layer
-        if self.exit_layer is None:
-            return True  # unfamiliar: the full path
-        if layer_idx == self.exit_layer:
-            self.exit_hidden = hidden
-        return layer_idx < self.exit_layer
+        self.unfamiliar_runs_full = True
 
 
 class FastController:
@@ -94,15 +84,9 @@ def make_fast_decoder(runtime: Any, step: FastStep, heads: ExitHeads, controller
         logits = outputs.logits[:, -1]
         vocab = logits.shape[-1]
         while True:
-            scores = logits_processor(input_ids, logits.to(dtype=torch.float32, copy=True))
-            if generation_config.do_sample:
-                token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
-            else:
-                token = scores.argmax(dim=-1, keepdim=True)
-            input_ids = torch.cat([input_ids, token], dim=-1)
-            if streamer is not None:
-                streamer.put(token.cpu())
-            if bool(stopping_criteria(input_ids, scores).all()):
+            input_ids, token, finished = choose_next(input_ids, logits, logits_processor, stopping_criteria,
+                                                     bool(generation_config.do_sample), streamer)
+            if finished:
                 break
             lengths = [layer.get_seq_length() for layer in cache.layers]
             position = torch.tensor([[input_ids.shape[1] - 1]])

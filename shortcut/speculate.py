@@ -59,6 +59,7 @@ class DraftStep:
         self.signature: Signature | None = None
         self.ceiling: int | None = None
         self.propagate_kv = False
+        self.unfamiliar_runs_full = False  # a draft stops on an unfamiliar token instead
 
     def begin(self, input_ids: torch.Tensor | None) -> None:
         self.exit_layer, self.exit_hidden, self.signature = None, None, None
@@ -71,9 +72,11 @@ class DraftStep:
             self.exit_layer = self.policy.decide(self.signature).exit_layer
             if self.exit_layer is not None and self.ceiling is not None and self.exit_layer > self.ceiling:
                 self.exit_layer = None
-        if self.exit_layer is not None and layer_idx == self.exit_layer:
+        if self.exit_layer is None:
+            return self.unfamiliar_runs_full
+        if layer_idx == self.exit_layer:
             self.exit_hidden = hidden
-        return self.exit_layer is not None and layer_idx < self.exit_layer
+        return layer_idx < self.exit_layer
 
 
 class ShallowDrafter:
@@ -166,6 +169,22 @@ def _crop_to(cache: Any, lengths: list[int]) -> None:
             layer.crop(-extra)
 
 
+def choose_next(input_ids: torch.Tensor, logits: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
+                do_sample: bool, streamer: Any) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Pick the next token from full-vocabulary ``logits`` [1, V] exactly as plain
+    decoding does (processors, then ``argmax`` or one ``multinomial`` draw); returns the
+    extended ids, the token [1, 1] and whether generation is finished."""
+    scores = logits_processor(input_ids, logits.to(dtype=torch.float32, copy=True))
+    if do_sample:
+        token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
+    else:
+        token = scores.argmax(dim=-1, keepdim=True)
+    input_ids = torch.cat([input_ids, token], dim=-1)
+    if streamer is not None:
+        streamer.put(token.cpu())
+    return input_ids, token, bool(stopping_criteria(input_ids, scores).all())
+
+
 def make_decoder(drafter: ShallowDrafter, counters: dict[str, float]) -> Callable[..., torch.Tensor]:
     """The decoding loop handed to ``generate(custom_generate=...)`` (see the module doc)."""
 
@@ -182,15 +201,8 @@ def make_decoder(drafter: ShallowDrafter, counters: dict[str, float]) -> Callabl
         while True:
             accepted, finished = 0, False
             for i in range(pending.shape[1]):
-                scores = logits_processor(input_ids, pending[:, i].to(dtype=torch.float32, copy=True))
-                if do_sample:
-                    token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
-                else:
-                    token = scores.argmax(dim=-1, keepdim=True)
-                input_ids = torch.cat([input_ids, token], dim=-1)
-                if streamer is not None:
-                    streamer.put(token.cpu())
-                finished = bool(stopping_criteria(input_ids, scores).all())
+                input_ids, token, finished = choose_next(input_ids, pending[:, i], logits_processor,
+                                                         stopping_criteria, do_sample, streamer)
                 if finished or i == drafts.shape[1] or int(token) != int(drafts[0, i]):
                     break
                 accepted += 1
