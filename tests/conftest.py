@@ -11,6 +11,9 @@ from transformers import AutoModelForCausalLM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# One intra-op thread: tiny models gain nothing from two, and on a shared 2-core machine
+# two spinning threads made tests 25-50x slower.
+torch.set_num_threads(1)
 
 VOCAB = 96
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
