@@ -265,31 +265,28 @@ def test_attached_observer_keeps_logits_identical(model, sae, acts):
 
 
 # ----------------------------------------------------------------------------- real model
-def _real_texts() -> list[str]:
-    """Real English: the evals passages if present, else stdlib docstrings."""
+def _real_texts() -> tuple[list[str], list[str]]:
+    """Real English (train, held-out): the evals passages if present, else stdlib docstrings."""
     from pathlib import Path
 
     p = Path(__file__).resolve().parents[1] / "evals" / "data" / "passages.jsonl"
     if p.exists():
-        texts = [json.loads(line)["text"] for line in p.read_text().splitlines() if line.strip()]
-        if texts:
-            return texts
-    import argparse, collections, email, json as js, logging, pathlib, subprocess, textwrap  # noqa: E401
-    mods = [argparse, collections, email, js, logging, pathlib, subprocess, textwrap]
-    out = []
-    for m in mods:
-        for name in dir(m):
-            doc = getattr(getattr(m, name), "__doc__", None)
-            if isinstance(doc, str) and len(doc) > 300:
-                out.append(doc)
-    return out
+        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        train = [r["text"] for r in rows if r.get("split", "train") != "heldout"]
+        held = [r["text"] for r in rows if r.get("split") == "heldout"]
+        if train and held:
+            return train, held
+    import argparse, collections, email, logging, pathlib, subprocess, textwrap  # noqa: E401
+    docs = [d for m in (argparse, collections, email, json, logging, pathlib, subprocess, textwrap)
+            for name in dir(m)
+            if isinstance(d := getattr(getattr(m, name), "__doc__", None), str) and len(d) > 300]
+    return [d for i, d in enumerate(docs) if i % 5], docs[::5]
 
 
 @pytest.mark.real
 def test_real_model_small_sae(smollm2):
     model, tokenizer = smollm2
-    texts = _real_texts()
-    held, train = texts[::5], [t for i, t in enumerate(texts) if i % 5]
+    train, held = _real_texts()
     layer = model.model.layers[6]
     tr = collect_activations(model, layer, train, tokenizer, max_tokens=6000, progress=False)
     ho = collect_activations(model, layer, held, tokenizer, max_tokens=2000, progress=False)
