@@ -89,7 +89,7 @@ def test_collect_matches_hidden_states_and_excludes_first_position(model):
     expected = torch.cat(expected)
     assert got.shape == expected.shape
     # batches are grouped by length, so compare as sets of rows (sorted by a key)
-    key = lambda t: t[torch.argsort(t[:, 0])]  # noqa: E731
+    key = lambda t: t[torch.argsort(t[:, 0])]
     torch.testing.assert_close(key(got), key(expected), atol=1e-4, rtol=1e-4)
 
 
@@ -276,7 +276,13 @@ def _real_texts() -> tuple[list[str], list[str]]:
         held = [r["text"] for r in rows if r.get("split") == "heldout"]
         if train and held:
             return train, held
-    import argparse, collections, email, logging, pathlib, subprocess, textwrap  # noqa: E401
+    import argparse
+    import collections
+    import email
+    import logging
+    import pathlib
+    import subprocess
+    import textwrap
     docs = [d for m in (argparse, collections, email, json, logging, pathlib, subprocess, textwrap)
             for name in dir(m)
             if isinstance(d := getattr(getattr(m, name), "__doc__", None), str) and len(d) > 300]
@@ -294,8 +300,8 @@ def test_real_model_small_sae(smollm2):
     sae = train_sae(tr, d_sae=512, k=32, steps=150, batch_size=256, progress=False)
     q = sae_quality(sae, ho)
     assert all(math.isfinite(v) for v in q.values())
-    # Floor: mean-only reconstruction gives FVE 0; with the defaults (2048 features,
-    # 1500 steps) held-out FVE is ~0.96. This 150-step, 512-wide SAE measured ~0.85 on
-    # held-out text; 0.7 leaves room for other corpora without admitting a broken run.
+    # Floor 0.7: on the held-out passages this 512-wide SAE measured FVE 0.00 after 1 step,
+    # 0.11 after 20, 0.36 after 50 and 0.81 after 150 (the 2048-wide default: 0.886).
+    # 0.7 catches a run that did not train while leaving 0.1 of margin for other corpora.
     assert q["fve"] > 0.7, q
     assert q["l0"] <= 32 + 1e-6
