@@ -88,7 +88,7 @@ def make_fast_decoder(runtime: Any, step: FastStep, heads: ExitHeads, controller
                                                      bool(generation_config.do_sample), streamer)
             if finished:
                 break
-            lengths = [layer.get_seq_length() for layer in cache.layers]
+            length = cache.get_seq_length()  # every layer holds the same length in fast mode
             position = torch.tensor([[input_ids.shape[1] - 1]])
             previous, runtime.policy = runtime.policy, step
             try:
@@ -103,8 +103,7 @@ def make_fast_decoder(runtime: Any, step: FastStep, heads: ExitHeads, controller
             shallow = heads.predict(step.exit_layer, step.exit_hidden[:, -1])
             counters["head_params"] += heads.head_cost(step.exit_layer)["shortlist"]
             if controller.audit_now():
-                for layer, length in zip(cache.layers, lengths):  # redo this token on the full path
-                    layer.crop(length - layer.get_seq_length())
+                cache.crop(length - cache.get_seq_length())  # redo this token on the full path
                 logits = model(input_ids=token, cache=cache, use_cache=True, position_ids=position).logits[:, -1]
                 controller.record_audit(int(shallow.token_ids) == int(logits.argmax(-1)))
                 continue

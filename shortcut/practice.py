@@ -107,6 +107,7 @@ class Learner:
         self.model, self.parts = model, parts
         self.observer, self.heads, self.policy = observer, heads, policy
         self.signature_layer = observer.layer + 1  # input of the next layer = observer's output
+        self.recorded_layers = sorted(set(policy.exit_layers) | {self.signature_layer, parts.num_layers})
         self.replay = ReplayBuffer(policy.exit_layers, replay_capacity)
         self.stats = LearnStats()
         self.consolidate_every = consolidate_every
@@ -125,8 +126,7 @@ class Learner:
         """Register the recording hooks. ``gate()`` says whether the current forward is
         a full-path forward worth learning from."""
         self._gate = gate
-        wanted = sorted(set(self.policy.exit_layers) | {self.signature_layer, self.parts.num_layers})
-        for layer in wanted:
+        for layer in self.recorded_layers:
             if layer < self.parts.num_layers:
                 self._handles.append(self.parts.layers[layer].register_forward_pre_hook(self._pre_hook(layer), with_kwargs=True))
             else:
@@ -159,7 +159,7 @@ class Learner:
         logits = getattr(output, "logits", None)
         if not self._recording() or logits is None or logits.shape[0] != 1:
             return
-        if len(recorded) < len(set(self.policy.exit_layers) | {self.signature_layer, self.parts.num_layers}):
+        if len(recorded) < len(self.recorded_layers):
             return  # a forward that did not run every layer (for example a skipped one)
         n = logits.shape[1]  # generate keeps only the last positions' logits
         states = {l: h[0, -n:] for l, h in recorded.items()}
