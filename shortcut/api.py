@@ -48,6 +48,7 @@ class Shortcut:
         # Draft accounting of lossless generation (forwards, drafted/accepted tokens, ...).
         self.draft_counters: defaultdict[str, float] = defaultdict(float)
         self._warned: set[str] = set()
+        self._reference = False  # inside reference(): plain generate, counted, not learned
         self.fast: FastController | None = None  # fast mode's audits and calibration
 
     # -- compute ------------------------------------------------------------------
@@ -86,6 +87,19 @@ class Shortcut:
         finally:
             self._runtime.bypass = previous
 
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Run the model's own forward and ``generate`` inside the block, with compute
+        still counted in :attr:`stats` and nothing learned: how baselines such as
+        ``generate(assistant_early_exit=...)`` are measured on the same counters."""
+        self._check_live()
+        previous = self._reference
+        self._reference = True
+        try:
+            yield
+        finally:
+            self._reference = previous
+
     # -- skills -------------------------------------------------------------------
     @property
     def observer(self) -> Observer | None:
@@ -123,7 +137,8 @@ class Shortcut:
         self.learner.enabled = self.config.learn
         self.fast = FastController(policy, target_error_rate=self.config.target_error_rate,
                                    audit_fraction=self.config.audit_fraction, seed=self.config.seed)
-        self.learner.install(gate=lambda: self._runtime.policy is None and not self._runtime.bypass)
+        self.learner.install(
+            gate=lambda: self._runtime.policy is None and not self._runtime.bypass and not self._reference)
 
     def train_observer(self, texts: list[str], tokenizer: Any, *, max_tokens: int | None = None,
                        heldout_fraction: float = 0.1, progress: bool = True, **train_kwargs: Any) -> Observer:
@@ -154,7 +169,8 @@ class Shortcut:
         """``model.generate`` with the learned shallow paths: lossless drafting with full-path
         verification, or fast mode's committed exits (see speculate.py and fast.py)."""
         learner = self.learner
-        if self._removed or self._runtime.bypass or learner is None or self._runtime.policy is not None:
+        if (self._removed or self._runtime.bypass or self._reference or learner is None
+                or self._runtime.policy is not None):
             return original(*args, **kwargs)
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         bad = unsupported_options(self.model, kwargs, input_ids)

