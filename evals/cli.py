@@ -36,8 +36,8 @@ from .workload import DATA, DTYPES, load_system, prompt_sets
 
 TASKS = ("practice", "agreement", "choice")
 QUICK = {  # option: (quick, full)
-    "practice_prompts": (8, 30), "test_prompts": (8, 30), "rounds": (3, 5), "max_new_tokens": (32, 64),
-    "sweep_prompts": (2, 3), "limit": (12, None),
+    "practice_prompts": (8, 30), "test_prompts": (6, 30), "rounds": (3, 5), "max_new_tokens": (32, 64),
+    "sweep_prompts": (1, 3), "limit": (12, None),
 }
 
 
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="near-duplicates JSONL ('of' = a practised id); default: the committed set "
                                "when --prompts is the committed file")
     practice.add_argument("--practice-prompts", type=int, default=None, help="prompts practised (quick 8, full 30)")
-    practice.add_argument("--test-prompts", type=int, default=None, help="prompts per test set (quick 8, full 30)")
+    practice.add_argument("--test-prompts", type=int, default=None, help="prompts per test set (quick 6, full 30)")
     practice.add_argument("--rounds", type=int, default=None, help="practice rounds (quick 3, full 5)")
     practice.add_argument("--max-new-tokens", type=int, default=None, help="quick 32, full 64")
     practice.add_argument("--early-exit", type=int, nargs="*", default=None,

@@ -22,6 +22,7 @@ COLUMNS = [  # (key, header, format)
     ("agreement", "agree", "{:.1%}"),
     ("acceptance", "accept", "{:.0%}"),
     ("learn_seconds", "learn s", "{:.1f}"),
+    ("consolidate_seconds", "refit s", "{:.1f}"),
     ("perplexity", "ppl", "{:.3f}"),
     ("perplexity_ratio", "ppl x", "{:.4f}"),
     ("accuracy", "accuracy", "{:.1%}"),

@@ -110,7 +110,7 @@ def _load_plugins() -> None:
     import shortcut.plugins as plugins
 
     for info in pkgutil.iter_modules(plugins.__path__):
-        if not info.name.startswith("_"):
+        if not info.name.startswith("_") and not info.ispkg:  # sub-packages hold integrations
             importlib.import_module(f"shortcut.plugins.{info.name}")
 
 

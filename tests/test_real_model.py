@@ -120,3 +120,25 @@ def test_practice_on_real_model_shrinks_path_with_identical_tokens(smollm2):
             assert torch.equal(model.generate(**ids, max_new_tokens=16, do_sample=False), ref)
     finally:
         handle.remove()
+
+
+def test_eval_harness_smoke_on_real_model(tmp_path):
+    """A small ``shortcut-eval practice`` run on the packaged model (the README's --quick
+    run takes ~10 minutes, too long for the suite): every method ran, lossless methods
+    emit the model's own tokens, practice made exact repeats cheaper in weight reads."""
+    import json
+
+    from shortcut.evals import cli
+
+    out = tmp_path / "eval"
+    assert cli.main(["practice", "--practice-prompts", "2", "--test-prompts", "2", "--rounds", "2",
+                     "--max-new-tokens", "16", "--early-exit", "22", "--sweep-prompts", "1",
+                     "--sae-steps", "200", "--out", str(out), "-q"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    rows = {(r["set"], r["method"]): r for r in result["tests"]}
+    for test_set in ("exact repeats", "near-duplicates", "novel"):
+        for method in ("shortcut lossless", "early-exit E=22", "prompt lookup"):
+            assert rows[(test_set, method)]["identical"] == 1.0, (test_set, method)
+    assert rows[("exact repeats", "shortcut lossless")]["bytes_rel"] < 0.9 < rows[("novel", "shortcut lossless")]["bytes_rel"]
+    assert rows[("exact repeats", "oracle")]["mean_layers"] < 30
+    assert (out / "practice_curve.png").stat().st_size > 10_000

@@ -1,0 +1,1 @@
+"""Integrations with other tools (not architectures; not imported when a model is wrapped)."""
