@@ -42,11 +42,15 @@ def describe(folder: Path, *, top: int = 10) -> str:
     bias = torch.sigmoid(policy["bias"])
     lines.append(f"  practised tokens seen: {int(trials.max()) if len(trials) else 0}; "
                  f"shortlist {heads['shortlist'].numel()} tokens")
-    lines.append(f"  {'exit after':>10}{'head agrees':>13}{'base rate':>11}{'features > 0':>14}")
+    decisions = policy.get("decisions", torch.zeros(len(layers) + 1))
+    total = float(decisions.sum())
+    chosen = [f"{100 * float(d) / total:.1f}%" if total else "-" for d in decisions]
+    lines.append(f"  decode-time decisions: {int(total)} (share of each exit below; full path {chosen[-1]})")
+    lines.append(f"  {'exit after':>10}{'chosen':>8}{'head agrees':>13}{'base rate':>11}{'features > 0':>14}")
     for i, layer in enumerate(layers):
         rate = float(agreements[i] / trials[i]) if trials[i] > 0 else 0.0
         positive = int((policy["weights"][i] > 0).sum())
-        lines.append(f"  {layer:>10}{100 * rate:>12.1f}%{100 * float(bias[i]):>10.1f}%{positive:>14}")
+        lines.append(f"  {layer:>10}{chosen[i]:>8}{100 * rate:>12.1f}%{100 * float(bias[i]):>10.1f}%{positive:>14}")
     weights = policy["weights"][0]
     strongest = torch.topk(weights, min(top, weights.numel()))
     counts = policy["feature_counts"]

@@ -77,6 +77,9 @@ class ExitPolicy:
         # Evidence, for reports and merging: outcomes seen and agreements, per layer.
         self.trials = torch.zeros(len(exit_layers))
         self.agreements = torch.zeros(len(exit_layers))
+        # Decisions taken at decode time: one count per exit layer, the last for the
+        # full path (usage statistics: kept when the predictors are re-learned).
+        self.decisions = torch.zeros(len(exit_layers) + 1)
         # How often each feature was active at a verified token (familiarity).
         self.feature_counts = torch.zeros(d_sae)
 
@@ -139,9 +142,12 @@ class ExitPolicy:
         ``None`` for unfamiliar tokens."""
         probs = self.probabilities(sig).reshape(-1)
         if float(self.familiarity(sig)[0]) < self.min_familiarity:
+            self.decisions[-1] += 1
             return PolicyDecision(None, probs)
         passing = (probs >= self.threshold).nonzero()
-        layer = self.exit_layers[int(passing[0])] if len(passing) else None
+        column = int(passing[0]) if len(passing) else len(self.exit_layers)
+        self.decisions[column] += 1
+        layer = self.exit_layers[column] if column < len(self.exit_layers) else None
         return PolicyDecision(layer, probs)
 
     @torch.no_grad()
@@ -184,7 +190,7 @@ class ExitPolicy:
         return {
             "weights": self.weights, "bias": self.bias, "trials": self.trials,
             "agreements": self.agreements, "feature_counts": self.feature_counts,
-            "exit_layers": torch.tensor(self.exit_layers),
+            "decisions": self.decisions, "exit_layers": torch.tensor(self.exit_layers),
             "memory_indices": self.memory_indices.to(torch.int32),
             "memory_values": self.memory_values.to(torch.float16),
         }
@@ -198,6 +204,8 @@ class ExitPolicy:
             )
         for name in ("weights", "bias", "trials", "agreements", "feature_counts"):
             getattr(self, name).copy_(state[name])
+        if "decisions" in state:  # absent in folders saved before decisions were counted
+            self.decisions.copy_(state["decisions"])
         if "memory_indices" in state:
             self.memory_indices = state["memory_indices"].long()
             self.memory_values = state["memory_values"].float()
@@ -216,5 +224,6 @@ class ExitPolicy:
         self.trials += other.trials
         self.agreements += other.agreements
         self.feature_counts += other.feature_counts
+        self.decisions += other.decisions
         if other.memory_len:
             self.remember(Signature(other.memory_indices, other.memory_values))

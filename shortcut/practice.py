@@ -114,7 +114,8 @@ class Learner:
         self.fit_steps = fit_steps
         self.seed = seed
         self.enabled = True
-        # Token ids of every practised prompt: the replay log consolidation reads.
+        # Token ids of the prompt of every generate call made while learning (the replay
+        # log the consolidation script reads; a prompt practised in 3 rounds is there 3 times).
         self.practised: list[list[int]] = []
         self._since_consolidation = 0
         self._recorded: dict[int, torch.Tensor] = {}
@@ -240,7 +241,6 @@ def run_rounds(handle: Any, prompts: list[Any], *, rounds: int, max_new_tokens: 
         else:
             inputs.append(prompt_input_ids(tokenizer, prompt))
     learner: Learner = handle.learner
-    learner.practised.extend(ids[0].tolist() for ids in inputs)
     generator = torch.Generator().manual_seed(handle.config.seed)
     rows = []
     for round_index in range(rounds):

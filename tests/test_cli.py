@@ -26,12 +26,12 @@ def test_practice_inspect_merge(tiny_model_dir, tmp_path, capsys):
 
     assert cli.main(["inspect", str(a)]) == 0
     report = capsys.readouterr().out
-    assert "exit after" in report and "observer:" in report and "replay log: 5 practised prompts" in report
+    assert "exit after" in report and "decode-time decisions:" in report and "observer:" in report and "replay log: 10 practised prompts" in report  # 5 prompts x 2 rounds
 
     assert _practice(tiny_model_dir, b, "--skills", str(a), "--rounds", "1") == 0
     assert cli.main(["merge", str(a), str(b), "-o", str(merged)]) == 0
     assert cli.main(["inspect", str(merged)]) == 0
-    assert "replay log: 15 practised prompts" in capsys.readouterr().out  # 5 + (5 + 5)
+    assert "replay log: 25 practised prompts" in capsys.readouterr().out  # 10 + (10 + 5)
 
     # Another practice run trains its own observer: its signatures do not mix.
     c = tmp_path / "c"

@@ -85,3 +85,20 @@ def test_bad_arguments():
         ExitPolicy([3], d_sae=8, threshold=1.5)
     with pytest.raises(ValueError, match="outcome rows"):
         ExitPolicy([3], d_sae=64).update(_sig([1, 2, 3, 4]), torch.ones(2, 1, dtype=torch.bool))
+
+
+def test_decisions_are_counted_saved_and_merged():
+    policy = ExitPolicy([3, 5], d_sae=64, threshold=0.8)
+    practised, novel = _sig([1, 2, 3, 4]), _sig([40, 41, 42, 43])
+    for _ in range(10):
+        policy.update(practised, torch.tensor([[False, True]]))
+    policy.remember(practised)
+    assert policy.decide(practised).exit_layer == 5
+    assert policy.decide(novel).exit_layer is None
+    assert policy.decisions.tolist() == [0.0, 1.0, 1.0]  # exit 3, exit 5, full path
+    policy.reset()
+    assert policy.decisions.tolist() == [0.0, 1.0, 1.0]  # usage survives re-learning
+    loaded = ExitPolicy([3, 5], d_sae=64)
+    loaded.load_state_dict(policy.state_dict())
+    loaded.merge(policy)
+    assert loaded.decisions.tolist() == [0.0, 2.0, 2.0]
