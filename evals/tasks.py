@@ -43,8 +43,8 @@ def practice(args: Any, systems: list[System], sets: dict[str, list[dict]], log:
     test_sets = {k: v for k, v in sets.items() if k != "practice"}
     early_exits = args.early_exit
     sweep_records = test_sets["exact repeats"][: args.sweep_prompts]
-    total = (args.rounds * len(sets["practice"]) * (1 + len(systems))
-             + (args.rounds * len(test_sets["exact repeats"]) * (1 + len(systems)) if "fast" in modes else 0)
+    total = (args.rounds * len(sets["practice"])  # one step per prompt, all methods on it
+             + (args.rounds * len(test_sets["exact repeats"]) if "fast" in modes else 0)
              + len(sweep_records) * bool(early_exits)
              + sum(len(v) for v in test_sets.values()))
     bar = tqdm(total=total, desc="shortcut-eval practice", disable=args.quiet, unit="prompt")

@@ -10,6 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -173,6 +174,8 @@ class Shortcut:
                 or self._runtime.policy is not None):
             return original(*args, **kwargs)
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        if learner.enabled and isinstance(input_ids, torch.Tensor) and input_ids.shape[0] == 1:
+            learner.practised.append(input_ids[0].tolist())  # the replay log consolidation reads
         bad = unsupported_options(self.model, kwargs, input_ids)
         if bad:
             message = ", ".join(bad)
@@ -287,16 +290,24 @@ def wrap(model: PreTrainedModel, config: ShortcutConfig | None = None) -> Shortc
 def load(model: PreTrainedModel, folder: str | Path) -> Shortcut:
     """Wrap ``model`` with the config and skills saved in ``folder`` by
     :meth:`Shortcut.save_pretrained`. Skills learned on another base model are refused
-    before anything is attached."""
+    before anything is attached.
+
+    A folder written by ``shortcut-finetune --level layerskip`` also holds a LoRA
+    adapter (``adapter/``): it is merged into ``model``'s weights in place first, so the
+    wrapped model is the adapted model (``remove()`` detaches shortcut but leaves the
+    adapter merged)."""
     folder = Path(folder)
     manifest = skills.read_manifest(folder)
     _check_model(model)
     parts = resolve(model)
     skills.check_fingerprint(manifest["base_model"], skills.fingerprint(model, parts), folder)
+    adapter = manifest.get("contents", {}).get("adapter")
+    if adapter:
+        skills.merge_adapter(model, folder / adapter)
     config = ShortcutConfig.load(folder / "config.json")
     handle = wrap(model, config)
     try:
-        learned = skills.load_learned(folder, manifest, handle.parts, handle.fingerprint)
+        learned = skills.load_learned(folder, manifest, handle.parts, manifest["base_model"])
         if learned is not None:
             observer, heads, policy, practised = learned
             handle.attach_observer(observer, heads=heads, policy=policy)

@@ -29,6 +29,7 @@ from .arch import ModelParts
 HEADS_FILE = "heads.safetensors"
 POLICY_FILE = "policy.safetensors"
 REPLAY_LOG = "replay_log.json"
+ADAPTER_DIR = "adapter"  # a peft (LoRA) adapter from ``shortcut-finetune --level layerskip``
 
 FORMAT_VERSION = 1
 MANIFEST = "shortcut.json"
@@ -117,6 +118,19 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if version != FORMAT_VERSION:
         raise ValueError(f"{path} has format_version {version!r}; this shortcut reads {FORMAT_VERSION}")
     return manifest
+
+
+def merge_adapter(model: nn.Module, folder: Path) -> None:
+    """Merge the peft adapter saved in ``folder`` into ``model``'s weights, in place
+    (``requires_grad`` flags are kept as they were)."""
+    from peft import PeftModel
+
+    if not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a peft adapter folder: adapter_config.json is missing")
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    for name, param in model.named_parameters():
+        param.requires_grad_(flags.get(name, True))
 
 
 def save_learned(folder: Path, learner: Any, fingerprint_: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,272 @@
+"""Consolidation benchmark: what does ``shortcut-finetune`` add to practised skills?
+
+Packaged SmolLM2-135M-Instruct, greedy decoding, 64 new tokens, lossless mode, learning
+frozen. Starting from the skills of the practice benchmark (``runs/bench_practice_skills``,
+written by ``python evals/bench_practice.py``: 30 practice prompts x 5 rounds), it
+
+1. measures those skills: tokens/s relative to plain ``generate`` (paired, same run,
+   order alternating, median over prompts) on exact repeats (split "practice" of
+   evals/data/prompts.jsonl) and novel prompts (split "novel"), identical-token check,
+   draft acceptance, and the oracle exit layer (per generated token, the shallowest exit
+   layer whose exit head names the full model's token; the full depth where none does);
+2. runs heads consolidation (``shortcut.finetune.finetune``, default settings) and
+   measures the consolidated skills the same way;
+3. with ``--layerskip``, trains the LoRA adapter too and reports its quality cost:
+   teacher-forced perplexity on the held-out passages (evals/data/passages.jsonl split
+   "heldout") and log-likelihood choice accuracy (evals/data/choice.jsonl), base vs
+   adapted.
+
+    python evals/bench_finetune.py                          # 30 + 30 test prompts
+    python evals/bench_finetune.py --test-prompts 15        # faster
+    python evals/bench_finetune.py --layerskip              # also the LoRA level
+
+The practice benchmark measures through ``model.generate`` and does not write its
+prompts to the replay log; when the log is empty, this script writes a copy of the
+skills whose replay log holds the prompts that benchmark practised (the first
+``--prompts`` of split "practice").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import torch
+
+import shortcut
+from shortcut import finetune as ft
+from shortcut.data import prompt_input_ids, read_jsonl, read_prompts
+from shortcut.heads import collect_states
+
+DATA = Path(__file__).parent / "data"
+
+
+def practised_skills(skills: Path, work: Path, tokenizer, n_prompts: int) -> tuple[Path, str]:
+    """``skills`` itself, or a copy whose empty replay log is filled with the prompts the
+    practice benchmark practised."""
+    _, logged = ft.read_skills(skills)
+    if logged:
+        return skills, f"replay log of {skills}: {len(logged)} prompts"
+    copy = work / "input_skills"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(skills, copy)
+    records = read_prompts(DATA / "prompts.jsonl", split="practice")[:n_prompts]
+    prompts = [prompt_input_ids(tokenizer, r)[0].tolist() for r in records]
+    (copy / "replay_log.json").write_text(json.dumps({"prompts": prompts}) + "\n")
+    return copy, f"{skills} has an empty replay log; using a copy with the {len(prompts)} practised prompts"
+
+
+@torch.no_grad()
+def oracle_layers(handle, seq: torch.Tensor, prompt_len: int) -> list[float]:
+    """Oracle exit layer of each generated token of ``seq`` (teacher-forced, full path)."""
+    heads = handle.heads
+    with handle.disabled():
+        states, _, tokens = collect_states(handle.model, handle.parts, seq, heads.layers)
+    keep = slice(prompt_len - 1, seq.shape[0] - 1)
+    agrees = ft.agreement(heads, {layer: s[keep] for layer, s in states.items()}, tokens[keep])
+    return ft.oracle_exit_layer(agrees, heads.layers, handle.num_layers).tolist()
+
+
+def measure(handle, ids: torch.Tensor, new_tokens: int, plain_first: bool) -> dict:
+    """One paired measurement (plain and wrapped generate of the same prompt)."""
+    model = handle.model
+    gen = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": new_tokens, "do_sample": False}
+    outs, seconds = {}, {}
+    counters = dict(handle.draft_counters)
+    calls = handle.stats.total.layer_calls
+    for kind in (("plain", "wrapped") if plain_first else ("wrapped", "plain")):
+        start = time.perf_counter()
+        if kind == "plain":
+            with handle.disabled():
+                outs[kind] = model.generate(**gen)
+        else:
+            outs[kind] = model.generate(**gen)
+        seconds[kind] = time.perf_counter() - start
+    new = outs["plain"].shape[1] - ids.shape[1]
+    delta = {k: v - counters.get(k, 0.0) for k, v in handle.draft_counters.items()}
+    return {
+        "new_tokens": new,
+        "identical": bool(torch.equal(outs["plain"], outs["wrapped"])),
+        "speed_ratio": seconds["plain"] / seconds["wrapped"],
+        "wrapped_tok_s": new / seconds["wrapped"],
+        "plain_tok_s": new / seconds["plain"],
+        "drafted": delta.get("drafted", 0.0),
+        "accepted": delta.get("accepted", 0.0),
+        "layer_calls_per_token": (handle.stats.total.layer_calls - calls) / max(new, 1),
+        "oracle": oracle_layers(handle, outs["plain"][0], ids.shape[1]),
+    }
+
+
+def measure_skills(model, folder: Path, sets: dict, new_tokens: int, label: str) -> list[dict]:
+    handle = shortcut.load(model, folder)
+    handle.set_learning(False)
+    rows, pair = [], 0
+    try:
+        for name, inputs in sets.items():
+            results = []
+            for ids in inputs:
+                results.append(measure(handle, ids, new_tokens, plain_first=pair % 2 == 0))
+                pair += 1
+            drafted = sum(r["drafted"] for r in results)
+            oracle = [x for r in results for x in r["oracle"]]
+            rows.append({
+                "set": name, "skills": label, "prompts": len(results),
+                "speed_ratio_median": statistics.median(r["speed_ratio"] for r in results),
+                "wrapped_tok_s_median": statistics.median(r["wrapped_tok_s"] for r in results),
+                "plain_tok_s_median": statistics.median(r["plain_tok_s"] for r in results),
+                "identical": sum(r["identical"] for r in results) / len(results),
+                "acceptance": sum(r["accepted"] for r in results) / drafted if drafted else 0.0,
+                "drafted_per_token": drafted / sum(r["new_tokens"] for r in results),
+                "layer_calls_per_token": statistics.mean(r["layer_calls_per_token"] for r in results),
+                "oracle_exit_layer": sum(oracle) / len(oracle),
+            })
+            print(_row(rows[-1]), flush=True)
+    finally:
+        handle.remove()
+    return rows
+
+
+def run_finetune(model, tokenizer, skills: Path, out: Path, cfg: ft.FinetuneConfig, quality=None) -> tuple[dict, float]:
+    """Run (or reuse a finished identical run of) the consolidation; returns summary and seconds."""
+    start = time.perf_counter()
+    try:
+        summary = ft.finetune(model, skills, out, tokenizer=tokenizer, quality_texts=quality, config=cfg, resume=True)
+    except (ValueError, FileExistsError):
+        summary = ft.finetune(model, skills, out, tokenizer=tokenizer, quality_texts=quality, config=cfg, overwrite=True)
+    return summary, time.perf_counter() - start
+
+
+@torch.no_grad()
+def choice_accuracy(model, tokenizer, records: list[dict]) -> float:
+    """Log-likelihood multiple choice: the choice with the highest summed log-probability
+    after ``Question: ...\\nAnswer:`` is the model's answer."""
+    correct = 0
+    for record in records:
+        prefix = tokenizer(f"Question: {record['question']}\nAnswer:")["input_ids"]
+        scores = []
+        for choice in record["choices"]:
+            ids = tokenizer(" " + choice)["input_ids"]
+            x = torch.tensor([prefix + ids])
+            logp = model(input_ids=x).logits[0, len(prefix) - 1:-1].float().log_softmax(-1)
+            scores.append(float(logp.gather(1, torch.tensor(ids)[:, None]).sum()))
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == record["answer"])
+    return correct / len(records)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--skills", type=Path, default=Path("runs/bench_practice_skills"))
+    parser.add_argument("--work", type=Path, default=Path("runs/bench_finetune"), help="where outputs go")
+    parser.add_argument("--prompts", type=int, default=30, help="practised prompts (to fill an empty replay log)")
+    parser.add_argument("--test-prompts", type=int, default=None, help="prompts per test set (default: --prompts)")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=ft.FinetuneConfig.steps, help="most exit-head steps")
+    parser.add_argument("--layerskip", action="store_true", help="also train and assess the LoRA level")
+    parser.add_argument("--lora-steps", type=int, default=ft.FinetuneConfig.lora_steps)
+    parser.add_argument("--quality-passages", type=int, default=70)
+    parser.add_argument("--choice", type=int, default=100, help="choice questions")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="write every number here")
+    args = parser.parse_args(argv)
+    if not args.skills.is_dir():
+        print(f"{args.skills} is missing: make it with `python evals/bench_practice.py` (it saves its skills "
+              f"there), or pass --skills <a skills folder made on {args.model}>", file=sys.stderr)
+        return 2
+    n_test = args.test_prompts or args.prompts
+    model, tokenizer = shortcut.load_model(args.model)
+    args.work.mkdir(parents=True, exist_ok=True)
+    skills, note = practised_skills(args.skills, args.work, tokenizer, args.prompts)
+    print(note)
+    sets = {
+        "exact repeats": [prompt_input_ids(tokenizer, r) for r in read_prompts(DATA / "prompts.jsonl", split="practice")[:n_test]],
+        "novel": [prompt_input_ids(tokenizer, r) for r in read_prompts(DATA / "prompts.jsonl", split="novel")[:n_test]],
+    }
+    print(f"model={args.model} greedy new_tokens={args.new_tokens} test prompts={n_test} threads={torch.get_num_threads()} "
+          "(lossless; speed = tokens/s vs plain generate, same run)")
+    print(_header())
+    rows = measure_skills(model, skills, sets, args.new_tokens, "practised")
+    cfg = ft.FinetuneConfig(max_new_tokens=args.new_tokens, steps=args.steps, seed=args.seed)
+    summary, seconds = run_finetune(model, tokenizer, skills, args.work / "heads", cfg)
+    print(ft.format_summary(summary), flush=True)
+    rows += measure_skills(model, args.work / "heads", sets, args.new_tokens, "consolidated")
+
+    result = {"model": args.model, "skills": str(skills), "new_tokens": args.new_tokens, "test_prompts": n_test,
+              "threads": torch.get_num_threads(), "rows": rows, "heads_summary": summary,
+              "heads_seconds": seconds}
+    by = {(r["set"], r["skills"]): r for r in rows}
+    exact_b, exact_a = by["exact repeats", "practised"], by["exact repeats", "consolidated"]
+    novel_b, novel_a = by["novel", "practised"], by["novel", "consolidated"]
+    checks = [
+        ("exact repeats: speed after / before (>= 1.2)", exact_a["speed_ratio_median"] / exact_b["speed_ratio_median"], 1.2),
+        ("exact repeats: oracle exit layer shallower by (>= 30%)",
+         1 - exact_a["oracle_exit_layer"] / exact_b["oracle_exit_layer"], 0.30),
+        ("novel: speed after / before (>= 0.97, no slowdown)", novel_a["speed_ratio_median"] / novel_b["speed_ratio_median"], 0.97),
+        ("novel: speed after vs plain (>= 0.97)", novel_a["speed_ratio_median"], 0.97),
+        ("all: identical tokens (100%)", min(r["identical"] for r in rows), 1.0),
+        ("heads run time in minutes (< 15)", -summary["seconds"] / 60, -15.0),
+    ]
+
+    if args.layerskip:
+        records = read_jsonl(DATA / "passages.jsonl", required=("text",))
+        quality = [r["text"] for r in records if r.get("split") == "heldout"][:args.quality_passages]
+        lcfg = ft.FinetuneConfig(level="layerskip", max_new_tokens=args.new_tokens, steps=args.steps,
+                                 lora_steps=args.lora_steps, seed=args.seed)
+        ls_summary, ls_seconds = run_finetune(model, tokenizer, skills, args.work / "layerskip", lcfg, quality)
+        print(ft.format_summary(ls_summary), flush=True)
+        choice = read_jsonl(DATA / "choice.jsonl")[:args.choice]
+        acc_base = choice_accuracy(model, tokenizer, choice)
+        adapted, _ = shortcut.load_model(args.model)
+        handle = shortcut.load(adapted, args.work / "layerskip")  # merges the adapter
+        with handle.disabled():
+            acc_adapted = choice_accuracy(adapted, tokenizer, choice)
+        handle.remove()
+        ls = ls_summary["layerskip"]
+        ppl_change = ls["perplexity_adapted"] / ls["perplexity_base"] - 1
+        print(f"layerskip: perplexity base {ls['perplexity_base']:.3f} adapted {ls['perplexity_adapted']:.3f} "
+              f"({100 * ppl_change:+.2f}%); choice accuracy base {100 * acc_base:.1f}% adapted {100 * acc_adapted:.1f}% "
+              f"({len(choice)} questions); run {ls_seconds / 60:.1f} min")
+        checks += [("layerskip: held-out perplexity change (<= +3%)", -ppl_change, -0.03),
+                   ("layerskip: choice accuracy change in points (>= -1)", 100 * (acc_adapted - acc_base), -1.0)]
+        result.update(layerskip_summary=ls_summary, layerskip_seconds=ls_seconds, choice_accuracy_base=acc_base,
+                      choice_accuracy_adapted=acc_adapted)
+
+    print()
+    print(_header())
+    for row in rows:
+        print(_row(row))
+    print()
+    for name, value, target in checks:
+        shown = -value if "minutes" in name or "perplexity" in name else value
+        unit = "%" if "%" in name else ""
+        shown = f"{100 * shown:.1f}%" if unit else f"{shown:.2f}"
+        print(f"{name:<58}{shown:>10}  {'met' if value >= target else 'NOT met'}")
+    result["checks"] = [{"name": n, "value": v, "target": t, "met": v >= t} for n, v, t in checks]
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    return 0
+
+
+def _header() -> str:
+    return (f"{'set':<15}{'skills':<14}{'speed x':>8}{'tok/s':>7}{'ident':>7}{'accept':>8}{'draft/tok':>10}"
+            f"{'layer calls/tok':>16}{'oracle exit':>12}")
+
+
+def _row(r: dict) -> str:
+    return (f"{r['set']:<15}{r['skills']:<14}{r['speed_ratio_median']:>8.2f}{r['wrapped_tok_s_median']:>7.1f}"
+            f"{100 * r['identical']:>6.0f}%{100 * r['acceptance']:>7.0f}%{r['drafted_per_token']:>10.2f}"
+            f"{r['layer_calls_per_token']:>16.1f}{r['oracle_exit_layer']:>12.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
