@@ -46,6 +46,7 @@ import shortcut
 from shortcut import finetune as ft
 from shortcut.data import prompt_input_ids, read_jsonl, read_prompts
 from shortcut.heads import collect_states
+from shortcut.replay import read_skills
 
 DATA = Path(__file__).parent / "data"
 
@@ -53,7 +54,7 @@ DATA = Path(__file__).parent / "data"
 def practised_skills(skills: Path, work: Path, tokenizer, n_prompts: int) -> tuple[Path, str]:
     """``skills`` itself, or a copy whose empty replay log is filled with the prompts the
     practice benchmark practised."""
-    _, logged = ft.read_skills(skills)
+    _, logged = read_skills(skills)
     if logged:
         return skills, f"replay log of {skills}: {len(logged)} prompts"
     copy = work / "input_skills"

@@ -307,7 +307,7 @@ def load(model: PreTrainedModel, folder: str | Path) -> Shortcut:
     config = ShortcutConfig.load(folder / "config.json")
     handle = wrap(model, config)
     try:
-        learned = skills.load_learned(folder, manifest, handle.parts, manifest["base_model"])
+        learned = skills.load_learned(folder, manifest, handle.parts, manifest["base_model"], config=config)
         if learned is not None:
             observer, heads, policy, practised = learned
             handle.attach_observer(observer, heads=heads, policy=policy)

@@ -45,6 +45,11 @@ latest checkpoint and gives the same result as an uninterrupted run. The result 
 built in a temporary folder next to ``<output>`` and renamed into place, so a failed
 run leaves at most its checkpoints behind. The summary is printed and written to
 ``<output>/finetune_summary.json``.
+
+Where things live: the replay (reading the skills folder, greedy re-generation) is in
+:mod:`shortcut.replay`, the generic training plumbing (accelerate, checkpoints, the
+training loop) in :mod:`shortcut.training`, the LoRA stage in :mod:`shortcut.layerskip`;
+this module holds the run, the exit-head consolidation and the command line.
 """
 
 from __future__ import annotations
@@ -54,12 +59,11 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,8 +76,9 @@ from . import skills
 from .arch import ModelParts, resolve
 from .data import DataFileError, prompt_input_ids, read_jsonl
 from .heads import ExitHeads, _adam, collect_states
+from .replay import Example, build_examples, read_extra, read_skills
+from .training import Checkpoints, batch_indices, make_accelerator, train_loop
 
-logger = logging.getLogger(__name__)
 
 LEVELS = ("heads", "layerskip")
 SUMMARY_FILE = "finetune_summary.json"
@@ -162,47 +167,7 @@ class FinetuneConfig:
         return key
 
 
-@dataclass
-class Example:
-    """One training sequence: token ids and the first position learned from (the last
-    prompt token for a replayed prompt, 0 for teacher-forced text)."""
-
-    ids: list[int]
-    start: int
-
-
-# -- inputs -------------------------------------------------------------------------
-def read_skills(folder: str | Path) -> tuple[dict[str, Any], list[list[int]]]:
-    """The manifest and replay log of a skills folder; errors name what is missing."""
-    folder = Path(folder)
-    manifest = skills.read_manifest(folder)
-    contents = manifest.get("contents", {})
-    if "observer" not in contents:
-        raise ValueError(f"{folder} holds a config only (no observer, heads or policy): practise first")
-    log = folder / contents.get("replay_log", skills.REPLAY_LOG)
-    if not log.is_file():
-        raise FileNotFoundError(f"{folder} has no replay log ({log.name}): consolidation replays the practised prompts it lists")
-    try:
-        prompts = json.loads(log.read_text())["prompts"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{log} is not a replay log ({{'prompts': [[token ids], ...]}}): {err}") from err
-    if not isinstance(prompts, list) or not all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompts):
-        raise ValueError(f"{log}: 'prompts' must be a list of non-empty lists of token ids")
-    return manifest, prompts
-
-
-def read_extra(extra: str | Path | Sequence[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    """Extra records: ``{"text"}`` passages (teacher-forced) or ``{"prompt"}`` /
-    ``{"messages"}`` prompts (replayed with a greedy continuation)."""
-    if extra is None:
-        return []
-    records = read_jsonl(extra) if isinstance(extra, (str, Path)) else list(extra)
-    for number, record in enumerate(records, start=1):
-        if not any(key in record for key in ("text", "prompt", "messages")):
-            raise DataFileError(f"{extra}, record {number}: needs a 'text', 'prompt' or 'messages' key")
-    return records
-
-
+# -- the output folder ------------------------------------------------------------------
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -248,182 +213,7 @@ def check_output(output: Path, run: dict[str, Any], *, resume: bool, overwrite: 
     return "done" if (output / SUMMARY_FILE).is_file() and not (output / CHECKPOINTS).exists() else "resume"
 
 
-# -- accelerate plumbing --------------------------------------------------------------
-def make_accelerator() -> Any:
-    """A fresh Accelerator per training stage (so each checkpoint holds only its own
-    module). Layer dropout leaves parameters unused in some steps, hence
-    ``find_unused_parameters`` under DDP."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-
-    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-
-    def adapter_only(models: list, weights: list, output_dir: str) -> None:
-        # A LoRA model's state dict holds the whole base model; checkpoint the adapter only.
-        for i, state in enumerate(weights):
-            if any("lora_" in k for k in state):
-                weights[i] = {k: v for k, v in state.items() if "lora_" in k}
-
-    accelerator.register_save_state_pre_hook(adapter_only)
-    return accelerator
-
-
-class Checkpoints:
-    """``<output>/checkpoints/``: ``run.json`` (the run's settings), ``<stage>-<step>/``
-    folders written by ``accelerator.save_state`` plus ``trainer_state.json``, finished
-    stages' results as ``<stage>.json`` and cached data as ``<name>.data.json``.
-    Nothing is written when ``every`` is 0."""
-
-    def __init__(self, folder: Path, run: dict[str, Any], every: int, keep: int, accelerator: Any) -> None:
-        self.folder, self.run, self.every, self.keep = folder, run, every, max(1, keep)
-        self.accelerator = accelerator
-
-    def ready(self) -> None:
-        if not (self.folder / "run.json").is_file():
-            self.folder.mkdir(parents=True, exist_ok=True)
-            (self.folder / "run.json").write_text(json.dumps({"run": self.run}, indent=2) + "\n")
-
-    def _write_json(self, name: str, obj: Any) -> None:
-        if self.every and self.accelerator.is_main_process:
-            self.ready()
-            tmp = self.folder / f".{name}.tmp"
-            tmp.write_text(json.dumps(obj) + "\n")
-            tmp.replace(self.folder / name)
-        self.accelerator.wait_for_everyone()
-
-    def _read_json(self, name: str) -> Any:
-        path = self.folder / name
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    def data(self, name: str) -> Any:
-        return self._read_json(f"{name}.data.json")
-
-    def save_data(self, name: str, obj: Any) -> None:
-        self._write_json(f"{name}.data.json", obj)
-
-    def result(self, stage: str) -> Any:
-        return self._read_json(f"{stage}.json")
-
-    def finish(self, stage: str, result: Any) -> None:
-        self._write_json(f"{stage}.json", result)
-
-    def latest(self, stage: str) -> Path | None:
-        found = sorted(self.folder.glob(f"{stage}-[0-9]*")) if self.folder.is_dir() else []
-        return found[-1] if found else None
-
-    def save(self, accelerator: Any, stage: str, state: dict[str, Any]) -> None:
-        """Checkpoint a stage (``accelerator`` is the stage's own) atomically; keep the
-        latest ``keep``."""
-        if accelerator.is_main_process:
-            self.ready()
-        accelerator.wait_for_everyone()
-        final = self.folder / f"{stage}-{state['step']:07d}"
-        tmp = self.folder / f".{final.name}.tmp"
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
-            tmp.rename(final)
-            for old in sorted(self.folder.glob(f"{stage}-[0-9]*"))[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-
-
-def batch_indices(n: int, step: int, batch_size: int, seed: int, accelerator: Any) -> torch.Tensor:
-    """This process's share of the global batch of ``step``: a pure function of
-    ``(seed, step)``, so a resumed run sees exactly the batches it would have seen."""
-    per_epoch = max(1, n // batch_size)
-    epoch, slot = divmod(step, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    size = min(batch_size, n)
-    chunk = order[slot * size:(slot + 1) * size]
-    return chunk[accelerator.process_index::accelerator.num_processes]
-
-
-def lr_factor(step: int, steps: int, warmup: float) -> float:
-    """Linear warm-up over ``warmup * steps`` steps, then cosine decay to zero."""
-    warm = int(warmup * steps)
-    if step < warm:
-        return (step + 1) / warm
-    return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-
-
-def train_loop(stage: str, accelerator: Any, optimizer: torch.optim.Optimizer, loss_fn: Callable[[int], torch.Tensor],
-               *, steps: int, lr: float, warmup: float, ckpt: Checkpoints, eval_fn: Callable[[], dict] | None = None,
-               eval_every: int = 0, patience: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Run ``steps`` optimiser steps of ``loss_fn(step)`` (this process's loss on its
-    share of the batch), with checkpoints, resume and early stopping on
-    ``eval_fn()["loss"]``. Returns the trainer state: losses per step, evaluations,
-    ``best_step``, ``step`` (steps run)."""
-    from tqdm.auto import tqdm
-
-    state: dict[str, Any] = {"step": 0, "losses": [], "evals": [], "best": None, "best_step": 0, "bad": 0}
-    found = ckpt.latest(stage)
-    if found is not None:
-        accelerator.load_state(str(found), strict=False)
-        state = json.loads((found / "trainer_state.json").read_text())
-        logger.info("%s: resumed from %s", stage, found)
-    bar = tqdm(total=steps, initial=state["step"], desc=stage, disable=not (progress and accelerator.is_local_main_process), leave=False)
-    while state["step"] < steps:
-        step = state["step"]
-        for group in optimizer.param_groups:
-            group["lr"] = lr * lr_factor(step, steps, warmup)
-        loss = loss_fn(step)
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["losses"].append(float(accelerator.gather(loss.detach().reshape(1)).mean()))
-        state["step"] = step + 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{state['losses'][-1]:.4f}")
-        stop = False
-        if eval_fn is not None and (state["step"] % eval_every == 0 or state["step"] == steps):
-            metrics = eval_fn()
-            state["evals"].append({"step": state["step"], **metrics})
-            if state["best"] is None or metrics["loss"] < state["best"] - 1e-4 * abs(state["best"]):
-                state["best"], state["best_step"], state["bad"] = metrics["loss"], state["step"], 0
-            else:
-                state["bad"] += 1
-                stop = patience > 0 and state["bad"] >= patience
-        if ckpt.every and state["step"] % ckpt.every == 0 and state["step"] < steps and not stop:
-            ckpt.save(accelerator, stage, state)
-        if stop:
-            break
-    bar.close()
-    if eval_fn is None:
-        state["best_step"] = state["step"]
-    return state
-
-
-# -- experience -----------------------------------------------------------------------
-@torch.no_grad()
-def greedy_continuations(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, accelerator: Any,
-                         progress: bool = True) -> list[list[int]]:
-    """Prompt + greedy continuation of each prompt (exactly as ``model.generate`` does
-    it at batch 1), split across processes."""
-    from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
-
-    mine = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
-    done = []
-    for index in tqdm(mine, desc="replay (greedy)", disable=not (progress and accelerator.is_local_main_process), leave=False):
-        ids = torch.tensor([prompts[index]], device=accelerator.device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
-        done.append((index, out[0].tolist()))
-    return [seq for _, seq in sorted(gather_object(done))]
-
-
-def build_examples(model: nn.Module, prompts: list[list[int]], texts: list[list[int]], cfg: FinetuneConfig,
-                   accelerator: Any, ckpt: Checkpoints, name: str, progress: bool) -> list[Example]:
-    """Replayed prompts with their greedy continuations (cached in the checkpoints as
-    ``name``), plus teacher-forced texts."""
-    sequences = ckpt.data(name)
-    if sequences is None:
-        sequences = greedy_continuations(model, prompts, cfg.max_new_tokens, accelerator, progress)
-        ckpt.save_data(name, sequences)
-    examples = [Example(seq, len(prompt) - 1) for prompt, seq in zip(prompts, sequences)]
-    return examples + [Example(ids, 0) for ids in texts]
-
-
+# -- what the exit heads see --------------------------------------------------------------
 @torch.no_grad()
 def collect(model: nn.Module, parts: ModelParts, examples: list[Example], layers: list[int],
             progress: bool = True) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -689,7 +479,7 @@ def finetune(model: nn.Module, skills_folder: str | Path, output: str | Path, *,
                                "extra_prompts": len(extra_prompts),
                                "extra_texts": len(texts), "config": dataclasses.asdict(cfg), "run": run}
     t = time.perf_counter()
-    examples = build_examples(model, replay, texts, cfg, accelerator, ckpt, "replay", progress)
+    examples = build_examples(model, replay, texts, cfg.max_new_tokens, accelerator, ckpt, "replay", progress)
     summary["replay_seconds"] = time.perf_counter() - t
     peft_model = None
     try:
@@ -698,7 +488,7 @@ def finetune(model: nn.Module, skills_folder: str | Path, output: str | Path, *,
 
             peft_model, summary["layerskip"] = train_adapter(model, parts, learned[1].layers, examples, cfg, ckpt, tokenizer=tokenizer,
                                                              quality_texts=quality_texts, progress=progress)
-            examples = build_examples(model, replay, texts, cfg, accelerator, ckpt, "replay-adapted", progress)
+            examples = build_examples(model, replay, texts, cfg.max_new_tokens, accelerator, ckpt, "replay-adapted", progress)
         summary["heads"] = consolidate_heads(model, parts, learned, examples, cfg, ckpt, progress)
         summary["seconds"] = time.perf_counter() - start
         accelerator.wait_for_everyone()

@@ -32,6 +32,7 @@ from torch import nn
 
 from .arch import ModelParts
 from .runtime import FixedPlan, LayerRuntime
+from .training import batch_indices, make_accelerator, train_loop
 
 ADAPTER_CHECKPOINT = "lora-adapter"
 
@@ -162,8 +163,6 @@ def train_adapter(model: nn.Module, parts: ModelParts, exits: Sequence[int], exa
     and a summary with the objective before/after and the held-out perplexity of the
     base and the adapted model. A finished stage found in the checkpoints is reloaded."""
     from peft import LoraConfig, PeftModel, get_peft_model
-
-    from .finetune import batch_indices, make_accelerator, train_loop
 
     start = time.perf_counter()
     flags = {name: p.requires_grad for name, p in model.named_parameters()}

@@ -3,7 +3,10 @@
 Policies merge by evidence (see ExitPolicy.merge); exit-head translators are averaged,
 weighted by the tokens each worker practised; shortlists and replay logs are united.
 All inputs must share the base model and the very same observer (identical SAE
-weights): signatures of different SAEs do not mean the same thing.
+weights): signatures of different SAEs do not mean the same thing. Folders holding a
+LoRA adapter (``shortcut-finetune --level layerskip``) are refused: their heads and
+policy belong to the adapted model, and adapters do not average; merge the practised
+folders first, then consolidate the merged one.
 """
 
 from __future__ import annotations
@@ -25,10 +28,22 @@ def _digest(path: Path) -> str:
 
 
 def merge_skills(folders: list[Path], output: Path, *, overwrite: bool = False) -> Path:
-    """Merge the skills ``folders`` into ``output`` (written atomically)."""
+    """Merge the skills ``folders`` into ``output`` (written atomically).
+
+    Raises:
+        ValueError: fewer than two folders, another base model or observer, a folder
+            without learned skills, or a folder holding a LoRA adapter.
+    """
     if len(folders) < 2:
         raise ValueError(f"merge needs at least two skills folders, got {len(folders)}")
     manifests = [read_manifest(f) for f in folders]
+    for folder, manifest in zip(folders, manifests):
+        adapter = manifest.get("contents", {}).get("adapter")
+        if adapter:
+            raise ValueError(
+                f"{folder} holds a LoRA adapter ({adapter}/, from shortcut-finetune --level layerskip): "
+                "its heads and policy belong to the adapted model, and adapters cannot be merged by averaging; "
+                "merge the practised folders (before consolidation) and run shortcut-finetune on the result")
     base = manifests[0]["base_model"]
     for folder, manifest in zip(folders[1:], manifests[1:]):
         if manifest["base_model"] != base:

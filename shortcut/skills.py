@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .arch import ModelParts
+from .config import ShortcutConfig
 
 HEADS_FILE = "heads.safetensors"
 POLICY_FILE = "policy.safetensors"
@@ -148,8 +149,18 @@ def save_learned(folder: Path, learner: Any, fingerprint_: dict[str, Any]) -> di
     return {"observer": rel, "heads": HEADS_FILE, "policy": POLICY_FILE, "replay_log": REPLAY_LOG}
 
 
-def load_learned(folder: Path, manifest: dict[str, Any], parts: ModelParts, fingerprint_: dict[str, Any]):
-    """Read what :func:`save_learned` wrote; ``None`` when the folder holds config only."""
+def load_config(folder: Path, manifest: dict[str, Any]) -> ShortcutConfig:
+    """The :class:`ShortcutConfig` saved in a skills folder (defaults if it has none)."""
+    path = folder / manifest.get("contents", {}).get("config", "config.json")
+    return ShortcutConfig.load(path) if path.is_file() else ShortcutConfig()
+
+
+def load_learned(folder: Path, manifest: dict[str, Any], parts: ModelParts, fingerprint_: dict[str, Any],
+                 config: ShortcutConfig | None = None):
+    """Read what :func:`save_learned` wrote; ``None`` when the folder holds config only.
+
+    The policy's settings that are not learned tensors (its exit threshold) come from
+    ``config``, by default the folder's own ``config.json``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -169,7 +180,10 @@ def load_learned(folder: Path, manifest: dict[str, Any], parts: ModelParts, fing
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{folder}: cannot read learned tensors ({err})") from err
     heads = ExitHeads.from_state_dict(parts, heads_state)
-    policy = ExitPolicy([int(x) for x in policy_state["exit_layers"].tolist()], observer.d_sae)
+    if config is None:
+        config = load_config(folder, manifest)
+    policy = ExitPolicy([int(x) for x in policy_state["exit_layers"].tolist()], observer.d_sae,
+                        threshold=config.policy_threshold)
     policy.load_state_dict(policy_state)
     log_path = folder / contents.get("replay_log", REPLAY_LOG)
     practised = json.loads(log_path.read_text())["prompts"] if log_path.is_file() else []

@@ -41,6 +41,41 @@ def test_practice_inspect_merge(tiny_model_dir, tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+def test_merge_refuses_a_folder_with_an_adapter(tmp_path, capsys):
+    """Skills consolidated with --level layerskip carry a LoRA adapter: no averaging."""
+    import json
+    import shutil
+
+    import shortcut
+
+    from .conftest import make_tiny
+    from .test_practice import _observer
+
+    model = make_tiny("llama")
+    handle = shortcut.wrap(model, shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2]))
+    handle.attach_observer(_observer(model))
+    a = handle.save_pretrained(tmp_path / "a")
+    b = handle.save_pretrained(tmp_path / "b")
+    handle.remove()
+    assert cli.main(["merge", str(a), str(b), "-o", str(tmp_path / "ok")]) == 0  # mergeable as they are
+    capsys.readouterr()
+
+    adapted = tmp_path / "adapted"
+    shutil.copytree(b, adapted)
+    (adapted / "adapter").mkdir()
+    (adapted / "adapter" / "adapter_config.json").write_text("{}\n")
+    manifest = json.loads((adapted / "shortcut.json").read_text())
+    manifest["contents"]["adapter"] = "adapter"
+    (adapted / "shortcut.json").write_text(json.dumps(manifest))
+    for folders in ([a, adapted], [adapted, a]):
+        out = tmp_path / "merged"
+        assert cli.main(["merge", *map(str, folders), "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert str(adapted) in err and "LoRA adapter" in err and "cannot be merged" in err
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "adapted", "b", "ok"]  # nothing left behind
+
+
 def test_bad_input_exits_2_and_names_the_problem(tiny_model_dir, tmp_path, capsys):
     assert cli.main(["practice", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o")]) == 2
     assert "no such file" in capsys.readouterr().err

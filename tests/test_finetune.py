@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import shortcut
 from shortcut import finetune as ft
 from shortcut.skills import SkillsMismatchError
+from shortcut.training import Checkpoints
 
 from .conftest import make_tiny
 from .test_practice import PROMPTS, _observer
@@ -131,7 +132,7 @@ def test_resume_after_interruption_gives_the_same_result(skills_dir, tmp_path, m
     cfg = _config(checkpoint_every=4, **extra)
     ft.finetune(make_tiny("llama"), skills_dir, tmp_path / "straight", config=cfg, progress=False)
 
-    original, saves = ft.Checkpoints.save, []
+    original, saves = Checkpoints.save, []
 
     def save_then_crash(self, accelerator, stage, state):
         original(self, accelerator, stage, state)
@@ -139,13 +140,13 @@ def test_resume_after_interruption_gives_the_same_result(skills_dir, tmp_path, m
         if len(saves) == crash_at:
             raise KeyboardInterrupt("simulated preemption")
 
-    monkeypatch.setattr(ft.Checkpoints, "save", save_then_crash)
+    monkeypatch.setattr(Checkpoints, "save", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         ft.finetune(make_tiny("llama"), skills_dir, tmp_path / "run", config=cfg, progress=False)
-    monkeypatch.setattr(ft.Checkpoints, "save", original)
+    monkeypatch.setattr(Checkpoints, "save", original)
     run = tmp_path / "run"
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]  # no half-written result
-    assert ft.Checkpoints(run / "checkpoints", {}, 1, 1, None).latest(saves[-1]) is not None
+    assert Checkpoints(run / "checkpoints", {}, 1, 1, None).latest(saves[-1]) is not None
     with pytest.raises(FileExistsError, match="--resume"):
         ft.finetune(make_tiny("llama"), skills_dir, run, config=cfg, progress=False)
     with pytest.raises(ValueError, match="another configuration"):

@@ -166,3 +166,32 @@ def test_fast_mode_commits_exits_and_audits():
         assert handle.stats.total.layers_per_token == 1
     finally:
         handle.remove()
+
+
+def test_loaded_policy_uses_the_saved_threshold(tmp_path):
+    """The policy's exit threshold is not a learned tensor: it must come back from the
+    saved config, not from ExitPolicy's default."""
+    from shortcut import skills
+
+    model = make_tiny("llama")
+    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2], policy_threshold=0.55)
+    handle = shortcut.wrap(model, config)
+    handle.attach_observer(_observer(model))
+    assert handle.exit_policy.threshold == 0.55
+    folder = handle.save_pretrained(tmp_path / "skills")
+    handle.remove()
+
+    loaded = shortcut.load(make_tiny("llama"), folder)
+    try:
+        assert loaded.config.policy_threshold == 0.55
+        assert loaded.exit_policy.threshold == 0.55
+        assert loaded.fast.policy is loaded.exit_policy
+    finally:
+        loaded.remove()
+    manifest = skills.read_manifest(folder)
+    parts = shortcut.arch.resolve(model)
+    _, _, policy, _ = skills.load_learned(folder, manifest, parts, manifest["base_model"])
+    assert policy.threshold == 0.55
+    other = shortcut.ShortcutConfig(policy_threshold=0.7)
+    _, _, policy, _ = skills.load_learned(folder, manifest, parts, manifest["base_model"], config=other)
+    assert policy.threshold == 0.7
