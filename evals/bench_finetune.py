@@ -1,8 +1,8 @@
 """Consolidation benchmark: what does ``shortcut-finetune`` add to practised skills?
 
 Packaged SmolLM2-135M-Instruct, greedy decoding, 64 new tokens, lossless mode, learning
-frozen. Starting from the skills of the practice benchmark (``runs/bench_practice_skills``,
-written by ``python evals/bench_practice.py``: 30 practice prompts x 5 rounds), it
+frozen. Starting from the skills of the practice benchmark (``runs/eval/full/skills``,
+written by ``shortcut-eval practice --out runs/eval/full``: 30 prompts x 5 rounds), it
 
 1. measures those skills: tokens/s relative to plain ``generate`` (paired, same run,
    order alternating, median over prompts) on exact repeats (split "practice" of
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -46,24 +45,8 @@ import shortcut
 from shortcut import finetune as ft
 from shortcut.data import prompt_input_ids, read_jsonl, read_prompts
 from shortcut.heads import collect_states
-from shortcut.replay import read_skills
 
 DATA = Path(__file__).parent / "data"
-
-
-def practised_skills(skills: Path, work: Path, tokenizer, n_prompts: int) -> tuple[Path, str]:
-    """``skills`` itself, or a copy whose empty replay log is filled with the prompts the
-    practice benchmark practised."""
-    _, logged = read_skills(skills)
-    if logged:
-        return skills, f"replay log of {skills}: {len(logged)} prompts"
-    copy = work / "input_skills"
-    shutil.rmtree(copy, ignore_errors=True)
-    shutil.copytree(skills, copy)
-    records = read_prompts(DATA / "prompts.jsonl", split="practice")[:n_prompts]
-    prompts = [prompt_input_ids(tokenizer, r)[0].tolist() for r in records]
-    (copy / "replay_log.json").write_text(json.dumps({"prompts": prompts}) + "\n")
-    return copy, f"{skills} has an empty replay log; using a copy with the {len(prompts)} practised prompts"
 
 
 @torch.no_grad()
@@ -166,9 +149,9 @@ def choice_accuracy(model, tokenizer, records: list[dict]) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--skills", type=Path, default=Path("runs/bench_practice_skills"))
+    parser.add_argument("--skills", type=Path, default=Path("runs/eval/full/skills"))
     parser.add_argument("--work", type=Path, default=Path("runs/bench_finetune"), help="where outputs go")
-    parser.add_argument("--prompts", type=int, default=30, help="practised prompts (to fill an empty replay log)")
+    parser.add_argument("--prompts", type=int, default=30, help="exact-repeat prompts measured")
     parser.add_argument("--test-prompts", type=int, default=None, help="prompts per test set (default: --prompts)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=ft.FinetuneConfig.steps, help="most exit-head steps")
@@ -180,14 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
     args = parser.parse_args(argv)
     if not args.skills.is_dir():
-        print(f"{args.skills} is missing: make it with `python evals/bench_practice.py` (it saves its skills "
-              f"there), or pass --skills <a skills folder made on {args.model}>", file=sys.stderr)
+        print(f"{args.skills} is missing: make it with `shortcut-eval practice --out runs/eval/full` (it saves "
+              f"its skills there), or pass --skills <a skills folder made on {args.model}>", file=sys.stderr)
         return 2
     n_test = args.test_prompts or args.prompts
     model, tokenizer = shortcut.load_model(args.model)
     args.work.mkdir(parents=True, exist_ok=True)
-    skills, note = practised_skills(args.skills, args.work, tokenizer, args.prompts)
-    print(note)
+    skills = args.skills
     sets = {
         "exact repeats": [prompt_input_ids(tokenizer, r) for r in read_prompts(DATA / "prompts.jsonl", split="practice")[:n_test]],
         "novel": [prompt_input_ids(tokenizer, r) for r in read_prompts(DATA / "prompts.jsonl", split="novel")[:n_test]],

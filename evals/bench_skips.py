@@ -59,8 +59,8 @@ decode step (batch 1, one token, KV cache) with a skip set vs an exit that runs 
 same number of layers, paired, median; with K/V propagation into the layers not run
 (fast mode, consistent cache) and without (drafting, cache cropped).
 
-Needs a skills folder (default runs/bench_practice_skills, written by
-evals/bench_practice.py) for the exit heads and the SAE observer; without it the exits
+Needs a skills folder (default runs/eval/full/skills, written by
+``shortcut-eval practice --out runs/eval/full``) for the exit heads and the SAE observer; without it the exits
 are logit lens only and the signature-based rows are left out.
 """
 
@@ -654,8 +654,8 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--skills", type=Path, default=Path("runs/bench_practice_skills"),
-                    help="skills folder with exit heads and observer (evals/bench_practice.py writes it)")
+    ap.add_argument("--skills", type=Path, default=Path("runs/eval/full/skills"),
+                    help="skills folder with exit heads and observer (shortcut-eval practice writes it)")
     ap.add_argument("--prompts", type=int, default=8, help="practice prompts (also the size of each test set)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--target", type=float, default=1.0,

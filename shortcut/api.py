@@ -189,7 +189,7 @@ class Shortcut:
             return original(*args, custom_generate=decoder, **kwargs)
         drafter = ShallowDrafter(self.model, self._runtime, learner.observer, learner.heads, learner.policy,
                                  max_draft=self.config.max_draft, min_confidence=self.config.draft_confidence,
-                                 counters=self.draft_counters)
+                                 counters=self.draft_counters, on_full_path=learner.learn_recorded)
         return original(*args, custom_generate=make_decoder(drafter, self.draft_counters), **kwargs)
 
     def practice(self, prompts: list[Any], *, rounds: int = 1, max_new_tokens: int = 64,

@@ -143,22 +143,31 @@ class Learner:
     def _recording(self) -> bool:
         return self.enabled and self._gate is not None and self._gate()
 
+    # States are kept (as references) on every forward while learning is on; whether the
+    # forward was a full path worth learning from is decided once it has finished.
     def _pre_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if self._recording():
+            if self.enabled:
                 self._recorded[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
         return hook
 
     def _post_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if self._recording():
+            if self.enabled:
                 self._recorded[layer] = (output[0] if isinstance(output, tuple) else output).detach()
         return hook
 
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._recording():
+            self.learn_recorded(getattr(output, "logits", None))
+        self._recorded = {}
+
+    def learn_recorded(self, logits: torch.Tensor | None) -> None:
+        """Learn from the forward that just ran every layer, given its logits [1, n, V]
+        (n last positions). Also called by the drafter when a token it was asked to
+        draft turned out unfamiliar and took the full path."""
         recorded, self._recorded = self._recorded, {}
-        logits = getattr(output, "logits", None)
-        if not self._recording() or logits is None or logits.shape[0] != 1:
+        if not self.enabled or logits is None or logits.shape[0] != 1:
             return
         if len(recorded) < len(self.recorded_layers):
             return  # a forward that did not run every layer (for example a skipped one)

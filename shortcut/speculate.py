@@ -10,7 +10,10 @@ decoding does. Each step of the loop then
    up to that layer and lets the exit head name the next token (scored on the practised
    shortlist); it repeats until the policy sends a token to the full path, the head is
    unsure, or the adaptive draft length is reached. Draft keys/values are cropped from
-   the cache before verification, so the cache verification extends is the full model's;
+   the cache before verification, so the cache verification extends is the full model's.
+   When the very first token is unfamiliar it simply continues through every layer: that
+   is plain decoding's step for that token, so its logits are used directly (no layer
+   runs twice, nothing to verify) and it is learned from like any full forward;
 2. verifies: one full forward over the last token and the drafts;
 3. accepts: position by position it picks the next token from the full model's logits
    exactly as plain decoding does (same processors, ``argmax`` or one ``multinomial``
@@ -83,8 +86,13 @@ class ShallowDrafter:
     """Drafts tokens with the shallow path of the model itself."""
 
     def __init__(self, model: nn.Module, runtime: Any, observer: Observer, heads: ExitHeads,
-                 policy: ExitPolicy, *, max_draft: int, min_confidence: float, counters: dict[str, float]) -> None:
+                 policy: ExitPolicy, *, max_draft: int, min_confidence: float, counters: dict[str, float],
+                 on_full_path: Callable[[torch.Tensor], None] | None = None) -> None:
         self.base = getattr(model, model.base_model_prefix)
+        self.unembed = model.get_output_embeddings()
+        # Logit soft-capping (Gemma 2 style) is applied by the LM's forward, after lm_head.
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.on_full_path = on_full_path  # gets the logits of a token that took the full path
         self.runtime = runtime
         self.heads = heads
         self.step = DraftStep(observer, policy)
@@ -98,6 +106,9 @@ class ShallowDrafter:
         self._pause = 0
         self._skip = 0
         self.attempted = False  # whether the latest draft() ran any forward
+        # Logits [1, 1, V] of the newest token when draft() ran it on the full path (its
+        # first token was unfamiliar): the decoding loop then needs no verification.
+        self.full_logits: torch.Tensor | None = None
 
     @torch.no_grad()
     def draft(self, input_ids: torch.Tensor, cache: Any, limit: int) -> torch.Tensor:
@@ -105,6 +116,7 @@ class ShallowDrafter:
         whose last token is not in ``cache`` yet. Returns [1, k] (k may be 0); the cache
         is left as it was."""
         self.attempted = False
+        self.full_logits = None
         budget = min(limit, self.num_draft)
         if budget <= 0 or self.heads.shortlist.numel() == 0:
             return input_ids[:, :0]
@@ -120,12 +132,23 @@ class ShallowDrafter:
         self.runtime.policy = self.step
         self.attempted = True
         self.step.ceiling = None
+        # The first token is the one verification would run anyway: when it is
+        # unfamiliar it simply continues through every layer (plain decoding's step).
+        self.step.unfamiliar_runs_full = True
         try:
-            for _ in range(budget):
-                self.base(input_ids=token, cache=cache, use_cache=True,
-                          position_ids=torch.tensor([[position]], device=token.device))
+            for index in range(budget):
+                hidden = self.base(input_ids=token, cache=cache, use_cache=True,
+                                   position_ids=torch.tensor([[position]], device=token.device)).last_hidden_state
                 self.counters["draft_forwards"] += 1
                 self.counters["observer_encodes"] += 1
+                self.step.unfamiliar_runs_full = False
+                if self.step.exit_layer is None and index == 0:
+                    self.counters["full_path_steps"] += 1
+                    self.full_logits = self._logits(hidden[:, -1:])
+                    lengths = [layer.get_seq_length() if layer.is_initialized else 0 for layer in cache.layers]
+                    if self.on_full_path is not None:
+                        self.on_full_path(self.full_logits)
+                    break
                 if self.step.exit_layer is None:
                     self.counters["draft_refusals"] += 1
                     break
@@ -141,9 +164,16 @@ class ShallowDrafter:
                 position += 1
         finally:
             self.runtime.policy = previous
+            self.step.unfamiliar_runs_full = False
             _crop_to(cache, lengths)
         self.counters["drafted"] += len(drafted)
         return torch.cat(drafted, dim=-1) if drafted else input_ids[:, :0]
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.unembed(hidden)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
     def record(self, drafted: int, accepted: int) -> None:
         """Adapt the draft length and the back-off to the measured acceptance of the
@@ -214,6 +244,9 @@ def make_decoder(drafter: ShallowDrafter, counters: dict[str, float]) -> Callabl
                 break
             limit = generation_config.max_length - input_ids.shape[1] - 1
             drafts = drafter.draft(input_ids, cache, limit)
+            if drafter.full_logits is not None:  # the newest token already took the full path
+                pending = drafter.full_logits
+                continue
             verify = torch.cat([input_ids[:, -1:], drafts], dim=-1)
             counters["verify_forwards"] += 1
             pending = model(input_ids=verify, cache=cache, use_cache=True).logits

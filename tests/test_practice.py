@@ -195,3 +195,30 @@ def test_loaded_policy_uses_the_saved_threshold(tmp_path):
     other = shortcut.ShortcutConfig(policy_threshold=0.7)
     _, _, policy, _ = skills.load_learned(folder, manifest, parts, manifest["base_model"], config=other)
     assert policy.threshold == 0.7
+
+
+def test_unfamiliar_token_takes_full_path_once_and_is_learned(practised):
+    """A token the policy does not know runs through every layer in the draft attempt
+    itself: no layer runs twice, no verification forward, the lesson is still learned."""
+    model, handle, _ = practised
+    novel = torch.tensor([[50, 61, 72, 83, 94, 17]])
+    with handle.disabled():
+        ref = model.generate(input_ids=novel, max_new_tokens=10, do_sample=False)
+    policy = handle.exit_policy
+    saved = policy.min_familiarity
+    policy.min_familiarity = 1.01  # nothing is familiar
+    try:
+        before, learned = dict(handle.draft_counters), handle.learner.stats.tokens_learned
+        handle.stats.reset()
+        out = model.generate(input_ids=novel, max_new_tokens=10, do_sample=False)
+    finally:
+        policy.min_familiarity = saved
+    delta = {k: v - before.get(k, 0.0) for k, v in handle.draft_counters.items()}
+    assert torch.equal(out, ref)
+    # 9 steps after the prefill: attempts that met an unfamiliar token ran it on the full
+    # path; the steps in between (back-off after a refusal) were plain forwards.
+    assert delta["full_path_steps"] >= 2 and delta["drafted"] == 0
+    assert delta["full_path_steps"] + delta["verify_forwards"] == 9
+    # Prefill (6 tokens) + 9 single-token steps, each layer once per token.
+    assert handle.stats.total.per_layer_runs == [15] * 4
+    assert handle.learner.stats.tokens_learned == learned + 1 + 9  # prefill's last position + each step
