@@ -136,7 +136,10 @@ def plot_practice(result: dict, path: Path) -> None:
     for row in rounds:
         series.setdefault((row["method"], row["set"]), []).append(row)
     for (method, set_name), rows in series.items():
-        x, label = [r["round"] for r in rows], f"{method} ({set_name})"
+        # Lossless rows are measured while practising; fast and oracle rows with the skills
+        # as they are once the round was consolidated.
+        when = "during the round" if method.startswith("shortcut lossless") else "after the round"
+        x, label = [r["round"] for r in rows], f"{method} ({set_name}, {when})"
         if "speed_ratio" in rows[0]:
             speed_ax.plot(x, [r["speed_ratio"] for r in rows], marker="o", color=color(method), label=label)
         flops_ax.plot(x, [r["flops_rel"] for r in rows], marker="o", color=color(method), label=label)
@@ -148,7 +151,7 @@ def plot_practice(result: dict, path: Path) -> None:
             continue
         style = {"marker": markers.get(row["set"], "x"), "s": 70, "color": color(row["method"]),
                  "label": f"{row['method']} ({row['set']}, frozen)"}
-        x = [last + offsets.get(row["set"], 0.6)]
+        x = [last + offsets.get(row["set"], 0.6) + 0.04 * (list(colors).index(row["method"]) % 3)]
         if "speed_ratio" in row:
             speed_ax.scatter(x, [row["speed_ratio"]], **style)
         flops_ax.scatter(x, [row["flops_rel"]], **style)
