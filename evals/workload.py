@@ -136,8 +136,11 @@ def generate(method: Method, ids: torch.Tensor, new_tokens: int) -> dict[str, An
         with handle.disabled():
             out = model.generate(**gen)
     elif method.kind == "shortcut":
-        handle.config.mode = method.mode
-        out = model.generate(**gen)
+        mode, handle.config.mode = handle.config.mode, method.mode
+        try:
+            out = model.generate(**gen)
+        finally:
+            handle.config.mode = mode  # the skills keep the mode they were made with
     else:
         with handle.reference():
             out = model.generate(**gen, **method.options)

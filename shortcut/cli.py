@@ -85,6 +85,13 @@ def _inspect(args: argparse.Namespace) -> int:
     from .inspect import describe
 
     print(describe(Path(args.skills), top=args.top))
+    if args.timing:
+        from .inspect import observer_decode_share
+
+        t = observer_decode_share(Path(args.skills), args.model)
+        print(f"  observer share of decode time on {args.model}: {100 * t['share']:.1f}% "
+              f"(SAE encode {t['observer_encode_ms']:.2f} ms per token, decode step {t['decode_step_ms']:.1f} ms; "
+              f"medians, timed back to back)")
     return 0
 
 
@@ -130,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help=COMMANDS["inspect"][1])
     inspect.add_argument("skills", help="skills folder")
     inspect.add_argument("--top", type=int, default=10, help="how many SAE features to list")
+    inspect.add_argument("--timing", action="store_true",
+                         help="also time the observer's share of decode time (loads --model)")
+    inspect.add_argument("--model", default="smollm2", help="base model for --timing")
 
     merge = sub.add_parser("merge", help=COMMANDS["merge"][1])
     merge.add_argument("skills", nargs="+", help="skills folders (same base model, same observer)")

@@ -1,4 +1,5 @@
-"""``shortcut inspect``: what a skills folder learned, read from its files alone (no model)."""
+"""``shortcut inspect``: what a skills folder learned, read from its files alone (no model),
+and optionally the observer's share of decode time measured on the base model."""
 
 from __future__ import annotations
 
@@ -63,3 +64,43 @@ def describe(folder: Path, *, top: int = 10) -> str:
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     lines.append(f"  size on disk: {size / 1e6:.1f} MB")
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def observer_decode_share(folder: Path, model_name: str, *, steps: int = 32, seed: int = 0) -> dict[str, float]:
+    """Measure, on the base model, the observer's share of decode time: the median time of
+    one SAE encode of a token's residual state over the median time of one single-token
+    decode step (full path, with cache), timed back to back in this process."""
+    import statistics
+    import time
+
+    import shortcut
+
+    model, _ = shortcut.load_model(model_name)
+    handle = shortcut.load(model, folder)
+    try:
+        observer = handle.observer
+        if observer is None:
+            raise ValueError(f"{folder} holds no observer: nothing to time")
+        generator = torch.Generator().manual_seed(seed)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        ids = torch.randint(0, vocab, (1, 16), generator=generator)
+        state = torch.randn(1, observer.d_model, generator=generator)
+        from transformers import DynamicCache
+
+        with handle.disabled():
+            cache = DynamicCache(config=model.config)
+            token = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            step_times, encode_times = [], []
+            for _ in range(steps):
+                start = time.perf_counter()
+                out = model(input_ids=token, cache=cache, use_cache=True)
+                step_times.append(time.perf_counter() - start)
+                token = out.logits[:, -1:].argmax(-1)
+                start = time.perf_counter()
+                observer.encode(state)
+                encode_times.append(time.perf_counter() - start)
+        step, encode = statistics.median(step_times), statistics.median(encode_times)
+        return {"decode_step_ms": 1e3 * step, "observer_encode_ms": 1e3 * encode, "share": encode / step}
+    finally:
+        handle.remove()
