@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from shortcut.heads import collect_states
-from shortcut.observe import Signature
 
 from .peers import oracle, peer_methods, summarise_oracle, sweep_early_exit
 from .workload import Method, System, measure_prompt, summarise
@@ -155,7 +154,7 @@ def candidate_logits(system: System, mode: str, sequence: torch.Tensor) -> tuple
         logits = system.model(input_ids=sequence).logits[0].float()
     sig = learner.observer.encode(states[learner.signature_layer])
     probs = policy.probabilities(sig)
-    familiar = policy.familiarity(Signature(sig.indices, sig.values)) >= policy.min_familiarity
+    familiar = policy.familiarity(sig) >= policy.min_familiarity
     passing = probs >= policy.threshold
     depth = torch.full((logits.shape[0],), handle.num_layers)
     for column in reversed(range(len(policy.exit_layers))):
