@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     practice.add_argument("--corpus", type=Path, default=DATA / "passages.jsonl",
                           help="JSONL of {'text'} for a fresh observer")
     practice.add_argument("--sae-steps", type=int, default=1500, help="training steps of a fresh observer")
+    practice.add_argument("--observer-layer", type=int, default=None,
+                          help="observer layer of fresh skills (default: the config's, n_layers // 5)")
+    practice.add_argument("--exit-layers", type=int, nargs="+", default=None,
+                          help="candidate exits of fresh skills, above the observer (default: the config's)")
     quality = parser.add_argument_group("agreement and choice")
     quality.add_argument("--passages", type=Path, default=DATA / "passages.jsonl",
                          help="JSONL of {'text'} (split 'heldout' used when present)")
@@ -101,6 +105,8 @@ def _resolve(args: argparse.Namespace) -> None:
         raise UsageError("--compare needs --skills: it measures a second skills folder beside the first")
     if args.task == "practice" and args.rounds == 0 and not args.skills:
         raise UsageError("--rounds 0 needs --skills: fresh skills have learned nothing to measure")
+    if (args.observer_layer is not None or args.exit_layers) and args.skills:
+        raise UsageError("--observer-layer/--exit-layers shape fresh skills; a --skills folder brings its own")
     if args.task != "practice" and not args.skills:
         raise UsageError(f"{args.task} measures learned skills: give --skills DIR (see shortcut practice)")
     args.auto_early_exit = args.early_exit is None  # filled from the model depth once it is loaded
@@ -164,7 +170,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 def _measure(args: argparse.Namespace, argv: list[str], data, folder: Path, started: float) -> dict:
     log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
     common = {"dtype": args.dtype, "seed": args.seed, "corpus": args.corpus, "sae_steps": args.sae_steps,
-              "progress": not args.quiet}
+              "progress": not args.quiet, "observer_layer": args.observer_layer, "exit_layers": args.exit_layers}
     systems = [load_system(Path(args.skills).name if args.skills else "fresh", args.model, skills=args.skills, **common)]
     if args.compare:
         systems.append(load_system(Path(args.compare).name, args.model, skills=args.compare, **common))

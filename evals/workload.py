@@ -53,9 +53,11 @@ class Method:
 
 
 def load_system(label: str, model_name: str, *, dtype: str, skills: str | None, seed: int,
-                corpus: Path, sae_steps: int, progress: bool) -> System:
+                corpus: Path, sae_steps: int, progress: bool, observer_layer: int | None = None,
+                exit_layers: list[int] | None = None) -> System:
     """Load ``model_name`` and wrap it: with the skills folder ``skills``, or fresh with
-    the default observer (trained once on ``corpus`` and cached per model fingerprint)."""
+    an observer (at ``observer_layer``, default the config's; trained once on ``corpus`` and
+    cached per model fingerprint and layer) and exits at ``exit_layers``."""
     model, tokenizer = shortcut.load_model(model_name, dtype=DTYPES[dtype])
     observer_seconds = 0.0
     if skills:
@@ -63,7 +65,10 @@ def load_system(label: str, model_name: str, *, dtype: str, skills: str | None, 
         if handle.learner is None:
             raise ValueError(f"skills folder {skills} holds a config only; practise first (shortcut practice)")
     else:
-        handle = shortcut.wrap(model, shortcut.ShortcutConfig(seed=seed, consolidate_every=0))
+        shape = {"observer_layers": [observer_layer]} if observer_layer is not None else {}
+        if exit_layers:
+            shape["exit_layers"] = list(exit_layers)
+        handle = shortcut.wrap(model, shortcut.ShortcutConfig(seed=seed, consolidate_every=0, **shape))
         observer_seconds = _default_observer(handle, tokenizer, corpus, sae_steps, progress)
     handle.set_learning(False)
     return System(label, model, tokenizer, handle, ParamSizes.of(handle), observer_seconds)

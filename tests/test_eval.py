@@ -127,3 +127,15 @@ def test_bad_input_exits_2_and_leaves_nothing(practice_run, tiny_model_dir, tmp_
     assert "learned on another base model" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     assert not (tmp_path / "mismatch").exists()
+
+
+def test_fresh_skills_take_observer_and_exit_layers(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "shaped"
+    assert cli.main(["practice", "--model", str(tiny_model_dir), "--rounds", "1", "--observer-layer", "0",
+                     "--exit-layers", "1", "--out", str(out), *FAST_PRACTICE]) == 0
+    config = json.loads((out / "skills" / "config.json").read_text())
+    assert config["observer_layers"] == [0] and config["exit_layers"] == [1]
+    assert cli.main(["practice", "--model", str(tiny_model_dir), "--observer-layer", "2", "--exit-layers", "1",
+                     "--out", str(tmp_path / "bad"), *FAST_PRACTICE]) == 2
+    assert "do not lie above" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
