@@ -61,7 +61,6 @@ import json
 import logging
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -514,9 +513,8 @@ def write_output(output: Path, source: Path, manifest: dict[str, Any], learned: 
     brief["heads"] = {k: v for k, v in summary["heads"].items() if k != "fit"}
     if "layerskip" in summary:
         brief["layerskip"] = {k: v for k, v in summary["layerskip"].items() if k != "losses"}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         shutil.copytree(source / contents["observer"], tmp / contents["observer"])
         shutil.copy(source / "config.json", tmp / "config.json")
         shutil.copy(source / contents.get("replay_log", skills.REPLAY_LOG), tmp / skills.REPLAY_LOG)
@@ -529,17 +527,10 @@ def write_output(output: Path, source: Path, manifest: dict[str, Any], learned: 
             contents["adapter"] = skills.ADAPTER_DIR
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=float) + "\n")
         skills.write_manifest(tmp, manifest["base_model"], contents)
-        if output.exists():
-            old = output.with_name(f".{output.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            output.rename(old)
-            tmp.rename(output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    # The output was checked before training (a folder of this run, or --overwrite); it
+    # may hold this run's checkpoints, which go with it.
+    skills.write_atomically(output, fill, checked=True)
 
 
 # -- command line -------------------------------------------------------------------------

@@ -70,12 +70,14 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], folder: Pa
         )
 
 
-def write_atomically(folder: str | Path, fill: Callable[[Path], None], *, overwrite: bool = True) -> Path:
+def write_atomically(folder: str | Path, fill: Callable[[Path], None], *, overwrite: bool = True,
+                     checked: bool = False) -> Path:
     """Create ``folder`` by calling ``fill(tmp)`` on a sibling temporary folder, then
     renaming it into place. An existing folder is replaced only if it is a skills folder
-    (has a manifest) and ``overwrite`` is true; anything else there is refused."""
+    (has a manifest) and ``overwrite`` is true; anything else there is refused, unless
+    the caller already ``checked`` that replacing it is what the user asked for."""
     folder = Path(folder)
-    if folder.exists():
+    if folder.exists() and not checked:
         if not folder.is_dir():
             raise FileExistsError(f"{folder} exists and is not a folder")
         if any(folder.iterdir()):
