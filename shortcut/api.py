@@ -136,7 +136,8 @@ class Shortcut:
                                consolidate_every=self.config.consolidate_every, fit_steps=self.config.fit_steps,
                                seed=self.config.seed)
         self.learner.enabled = self.config.learn
-        self.fast = FastController(policy, target_error_rate=self.config.target_error_rate,
+        self.fast = FastController(min_confidence=self.config.fast_confidence,
+                                   target_error_rate=self.config.target_error_rate,
                                    audit_fraction=self.config.audit_fraction, seed=self.config.seed)
         self.learner.install(
             gate=lambda: self._runtime.policy is None and not self._runtime.bypass and not self._reference)
@@ -184,8 +185,8 @@ class Shortcut:
                 logger.warning("shortcut: %s mode cannot honour %s; using the full path", self.config.mode, message)
             return original(*args, **kwargs)
         if self.config.mode == "fast":
-            step = FastStep(learner.observer, learner.policy)
-            decoder = make_fast_decoder(self._runtime, step, learner.heads, self.fast, self.draft_counters)
+            step = FastStep(learner.observer, learner.policy, learner.heads, self.fast)
+            decoder = make_fast_decoder(self._runtime, step, self.fast, self.draft_counters)
             return original(*args, custom_generate=decoder, **kwargs)
         drafter = ShallowDrafter(self.model, self._runtime, learner.observer, learner.heads, learner.policy,
                                  max_draft=self.config.max_draft, min_confidence=self.config.draft_confidence,

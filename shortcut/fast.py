@@ -1,15 +1,31 @@
 """Fast mode: shallow paths commit, a bounded error rate is measured and kept.
 
 Each decoding step runs the token through the layers up to the observer; the policy
-reads its SAE signature and either picks an exit layer (a familiar situation) or the
-full path. An exited token runs no deeper layer: its keys and values for the deeper
-layers are propagated from the exit state (runtime.py), so later full-path tokens see
-an aligned cache, and its next token comes from the exit head over the practised
-shortlist. A seeded random ``audit_fraction`` of exited steps is redone on the full
-path instead: the full path's token is the one kept, the comparison with the shallow
-token is counted, the outcome trains the policy (the learner's hooks see a full
-forward), and when the measured error rate exceeds ``target_error_rate`` the
-familiarity bar is raised (lowered slowly again while the rate is under target).
+reads its SAE signature and picks an exit layer (a familiar situation) or the full
+path. At the exit the head scores the practised shortlist, and the token it names is
+committed when the head is confident (at least ``min_confidence``). A committed token
+runs no deeper layer and writes no deeper keys/values: it is *pending*.
+
+The next token that needs the full path (unfamiliar, unsure, or wanting an exit deeper
+than a pending token's) first catches up: the cache is cropped to the last exact
+position and one batched full forward runs over the pending tokens and the new one.
+So every full-path token attends to the full model's keys and values, and the
+deviations from the full model are exactly the committed tokens that differed. (An
+earlier design propagated keys/values from the exit state, CALM-style; from layer 3 of
+30 that polluted the cache so much that 40% of later full-path tokens changed.) The
+catch-up forward also tells, for free, which pending tokens the full model would have
+picked: every comparison is an audit. Pending tokens at the end of a call are the
+saving; a seeded random ``audit_fraction`` of calls catches up at the end too, so the
+error rate is measured even where nothing needed the full path.
+
+Audits calibrate: while the measured error rate exceeds ``target_error_rate`` the
+confidence bar rises (it relaxes slowly back to the configured one while audits
+agree). The confidence gate matters because on practised answers the heads are right
+at ~99.5% of positions, but one wrong token moves the text off the practised
+trajectory, where the shallow signature still looks familiar and the heads would keep
+committing memorised tokens; the wrong first token is usually one the head is unsure of.
+And once a catch-up shows that a committed token differed, the text has left the
+practised trajectory: the rest of that call takes the full path.
 """
 
 from __future__ import annotations
@@ -20,58 +36,91 @@ import torch
 from torch import nn
 
 from .heads import ExitHeads
-from .speculate import DraftStep, choose_next
+from .speculate import DraftStep, choose_next, crop_to, full_logits
 
 
-class FastStep(DraftStep):
-    """Like a draft step, but an unfamiliar token runs the full path, and every skipped
-    layer gets propagated keys/values: the token is committed and later tokens attend
-    to it in every layer."""
-
-    def __init__(self, observer: Any, policy: Any) -> None:
-        super().__init__(observer, policy)
-        self.propagate_kv = True  # committed tokens need keys/values in every layer
-        self.unfamiliar_runs_full = True
+CONFIDENCE_STEP = 0.05  # how far one audited error raises the confidence bar
+MAX_CONFIDENCE = 0.99  # above this a head hardly ever commits; errors there are not about confidence
 
 
 class FastController:
-    """Holds fast mode's audit statistics and calibration across generate calls."""
+    """Fast mode's confidence bar, audit statistics and calibration, kept across
+    generate calls."""
 
-    def __init__(self, policy: Any, *, target_error_rate: float, audit_fraction: float, seed: int) -> None:
-        self.policy = policy
+    def __init__(self, *, min_confidence: float, target_error_rate: float, audit_fraction: float,
+                 seed: int) -> None:
+        self.base_confidence = min_confidence
+        self.min_confidence = min_confidence
         self.target_error_rate = target_error_rate
         self.audit_fraction = audit_fraction
         self.generator = torch.Generator().manual_seed(seed)
         self.audits = 0
         self.errors = 0
         self.exits = 0
+        self.unsure = 0
         self.full_steps = 0
+        self.catch_ups = 0
+        self.committed: list[int] = []  # positions (in the returned ids) of the latest call's shallow tokens
 
     @property
     def error_rate(self) -> float:
-        """Measured fraction of audited exits whose shallow token differed from the full path's."""
+        """Measured fraction of audited committed tokens that differed from the full path's."""
         return self.errors / self.audits if self.audits else 0.0
 
     def audit_now(self) -> bool:
         return bool(torch.rand((), generator=self.generator) < self.audit_fraction)
 
     def record_audit(self, agreed: bool) -> None:
+        """Count one audited token and move the confidence bar: up a step on an error,
+        down by ``target / (1 - target)`` of a step on an agreement, so that it settles
+        where about ``target_error_rate`` of audited tokens differ."""
         self.audits += 1
         self.errors += int(not agreed)
-        if self.error_rate > self.target_error_rate:
-            self.policy.min_familiarity = min(0.999, self.policy.min_familiarity + 0.005)
-        elif agreed:
-            self.policy.min_familiarity = max(0.5, self.policy.min_familiarity - 0.0005)
+        if not agreed:
+            self.min_confidence = min(MAX_CONFIDENCE, self.min_confidence + CONFIDENCE_STEP)
+        else:
+            down = CONFIDENCE_STEP * self.target_error_rate / (1.0 - self.target_error_rate)
+            self.min_confidence = max(self.base_confidence, self.min_confidence - down)
 
     def report(self) -> dict[str, float]:
-        return {"exits": self.exits, "full_steps": self.full_steps, "audits": self.audits,
-                "audit_errors": self.errors, "measured_error_rate": self.error_rate,
-                "min_familiarity": self.policy.min_familiarity}
+        return {"exits": self.exits, "unsure": self.unsure, "full_steps": self.full_steps,
+                "catch_ups": self.catch_ups, "audits": self.audits, "audit_errors": self.errors,
+                "measured_error_rate": self.error_rate, "min_confidence": self.min_confidence}
 
 
-def make_fast_decoder(runtime: Any, step: FastStep, heads: ExitHeads, controller: FastController,
+class FastStep(DraftStep):
+    """Layer policy of one fast-mode token: run through the observer layer, decide, and
+    at the exit keep the head's shortlist logits if it is confident. A token that needs
+    the full path continues through every layer in the same forward when nothing is
+    pending (``unfamiliar_runs_full``), and stops otherwise (the loop catches up)."""
+
+    def __init__(self, observer: Any, policy: Any, heads: ExitHeads, controller: FastController) -> None:
+        super().__init__(observer, policy)
+        self.heads = heads
+        self.controller = controller
+        self.checked_layer: int | None = None  # exit whose head was asked this step
+        self.shortlist_logits: torch.Tensor | None = None  # [1, S] of a committed exit
+
+    def begin(self, input_ids: torch.Tensor | None) -> None:
+        super().begin(input_ids)
+        self.checked_layer, self.shortlist_logits = None, None
+
+    def should_run(self, layer_idx: int, hidden: torch.Tensor) -> bool:
+        run = super().should_run(layer_idx, hidden)
+        if layer_idx == self.exit_layer:
+            self.checked_layer = layer_idx
+            logits = self.heads.shortlist_logits(layer_idx, hidden[:, -1])
+            if float(torch.softmax(logits.float(), dim=-1).max()) < self.controller.min_confidence:
+                self.exit_layer = None  # unsure: the full path, as for an unfamiliar token
+                return self.unfamiliar_runs_full
+            self.shortlist_logits = logits
+        return run
+
+
+def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
                       counters: dict[str, float]) -> Callable[..., torch.Tensor]:
     """The fast-mode decoding loop for ``generate(custom_generate=...)``."""
+    heads = step.heads
 
     @torch.no_grad()
     def fast_decode(model: nn.Module, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
@@ -79,38 +128,75 @@ def make_fast_decoder(runtime: Any, step: FastStep, heads: ExitHeads, controller
                     **model_kwargs: Any) -> torch.Tensor:
         base = getattr(model, model.base_model_prefix)
         cache = model_kwargs["cache"]
-        cache.activate_past_recording()  # audits roll a token back
+        cache.activate_past_recording()  # catching up crops pending tokens
         outputs = model._prefill(input_ids, generation_config, model_kwargs)
         logits = outputs.logits[:, -1]
         vocab = logits.shape[-1]
+        exact = input_ids.shape[1]  # every layer's cache is the full model's up to here
+        controller.committed = []
+        shallow_top: list[int] = []  # the head's greedy token after each pending position
+        # A committed token the full model would not have picked moved the text off the
+        # practised trajectory: the rest of the call takes the full path.
+        state = {"off_track": False}
+
+        def catch_up(ids: torch.Tensor) -> torch.Tensor:
+            """Full forward over the pending tokens and the newest one; audits the pending
+            ones; returns the logits after the newest token."""
+            controller.catch_ups += 1
+            crop_to(cache, [min(exact, layer.get_seq_length()) if layer.is_initialized else 0 for layer in cache.layers])
+            positions = torch.arange(exact, ids.shape[1], device=ids.device).unsqueeze(0)
+            out = model(input_ids=ids[:, exact:], cache=cache, use_cache=True, position_ids=positions).logits
+            for i, top in enumerate(shallow_top):
+                agreed = top == int(out[0, i].argmax())
+                controller.record_audit(agreed)
+                if not agreed:  # later pending tokens followed the error: not independent samples
+                    state["off_track"] = True
+                    break
+            shallow_top.clear()
+            return out[:, -1]
+
         while True:
             input_ids, token, finished = choose_next(input_ids, logits, logits_processor, stopping_criteria,
                                                      bool(generation_config.do_sample), streamer)
             if finished:
                 break
-            length = cache.get_seq_length()  # every layer holds the same length in fast mode
-            position = torch.tensor([[input_ids.shape[1] - 1]])
+            newest = input_ids.shape[1] - 1
+            if state["off_track"]:
+                controller.full_steps += 1
+                logits = model(input_ids=token, cache=cache, use_cache=True,
+                               position_ids=torch.tensor([[newest]])).logits[:, -1]
+                exact = input_ids.shape[1]
+                continue
+            step.ceiling = None if not shallow_top else step.ceiling
+            step.unfamiliar_runs_full = not shallow_top
             previous, runtime.policy = runtime.policy, step
             try:
-                hidden = base(input_ids=token, cache=cache, use_cache=True, position_ids=position).last_hidden_state
+                hidden = base(input_ids=token, cache=cache, use_cache=True,
+                              position_ids=torch.tensor([[newest]])).last_hidden_state
             finally:
                 runtime.policy = previous
             counters["observer_encodes"] += 1
-            if step.exit_layer is None:  # unfamiliar: the full path already ran
-                controller.full_steps += 1
-                logits = model.get_output_embeddings()(hidden[:, -1])
+            if step.checked_layer is not None:
+                counters["head_params"] += heads.head_cost(step.checked_layer)["shortlist"]
+            if step.exit_layer is not None:  # committed: pending until something catches up
+                controller.exits += 1
+                counters[f"exit_{step.exit_layer}"] += 1
+                if step.ceiling is None:  # later exits must not need layers this one skipped
+                    step.ceiling = step.exit_layer
+                shallow_top.append(int(heads.shortlist[step.shortlist_logits.argmax(-1)]))
+                controller.committed.append(input_ids.shape[1])  # where the next token lands
+                logits = torch.full((1, vocab), float("-inf"))
+                logits[:, heads.shortlist] = step.shortlist_logits.float()
                 continue
-            shallow = heads.predict(step.exit_layer, step.exit_hidden[:, -1])
-            counters["head_params"] += heads.head_cost(step.exit_layer)["shortlist"]
-            if controller.audit_now():
-                cache.crop(length - cache.get_seq_length())  # redo this token on the full path
-                logits = model(input_ids=token, cache=cache, use_cache=True, position_ids=position).logits[:, -1]
-                controller.record_audit(int(shallow.token_ids) == int(logits.argmax(-1)))
-                continue
-            controller.exits += 1
-            counters[f"exit_{step.exit_layer}"] += 1
-            logits = torch.full((1, vocab), float("-inf"))
-            logits[:, heads.shortlist] = heads.shortlist_logits(step.exit_layer, step.exit_hidden[:, -1]).float()
+            controller.full_steps += 1
+            controller.unsure += int(step.checked_layer is not None)
+            if shallow_top:
+                logits = catch_up(input_ids)
+            else:  # nothing pending: the forward already ran every layer
+                logits = full_logits(model, hidden[:, -1])
+            exact = input_ids.shape[1]
+        if shallow_top and controller.audit_now():
+            catch_up(input_ids[:, :-1])  # the last token was never fed
         if streamer is not None:
             streamer.end()
         return input_ids

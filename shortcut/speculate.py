@@ -89,9 +89,7 @@ class ShallowDrafter:
                  policy: ExitPolicy, *, max_draft: int, min_confidence: float, counters: dict[str, float],
                  on_full_path: Callable[[torch.Tensor], None] | None = None) -> None:
         self.base = getattr(model, model.base_model_prefix)
-        self.unembed = model.get_output_embeddings()
-        # Logit soft-capping (Gemma 2 style) is applied by the LM's forward, after lm_head.
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.model = model
         self.on_full_path = on_full_path  # gets the logits of a token that took the full path
         self.runtime = runtime
         self.heads = heads
@@ -144,7 +142,7 @@ class ShallowDrafter:
                 self.step.unfamiliar_runs_full = False
                 if self.step.exit_layer is None and index == 0:
                     self.counters["full_path_steps"] += 1
-                    self.full_logits = self._logits(hidden[:, -1:])
+                    self.full_logits = full_logits(self.model, hidden[:, -1:])
                     lengths = [layer.get_seq_length() if layer.is_initialized else 0 for layer in cache.layers]
                     if self.on_full_path is not None:
                         self.on_full_path(self.full_logits)
@@ -165,15 +163,9 @@ class ShallowDrafter:
         finally:
             self.runtime.policy = previous
             self.step.unfamiliar_runs_full = False
-            _crop_to(cache, lengths)
+            crop_to(cache, lengths)
         self.counters["drafted"] += len(drafted)
         return torch.cat(drafted, dim=-1) if drafted else input_ids[:, :0]
-
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.unembed(hidden)
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
 
     def record(self, drafted: int, accepted: int) -> None:
         """Adapt the draft length and the back-off to the measured acceptance of the
@@ -192,7 +184,18 @@ class ShallowDrafter:
             self.num_draft = max(1, min(self.num_draft - 1, accepted + 1))
 
 
-def _crop_to(cache: Any, lengths: list[int]) -> None:
+def full_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM's logits for the last layer's (normed) ``hidden``: its unembedding, then
+    logit soft-capping where the model has it (Gemma 2 style; the LM's forward applies
+    it after lm_head)."""
+    logits = model.get_output_embeddings()(hidden)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def crop_to(cache: Any, lengths: list[int]) -> None:
     for layer, length in zip(cache.layers, lengths):
         extra = (layer.get_seq_length() if layer.is_initialized else 0) - length
         if extra > 0:
@@ -239,7 +242,7 @@ def make_decoder(drafter: ShallowDrafter, counters: dict[str, float]) -> Callabl
             drafter.record(drafts.shape[1], accepted)
             # The cache may hold only tokens before the newest one.
             valid = input_ids.shape[1] - 1
-            _crop_to(cache, [min(valid, layer.get_seq_length()) if layer.is_initialized else 0 for layer in cache.layers])
+            crop_to(cache, [min(valid, layer.get_seq_length()) if layer.is_initialized else 0 for layer in cache.layers])
             if finished:
                 break
             limit = generation_config.max_length - input_ids.shape[1] - 1

@@ -145,7 +145,7 @@ def test_lossless_on_other_architectures(arch):
 def test_fast_mode_commits_exits_and_audits():
     model = make_tiny("llama")
     config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2], draft_confidence=0.0,
-                                     policy_threshold=0.3, fit_steps=30, audit_fraction=0.3)
+                                     fast_confidence=0.0, policy_threshold=0.3, fit_steps=30, audit_fraction=1.0)
     handle = shortcut.wrap(model, config)
     handle.attach_observer(_observer(model))
     handle.practice(PROMPTS, rounds=2, max_new_tokens=16, progress=False)
@@ -158,7 +158,6 @@ def test_fast_mode_commits_exits_and_audits():
         assert report["exits"] > 0 and report["audits"] > 0
         runs = handle.stats.total.per_layer_runs
         assert runs[3] < runs[0]  # committed exits really skip the deep layers
-        assert handle.stats.total.kv_projections > 0  # ... and propagate their keys/values
         # A forced policy still rules each forward in fast mode.
         handle.set_policy(shortcut.FixedPlan(exit_after=0))
         handle.stats.reset()
@@ -185,7 +184,6 @@ def test_loaded_policy_uses_the_saved_threshold(tmp_path):
     try:
         assert loaded.config.policy_threshold == 0.55
         assert loaded.exit_policy.threshold == 0.55
-        assert loaded.fast.policy is loaded.exit_policy
     finally:
         loaded.remove()
     manifest = skills.read_manifest(folder)
@@ -222,3 +220,33 @@ def test_unfamiliar_token_takes_full_path_once_and_is_learned(practised):
     # Prefill (6 tokens) + 9 single-token steps, each layer once per token.
     assert handle.stats.total.per_layer_runs == [15] * 4
     assert handle.learner.stats.tokens_learned == learned + 1 + 9  # prefill's last position + each step
+
+
+def test_fast_mode_full_path_tokens_see_the_full_models_cache():
+    """Committed tokens write no deep keys/values; the next full-path token catches them
+    up first, so every token that did not come from a shallow path is exactly the full
+    model's greedy choice after the text so far."""
+    model = make_tiny("llama")
+    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2], draft_confidence=0.0,
+                                     fast_confidence=0.15, policy_threshold=0.3, fit_steps=30, audit_fraction=1.0)
+    handle = shortcut.wrap(model, config)  # a random tiny model's heads are never very confident
+    handle.attach_observer(_observer(model))
+    handle.practice(PROMPTS, rounds=2, max_new_tokens=16, progress=False)
+    handle.config.mode = "fast"
+    mixed = 0
+    try:
+        for prompt in PROMPTS:
+            out = model.generate(input_ids=prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+            committed = set(handle.fast.committed)
+            with handle.disabled():
+                full = model(input_ids=out).logits[0].argmax(-1)
+            start = prompt.shape[1]
+            for i in range(start, out.shape[1]):
+                if i not in committed:
+                    assert int(out[0, i]) == int(full[i - 1]), f"full-path token at {i} differs"
+            mixed += any(i not in committed and min(committed, default=i) < i for i in range(start, out.shape[1]))
+        assert mixed > 0  # the check above covered full-path tokens that followed commits
+        report = handle.fast.report()
+        assert report["catch_ups"] > 0 and report["audits"] > 0
+    finally:
+        handle.remove()
