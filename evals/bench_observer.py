@@ -31,7 +31,7 @@ DATA = Path(__file__).parent / "data"
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--layer", type=int, default=6)
+    parser.add_argument("--layer", type=int, default=2)
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--d-sae", type=int, default=DEFAULT_D_SAE)
     parser.add_argument("--k", type=int, default=DEFAULT_K)

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="JSONL of {'text'} for a fresh observer")
     practice.add_argument("--sae-steps", type=int, default=1500, help="training steps of a fresh observer")
     practice.add_argument("--observer-layer", type=int, default=None,
-                          help="observer layer of fresh skills (default: the config's, n_layers // 5)")
+                          help="observer layer of fresh skills (default: the config's, n_layers // 12)")
     practice.add_argument("--exit-layers", type=int, nargs="+", default=None,
                           help="candidate exits of fresh skills, above the observer (default: the config's)")
     quality = parser.add_argument_group("agreement and choice")

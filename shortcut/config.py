@@ -22,7 +22,9 @@ class ShortcutConfig:
         mode: ``"lossless"`` (shallow paths draft, the full path verifies; output equals
             the unwrapped model) or ``"fast"`` (shallow paths commit, error rate bounded).
         observer_layers: decoder layers whose output the SAE observers read. ``None``
-            picks one layer about a fifth of the way up (layer 6 of 30 on SmolLM2).
+            picks one early layer, ``num_layers // 12`` (layer 2 of 30 on SmolLM2: measured
+            against layer 6 in the README, it lets exits start at layer 3 and its SAE
+            explains more variance).
         exit_layers: candidate early exits, each the number of decoder layers that run
             before the exit head reads the residual stream (``l`` means layers
             ``0..l-1`` run). Each must lie above the first observer layer, whose output
@@ -30,7 +32,12 @@ class ShortcutConfig:
             just above the observer up to three quarters of the model.
         learn: practise while the model is used (generate / forward calls update skills).
         target_error_rate: fast mode's bound on tokens that differ from the full path.
-        audit_fraction: fast mode's fraction of steps checked against the full path.
+        audit_fraction: fast mode's fraction of generate calls whose still-pending
+            committed tokens are checked against the full path at the end (one batched
+            forward); every catch-up mid-call checks its pending tokens as well.
+        fast_confidence: fast mode commits an exit only where the exit head's confidence
+            (shortlist softmax) is at least this; audits raise the bar while the measured
+            error rate is above ``target_error_rate``.
         max_draft: most tokens one lossless draft may propose before verification; the
             draft length adapts below it (README: draft-length sweep).
         draft_confidence: a draft stops where the exit head's confidence falls below this.
@@ -47,6 +54,7 @@ class ShortcutConfig:
     learn: bool = True
     target_error_rate: float = 0.01
     audit_fraction: float = 0.05
+    fast_confidence: float = 0.7
     max_draft: int = 16
     draft_confidence: float = 0.3
     policy_threshold: float = 0.8
@@ -61,6 +69,8 @@ class ShortcutConfig:
             raise ValueError(f"target_error_rate={self.target_error_rate} must be in [0, 1)")
         if not 0.0 <= self.audit_fraction <= 1.0:
             raise ValueError(f"audit_fraction={self.audit_fraction} must be in [0, 1]")
+        if not 0.0 <= self.fast_confidence <= 1.0:
+            raise ValueError(f"fast_confidence={self.fast_confidence} must be in [0, 1]")
         if self.max_draft < 1:
             raise ValueError(f"max_draft={self.max_draft} must be at least 1")
 
@@ -69,7 +79,7 @@ class ShortcutConfig:
         layers, checked against that depth."""
         observers = self.observer_layers
         if observers is None:
-            observers = [max(1, num_layers // 5)]
+            observers = [max(1, num_layers // 12)]
         exits = self.exit_layers
         if exits is None:
             first = min(observers) + 1
