@@ -54,7 +54,7 @@ class ShortcutConfig:
     learn: bool = True
     target_error_rate: float = 0.01
     audit_fraction: float = 0.05
-    fast_confidence: float = 0.7
+    fast_confidence: float = 0.3
     max_draft: int = 16
     draft_confidence: float = 0.3
     policy_threshold: float = 0.8

@@ -105,7 +105,10 @@ def test_config_validation_and_unknown_keys(tmp_path, caplog):
         ShortcutConfig(observer_layers=[2], exit_layers=[2]).resolved(4)
     with pytest.raises(ValueError, match=r"exit_layers=\[4\] out of range"):
         ShortcutConfig(observer_layers=[1], exit_layers=[4]).resolved(4)
-    assert ShortcutConfig().resolved(30).exit_layers == [7, 11, 15, 19]
+    default = ShortcutConfig().resolved(30)
+    assert default.observer_layers == [2] and default.exit_layers == [3, 7, 11, 15, 19]
+    with pytest.raises(ValueError, match="fast_confidence=1.5"):
+        ShortcutConfig(fast_confidence=1.5)
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"mode": "fast", "colour": "blue"}))
     assert ShortcutConfig.load(path).mode == "fast"
