@@ -11,6 +11,7 @@ decoding; see ``shortcut/accounting.py``.
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -75,14 +76,18 @@ def load_system(label: str, model_name: str, *, dtype: str, skills: str | None, 
 
 
 def _default_observer(handle: Any, tokenizer: Any, corpus: Path, steps: int, progress: bool) -> float:
-    """Attach the model's default observer; returns the seconds spent training it (0 if cached)."""
-    from shortcut.observe import load_observer, save_observer
+    """Attach the model's default observer; returns the seconds spent training it (0 if
+    cached). The cache key names everything the observer depends on: the model's weights,
+    the layer, the corpus's bytes and the training settings."""
+    from shortcut.observe import DEFAULT_D_SAE, DEFAULT_K, DEFAULT_MAX_TOKENS, load_observer, save_observer
 
     layer = handle.config.observer_layers[0]
-    key = f"{handle.fingerprint['weights_sha256'][:12]}-L{layer}-{steps}"
+    corpus_hash = hashlib.sha256(corpus.read_bytes()).hexdigest()[:8]
+    key = (f"{handle.fingerprint['weights_sha256'][:12]}-L{layer}-{steps}-{corpus_hash}"
+           f"-w{DEFAULT_D_SAE}-k{DEFAULT_K}-n{DEFAULT_MAX_TOKENS}")
     folder = cache_root() / "observers" / key
     width = handle.parts.unembed.weight.shape[1]
-    if folder.is_dir() and corpus.resolve() == (DATA / "passages.jsonl").resolve():
+    if folder.is_dir():
         handle.attach_observer(load_observer(folder, d_model=width, n_layers=handle.num_layers,
                                              expected_fingerprint=handle.fingerprint))
         return 0.0
@@ -91,9 +96,8 @@ def _default_observer(handle: Any, tokenizer: Any, corpus: Path, steps: int, pro
     start = time.perf_counter()
     observer = handle.train_observer(texts, tokenizer, steps=steps, progress=progress)
     seconds = time.perf_counter() - start
-    if corpus.resolve() == (DATA / "passages.jsonl").resolve():
-        save_observer(observer.sae, folder, layer=observer.layer, fingerprint=handle.fingerprint,
-                      quality=observer.quality)
+    save_observer(observer.sae, folder, layer=observer.layer, fingerprint=handle.fingerprint,
+                  quality=observer.quality)
     return seconds
 
 
