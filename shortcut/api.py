@@ -137,6 +137,7 @@ class Shortcut:
                                seed=self.config.seed)
         self.learner.enabled = self.config.learn
         self.fast = FastController(min_confidence=self.config.fast_confidence,
+                                   min_familiarity=policy.min_familiarity,
                                    target_error_rate=self.config.target_error_rate,
                                    audit_fraction=self.config.audit_fraction, seed=self.config.seed)
         self.learner.install(

@@ -18,9 +18,11 @@ picked: every comparison is an audit. Pending tokens at the end of a call are th
 saving; a seeded random ``audit_fraction`` of calls catches up at the end too, so the
 error rate is measured even where nothing needed the full path.
 
-Audits calibrate: while the measured error rate exceeds ``target_error_rate`` the
-confidence bar rises (it relaxes slowly back to the configured one while audits
-agree). The confidence gate matters because on practised answers the heads are right
+Audits calibrate two bars: the head's confidence and the signature's familiarity
+(cosine similarity to the nearest practised signature; the policy's own bar is the
+floor). Each error raises both a step, each agreement lowers them by
+``target_error_rate / (1 - target_error_rate)`` of a step, so they settle where about
+that share of audited tokens differ. The confidence gate matters because on practised answers the heads are right
 at ~99.5% of positions, but one wrong token moves the text off the practised
 trajectory, where the shallow signature still looks familiar and the heads would keep
 committing memorised tokens; the wrong first token is usually one the head is unsure of.
@@ -41,6 +43,8 @@ from .speculate import DraftStep, choose_next, crop_to, full_logits
 
 CONFIDENCE_STEP = 0.05  # how far one audited error raises the confidence bar
 MAX_CONFIDENCE = 0.99  # above this a head hardly ever commits; errors there are not about confidence
+FAMILIARITY_STEP = 0.01  # how far one audited error raises the familiarity bar
+MAX_FAMILIARITY = 0.999  # exact repeats sit at ~1.0: they keep committing
 
 
 class FastController:
@@ -48,9 +52,11 @@ class FastController:
     generate calls."""
 
     def __init__(self, *, min_confidence: float, target_error_rate: float, audit_fraction: float,
-                 seed: int) -> None:
+                 seed: int, min_familiarity: float = 0.0) -> None:
         self.base_confidence = min_confidence
         self.min_confidence = min_confidence
+        self.base_familiarity = min_familiarity
+        self.min_familiarity = min_familiarity
         self.target_error_rate = target_error_rate
         self.audit_fraction = audit_fraction
         self.generator = torch.Generator().manual_seed(seed)
@@ -71,21 +77,26 @@ class FastController:
         return bool(torch.rand((), generator=self.generator) < self.audit_fraction)
 
     def record_audit(self, agreed: bool) -> None:
-        """Count one audited token and move the confidence bar: up a step on an error,
-        down by ``target / (1 - target)`` of a step on an agreement, so that it settles
-        where about ``target_error_rate`` of audited tokens differ."""
+        """Count one audited token and move both bars (head confidence, signature
+        familiarity): up a step on an error, down by ``target / (1 - target)`` of a step
+        on an agreement, so that they settle where about ``target_error_rate`` of audited
+        tokens differ. Confidence catches the unsure heads of practised text; familiarity
+        the confidently wrong heads on text that only resembles it."""
         self.audits += 1
         self.errors += int(not agreed)
         if not agreed:
             self.min_confidence = min(MAX_CONFIDENCE, self.min_confidence + CONFIDENCE_STEP)
+            self.min_familiarity = min(MAX_FAMILIARITY, self.min_familiarity + FAMILIARITY_STEP)
         else:
-            down = CONFIDENCE_STEP * self.target_error_rate / (1.0 - self.target_error_rate)
-            self.min_confidence = max(self.base_confidence, self.min_confidence - down)
+            share = self.target_error_rate / (1.0 - self.target_error_rate)
+            self.min_confidence = max(self.base_confidence, self.min_confidence - share * CONFIDENCE_STEP)
+            self.min_familiarity = max(self.base_familiarity, self.min_familiarity - share * FAMILIARITY_STEP)
 
     def report(self) -> dict[str, float]:
         return {"exits": self.exits, "unsure": self.unsure, "full_steps": self.full_steps,
                 "catch_ups": self.catch_ups, "audits": self.audits, "audit_errors": self.errors,
-                "measured_error_rate": self.error_rate, "min_confidence": self.min_confidence}
+                "measured_error_rate": self.error_rate, "min_confidence": self.min_confidence,
+                "min_familiarity": self.min_familiarity}
 
 
 class FastStep(DraftStep):
@@ -107,6 +118,10 @@ class FastStep(DraftStep):
 
     def should_run(self, layer_idx: int, hidden: torch.Tensor) -> bool:
         run = super().should_run(layer_idx, hidden)
+        if (layer_idx == self.signature_layer and self.exit_layer is not None
+                and self.decision.familiarity < self.controller.min_familiarity):
+            self.exit_layer = None  # familiar enough to draft, not to commit
+            return self.unfamiliar_runs_full
         if layer_idx == self.exit_layer:
             self.checked_layer = layer_idx
             logits = self.heads.shortlist_logits(layer_idx, hidden[:, -1])

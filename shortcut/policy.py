@@ -35,10 +35,12 @@ from .observe import Signature
 
 @dataclass
 class PolicyDecision:
-    """The chosen exit layer (``None``: full path) and every layer's prediction."""
+    """The chosen exit layer (``None``: full path), every layer's prediction and the
+    signature's familiarity (cosine similarity to the nearest remembered one)."""
 
     exit_layer: int | None
     probabilities: torch.Tensor
+    familiarity: float = 0.0
 
 
 class ExitPolicy:
@@ -141,14 +143,15 @@ class ExitPolicy:
         """The shallowest exit layer predicted to agree (signature of one token);
         ``None`` for unfamiliar tokens."""
         probs = self.probabilities(sig).reshape(-1)
-        if float(self.familiarity(sig)[0]) < self.min_familiarity:
+        familiarity = float(self.familiarity(sig)[0])
+        if familiarity < self.min_familiarity:
             self.decisions[-1] += 1
-            return PolicyDecision(None, probs)
+            return PolicyDecision(None, probs, familiarity)
         passing = (probs >= self.threshold).nonzero()
         column = int(passing[0]) if len(passing) else len(self.exit_layers)
         self.decisions[column] += 1
         layer = self.exit_layers[column] if column < len(self.exit_layers) else None
-        return PolicyDecision(layer, probs)
+        return PolicyDecision(layer, probs, familiarity)
 
     @torch.no_grad()
     def update(self, sig: Signature, outcomes: torch.Tensor) -> None:

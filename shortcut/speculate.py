@@ -36,7 +36,7 @@ from torch import nn
 
 from .heads import ExitHeads
 from .observe import Observer, Signature
-from .policy import ExitPolicy
+from .policy import ExitPolicy, PolicyDecision
 
 logger = logging.getLogger(__name__)
 
@@ -60,19 +60,21 @@ class DraftStep:
         self.exit_layer: int | None = None
         self.exit_hidden: torch.Tensor | None = None
         self.signature: Signature | None = None
+        self.decision: PolicyDecision | None = None
         self.ceiling: int | None = None
         self.propagate_kv = False
         self.unfamiliar_runs_full = False  # a draft stops on an unfamiliar token instead
 
     def begin(self, input_ids: torch.Tensor | None) -> None:
-        self.exit_layer, self.exit_hidden, self.signature = None, None, None
+        self.exit_layer, self.exit_hidden, self.signature, self.decision = None, None, None, None
 
     def should_run(self, layer_idx: int, hidden: torch.Tensor) -> bool:
         if layer_idx < self.signature_layer:
             return True
         if layer_idx == self.signature_layer:
             self.signature = self.observer.encode(hidden[:, -1])
-            self.exit_layer = self.policy.decide(self.signature).exit_layer
+            self.decision = self.policy.decide(self.signature)
+            self.exit_layer = self.decision.exit_layer
             if self.exit_layer is not None and self.ceiling is not None and self.exit_layer > self.ceiling:
                 self.exit_layer = None
         if self.exit_layer is None:

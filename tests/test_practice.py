@@ -250,3 +250,21 @@ def test_fast_mode_full_path_tokens_see_the_full_models_cache():
         assert report["catch_ups"] > 0 and report["audits"] > 0
     finally:
         handle.remove()
+
+
+def test_fast_calibration_settles_at_the_target_error_rate():
+    """One error raises both bars a step; (1 - target) / target agreements undo it."""
+    from shortcut.fast import CONFIDENCE_STEP, FAMILIARITY_STEP, FastController
+
+    controller = FastController(min_confidence=0.3, min_familiarity=0.9, target_error_rate=0.01,
+                                audit_fraction=0.0, seed=0)
+    controller.record_audit(False)
+    assert controller.min_confidence == pytest.approx(0.3 + CONFIDENCE_STEP)
+    assert controller.min_familiarity == pytest.approx(0.9 + FAMILIARITY_STEP)
+    for _ in range(98):
+        controller.record_audit(True)
+    assert controller.min_confidence > 0.3 and controller.min_familiarity > 0.9
+    for _ in range(5):
+        controller.record_audit(True)
+    assert controller.min_confidence == 0.3 and controller.min_familiarity == 0.9  # never below the floors
+    assert controller.report()["measured_error_rate"] == pytest.approx(1 / 104)
