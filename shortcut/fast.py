@@ -22,12 +22,14 @@ Audits calibrate two bars: the head's confidence and the signature's familiarity
 (cosine similarity to the nearest practised signature; the policy's own bar is the
 floor). Each error raises both a step, each agreement lowers them by
 ``target_error_rate / (1 - target_error_rate)`` of a step, so they settle where about
-that share of audited tokens differ. The confidence gate matters because on practised answers the heads are right
+that share of audited tokens differ. Why both: on practised answers the heads are right
 at ~99.5% of positions, but one wrong token moves the text off the practised
 trajectory, where the shallow signature still looks familiar and the heads would keep
-committing memorised tokens; the wrong first token is usually one the head is unsure of.
-And once a catch-up shows that a committed token differed, the text has left the
-practised trajectory: the rest of that call takes the full path.
+committing memorised tokens. The wrong first token is usually one the head is unsure of
+(confidence); on text that only resembles the practised one, the wrong heads are
+confident and the signatures a little less familiar. And once a catch-up shows that a
+committed token differed, the text has left the practised trajectory: the rest of that
+call takes the full path.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ MAX_FAMILIARITY = 0.999  # exact repeats sit at ~1.0: they keep committing
 
 
 class FastController:
-    """Fast mode's confidence bar, audit statistics and calibration, kept across
-    generate calls."""
+    """Fast mode's two bars, audit statistics and calibration, kept across generate
+    calls."""
 
     def __init__(self, *, min_confidence: float, target_error_rate: float, audit_fraction: float,
                  seed: int, min_familiarity: float = 0.0) -> None:
@@ -152,11 +154,12 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
         shallow_top: list[int] = []  # the head's greedy token after each pending position
         # A committed token the full model would not have picked moved the text off the
         # practised trajectory: the rest of the call takes the full path.
-        state = {"off_track": False}
+        off_track = False
 
         def catch_up(ids: torch.Tensor) -> torch.Tensor:
             """Full forward over the pending tokens and the newest one; audits the pending
             ones; returns the logits after the newest token."""
+            nonlocal off_track
             controller.catch_ups += 1
             crop_to(cache, [min(exact, layer.get_seq_length()) if layer.is_initialized else 0 for layer in cache.layers])
             positions = torch.arange(exact, ids.shape[1], device=ids.device).unsqueeze(0)
@@ -165,7 +168,7 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
                 agreed = top == int(out[0, i].argmax())
                 controller.record_audit(agreed)
                 if not agreed:  # later pending tokens followed the error: not independent samples
-                    state["off_track"] = True
+                    off_track = True
                     break
             shallow_top.clear()
             return out[:, -1]
@@ -176,13 +179,14 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
             if finished:
                 break
             newest = input_ids.shape[1] - 1
-            if state["off_track"]:
+            if off_track:
                 controller.full_steps += 1
                 logits = model(input_ids=token, cache=cache, use_cache=True,
                                position_ids=torch.tensor([[newest]])).logits[:, -1]
                 exact = input_ids.shape[1]
                 continue
-            step.ceiling = None if not shallow_top else step.ceiling
+            if not shallow_top:  # nothing pending: any exit is fine, the full path goes on
+                step.ceiling = None
             step.unfamiliar_runs_full = not shallow_top
             previous, runtime.policy = runtime.policy, step
             try:
