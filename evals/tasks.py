@@ -136,10 +136,11 @@ def candidate_logits(system: System, mode: str, sequence: torch.Tensor) -> tuple
     (``num_layers`` for the full path).
 
     lossless: the wrapped model's own logits (drafts are verified, so what it emits is
-    the full path's). fast: at positions the policy calls familiar, the exit head's
-    logits at the chosen layer, else the full path's; hidden states come from a full
-    forward, so this measures the decisions with an exact cache (the practice task's
-    fast rows measure real committed decoding).
+    the full path's). fast: at positions the policy calls familiar (above fast mode's
+    familiarity bar too) and whose exit head is confident enough to commit (fast mode's
+    confidence bar), the exit head's logits at the chosen layer, else the full path's;
+    hidden states come from a full forward, so this measures the decisions with an
+    exact cache (the practice task's fast rows measure real committed decoding).
     """
     handle = system.handle
     if mode == "lossless":
@@ -154,7 +155,7 @@ def candidate_logits(system: System, mode: str, sequence: torch.Tensor) -> tuple
         logits = system.model(input_ids=sequence).logits[0].float()
     sig = learner.observer.encode(states[learner.signature_layer])
     probs = policy.probabilities(sig)
-    familiar = policy.familiarity(sig) >= policy.min_familiarity
+    familiar = policy.familiarity(sig) >= max(policy.min_familiarity, handle.fast.min_familiarity)
     passing = probs >= policy.threshold
     depth = torch.full((logits.shape[0],), handle.num_layers)
     for column in reversed(range(len(policy.exit_layers))):
@@ -163,9 +164,14 @@ def candidate_logits(system: System, mode: str, sequence: torch.Tensor) -> tuple
     if heads.shortlist.numel() == 0:
         return logits, torch.full_like(depth, handle.num_layers)
     for layer in heads.layers:
-        where = depth == layer
-        if where.any():
-            logits[where] = heads.logits(layer, states[layer][where]).float()
+        where = (depth == layer).nonzero().flatten()
+        if len(where) == 0:
+            continue
+        confidence = torch.softmax(heads.shortlist_logits(layer, states[layer][where]).float(), -1).max(-1).values
+        sure = where[confidence >= handle.fast.min_confidence]
+        depth[where[confidence < handle.fast.min_confidence]] = handle.num_layers
+        if len(sure):
+            logits[sure] = heads.logits(layer, states[layer][sure]).float()
     return logits, depth
 
 
