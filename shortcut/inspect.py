@@ -31,8 +31,9 @@ def describe(folder: Path, *, top: int = 10) -> str:
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     quality = meta.get("quality") or {}
     if quality:
+        width = quality.get("d_sae")
         lines.append(
-            f"  observer: {quality.get('d_sae', '?')} features, held-out variance explained "
+            f"  observer: {int(width) if width is not None else '?'} features, held-out variance explained "
             f"{quality.get('fve', float('nan')):.3f}, mean L0 {quality.get('l0', float('nan')):.1f}, "
             f"dead {100 * quality.get('dead_fraction', float('nan')):.1f}%"
         )
