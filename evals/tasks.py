@@ -167,11 +167,11 @@ def candidate_logits(system: System, mode: str, sequence: torch.Tensor) -> tuple
         where = (depth == layer).nonzero().flatten()
         if len(where) == 0:
             continue
-        confidence = torch.softmax(heads.shortlist_logits(layer, states[layer][where]).float(), -1).max(-1).values
-        sure = where[confidence >= handle.fast.min_confidence]
-        depth[where[confidence < handle.fast.min_confidence]] = handle.num_layers
-        if len(sure):
-            logits[sure] = heads.logits(layer, states[layer][sure]).float()
+        head_logits = heads.logits(layer, states[layer][where]).float()
+        # fast mode's confidence: the softmax over the shortlist columns of the same logits
+        sure = torch.softmax(head_logits[:, heads.shortlist], -1).max(-1).values >= handle.fast.min_confidence
+        depth[where[~sure]] = handle.num_layers
+        logits[where[sure]] = head_logits[sure]
     return logits, depth
 
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .heads import ExitHeads
-from .speculate import DraftStep, choose_next, crop_to, full_logits
+from .speculate import DraftStep, choose_next, crop_all, full_logits
 
 
 CONFIDENCE_STEP = 0.05  # how far one audited error raises the confidence bar
@@ -161,7 +161,7 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
             ones; returns the logits after the newest token."""
             nonlocal off_track
             controller.catch_ups += 1
-            crop_to(cache, [min(exact, layer.get_seq_length()) if layer.is_initialized else 0 for layer in cache.layers])
+            crop_all(cache, exact)
             positions = torch.arange(exact, ids.shape[1], device=ids.device).unsqueeze(0)
             out = model(input_ids=ids[:, exact:], cache=cache, use_cache=True, position_ids=positions).logits
             for i, top in enumerate(shallow_top):

@@ -124,7 +124,7 @@ class ShallowDrafter:
             self._skip -= 1
             self.counters["draft_paused"] += 1
             return input_ids[:, :0]
-        lengths = [layer.get_seq_length() if layer.is_initialized else 0 for layer in cache.layers]
+        lengths = layer_lengths(cache)
         drafted: list[torch.Tensor] = []
         token = input_ids[:, -1:]
         position = input_ids.shape[1] - 1
@@ -145,7 +145,7 @@ class ShallowDrafter:
                 if self.step.exit_layer is None and index == 0:
                     self.counters["full_path_steps"] += 1
                     self.full_logits = full_logits(self.model, hidden[:, -1:])
-                    lengths = [layer.get_seq_length() if layer.is_initialized else 0 for layer in cache.layers]
+                    lengths = layer_lengths(cache)
                     if self.on_full_path is not None:
                         self.on_full_path(self.full_logits)
                     break
@@ -197,6 +197,16 @@ def full_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def layer_lengths(cache: Any) -> list[int]:
+    """Tokens held by each layer of ``cache`` (drafts leave deep layers shorter)."""
+    return [layer.get_seq_length() if layer.is_initialized else 0 for layer in cache.layers]
+
+
+def crop_all(cache: Any, length: int) -> None:
+    """Crop every layer of ``cache`` to at most ``length`` tokens."""
+    crop_to(cache, [length] * len(cache.layers))
+
+
 def crop_to(cache: Any, lengths: list[int]) -> None:
     for layer, length in zip(cache.layers, lengths):
         extra = (layer.get_seq_length() if layer.is_initialized else 0) - length
@@ -244,7 +254,7 @@ def make_decoder(drafter: ShallowDrafter, counters: dict[str, float]) -> Callabl
             drafter.record(drafts.shape[1], accepted)
             # The cache may hold only tokens before the newest one.
             valid = input_ids.shape[1] - 1
-            crop_to(cache, [min(valid, layer.get_seq_length()) if layer.is_initialized else 0 for layer in cache.layers])
+            crop_all(cache, valid)
             if finished:
                 break
             limit = generation_config.max_length - input_ids.shape[1] - 1
