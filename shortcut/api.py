@@ -23,7 +23,7 @@ from .observe import Observer
 from .policy import ExitPolicy
 from .practice import Learner
 from .runtime import FixedPlan, LayerPolicy, LayerRuntime, Stats
-from .speculate import ShallowDrafter, make_decoder, unsupported_options
+from .speculate import ShallowDrafter, Trail, make_decoder, unsupported_options
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class Shortcut:
         self.learner: Learner | None = None
         # Draft accounting of lossless generation (forwards, drafted/accepted tokens, ...).
         self.draft_counters: defaultdict[str, float] = defaultdict(float)
+        self._draft_length: int | None = None  # lossless draft length reached by the latest call
         self._warned: set[str] = set()
         self._reference = False  # inside reference(): plain generate, counted, not learned
         self.fast: FastController | None = None  # fast mode's audits and calibration
@@ -185,14 +186,22 @@ class Shortcut:
                 self._warned.add(message)
                 logger.warning("shortcut: %s mode cannot honour %s; using the full path", self.config.mode, message)
             return original(*args, **kwargs)
-        if self.config.mode == "fast":
-            step = FastStep(learner.observer, learner.policy, learner.heads, self.fast)
-            decoder = make_fast_decoder(self._runtime, step, self.fast, self.draft_counters)
-            return original(*args, custom_generate=decoder, **kwargs)
-        drafter = ShallowDrafter(self.model, self._runtime, learner.observer, learner.heads, learner.policy,
-                                 max_draft=self.config.max_draft, min_confidence=self.config.draft_confidence,
-                                 counters=self.draft_counters, on_full_path=learner.learn_recorded)
-        return original(*args, custom_generate=make_decoder(drafter, self.draft_counters), **kwargs)
+        trail = Trail(learner.observer, learner.policy, self.parts.layers[learner.signature_layer], self.draft_counters)
+        try:
+            if self.config.mode == "fast":
+                step = FastStep(learner.observer, learner.policy, learner.heads, self.fast, trail)
+                decoder = make_fast_decoder(self._runtime, step, self.fast, self.draft_counters)
+                return original(*args, custom_generate=decoder, **kwargs)
+            drafter = ShallowDrafter(self.model, self._runtime, learner.observer, learner.heads, learner.policy,
+                                     max_draft=self.config.max_draft, min_confidence=self.config.draft_confidence,
+                                     counters=self.draft_counters, on_full_path=learner.learn_recorded, trail=trail,
+                                     num_draft=self._draft_length)
+            try:
+                return original(*args, custom_generate=make_decoder(drafter, self.draft_counters), **kwargs)
+            finally:
+                self._draft_length = drafter.num_draft
+        finally:
+            trail.close()
 
     def practice(self, prompts: list[Any], *, rounds: int = 1, max_new_tokens: int = 64,
                  tokenizer: Any = None, shuffle: bool = True, progress: bool = True) -> list[dict[str, Any]]:

@@ -39,7 +39,8 @@ class ShortcutConfig:
             (shortlist softmax) is at least this; audits raise the bar while the measured
             error rate is above ``target_error_rate``.
         max_draft: most tokens one lossless draft may propose before verification; the
-            draft length adapts below it (README: draft-length sweep).
+            draft length adapts below it. 32 rather than 16: exact repeats 3.09x instead
+            of 2.64x plain on SmolLM2 (with the length carried across calls; README).
         draft_confidence: a draft stops where the exit head's confidence falls below this.
         policy_threshold: exit where the policy predicts at least this agreement.
         consolidate_every: re-fit heads and policy after this many newly practised
@@ -55,7 +56,7 @@ class ShortcutConfig:
     target_error_rate: float = 0.01
     audit_fraction: float = 0.05
     fast_confidence: float = 0.3
-    max_draft: int = 16
+    max_draft: int = 32
     draft_confidence: float = 0.3
     policy_threshold: float = 0.8
     consolidate_every: int = 1024

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .heads import ExitHeads
-from .speculate import DraftStep, choose_next, crop_all, full_logits
+from .speculate import DraftStep, Trail, choose_next, crop_all, full_logits
 
 
 CONFIDENCE_STEP = 0.05  # how far one audited error raises the confidence bar
@@ -107,8 +107,9 @@ class FastStep(DraftStep):
     the full path continues through every layer in the same forward when nothing is
     pending (``unfamiliar_runs_full``), and stops otherwise (the loop catches up)."""
 
-    def __init__(self, observer: Any, policy: Any, heads: ExitHeads, controller: FastController) -> None:
-        super().__init__(observer, policy)
+    def __init__(self, observer: Any, policy: Any, heads: ExitHeads, controller: FastController,
+                 trail: Trail | None = None) -> None:
+        super().__init__(observer, policy, trail)
         self.heads = heads
         self.controller = controller
         self.checked_layer: int | None = None  # exit whose head was asked this step
@@ -146,6 +147,8 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
         base = getattr(model, model.base_model_prefix)
         cache = model_kwargs["cache"]
         cache.activate_past_recording()  # catching up crops pending tokens
+        if step.trail is not None:
+            step.trail.expect(0)
         outputs = model._prefill(input_ids, generation_config, model_kwargs)
         logits = outputs.logits[:, -1]
         vocab = logits.shape[-1]
@@ -163,6 +166,8 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
             controller.catch_ups += 1
             crop_all(cache, exact)
             positions = torch.arange(exact, ids.shape[1], device=ids.device).unsqueeze(0)
+            if step.trail is not None:
+                step.trail.expect(exact)
             out = model(input_ids=ids[:, exact:], cache=cache, use_cache=True, position_ids=positions).logits
             for i, top in enumerate(shallow_top):
                 agreed = top == int(out[0, i].argmax())
@@ -188,6 +193,7 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
             if not shallow_top:  # nothing pending: any exit is fine, the full path goes on
                 step.ceiling = None
             step.unfamiliar_runs_full = not shallow_top
+            step.position = newest
             previous, runtime.policy = runtime.policy, step
             try:
                 hidden = base(input_ids=token, cache=cache, use_cache=True,

@@ -41,6 +41,64 @@ from .policy import ExitPolicy, PolicyDecision
 logger = logging.getLogger(__name__)
 
 
+class Trail:
+    """The memory rows matched by each recent position's signature, so the policy can
+    judge a token as the continuation of a practised sequence (``ExitPolicy.decide``'s
+    ``after``).
+
+    Decisions taken while drafting record their rows. A position that only a full
+    forward saw (a prompt's last token, the last token of a fully accepted draft, a
+    token decoded on the full path or caught up in fast mode) is encoded on demand from
+    the signature-layer input of the latest full forward, which a pre-hook keeps (a
+    reference, nothing computed) when the decoding loop announces that forward with
+    :meth:`expect`.
+    """
+
+    def __init__(self, observer: Observer, policy: ExitPolicy, layer: nn.Module, counters: dict[str, float]) -> None:
+        self.observer, self.policy, self.counters = observer, policy, counters
+        self.rows: dict[int, torch.Tensor] = {}
+        self._hidden: torch.Tensor | None = None  # [seq, d] signature-layer input of a full forward
+        self._start = 0  # position of its first row
+        self._armed: int | None = None
+        self._handle = layer.register_forward_pre_hook(self._capture, with_kwargs=True)
+
+    def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._armed is not None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._hidden, self._start, self._armed = hidden[0].detach(), self._armed, None
+
+    def expect(self, start: int) -> None:
+        """The next model forward is a full one over positions from ``start`` on."""
+        self._armed = start
+
+    def record(self, position: int, rows: torch.Tensor | None) -> None:
+        if rows is not None:
+            self.rows[position] = rows
+
+    def truncate(self, length: int) -> None:
+        """Forget positions from ``length`` on (rejected drafts)."""
+        for position in [p for p in self.rows if p >= length]:
+            del self.rows[position]
+        if self._hidden is not None and self._start + self._hidden.shape[0] > length:
+            self._hidden = self._hidden[: max(0, length - self._start)]
+
+    def before(self, position: int) -> torch.Tensor | None:
+        """Rows matched by the token at ``position - 1``; ``None`` when it was never seen."""
+        previous = position - 1
+        if previous in self.rows:
+            return self.rows[previous]
+        if self._hidden is None or not 0 <= previous - self._start < self._hidden.shape[0]:
+            return None
+        sig = self.observer.encode(self._hidden[previous - self._start])
+        self.counters["observer_encodes"] += 1
+        rows = self.policy.matches(self.policy.similarities(sig)[0])
+        self.rows[previous] = rows
+        return rows
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
 class DraftStep:
     """Layer policy of one drafted token: run through the observer layer, decide, exit.
 
@@ -53,9 +111,11 @@ class DraftStep:
     a later token that would need a deeper exit ends the draft instead.
     """
 
-    def __init__(self, observer: Observer, policy: ExitPolicy) -> None:
+    def __init__(self, observer: Observer, policy: ExitPolicy, trail: Trail | None = None) -> None:
         self.observer = observer
         self.policy = policy
+        self.trail = trail  # where the previous token's memory matches come from
+        self.position = 0  # of the token the next forward feeds
         self.signature_layer = observer.layer + 1
         self.exit_layer: int | None = None
         self.exit_hidden: torch.Tensor | None = None
@@ -73,7 +133,10 @@ class DraftStep:
             return True
         if layer_idx == self.signature_layer:
             self.signature = self.observer.encode(hidden[:, -1])
-            self.decision = self.policy.decide(self.signature)
+            after = self.trail.before(self.position) if self.trail is not None else None
+            self.decision = self.policy.decide(self.signature, after=after)
+            if self.trail is not None:
+                self.trail.record(self.position, self.decision.rows)
             self.exit_layer = self.decision.exit_layer
             if self.exit_layer is not None and self.ceiling is not None and self.exit_layer > self.ceiling:
                 self.exit_layer = None
@@ -89,15 +152,19 @@ class ShallowDrafter:
 
     def __init__(self, model: nn.Module, runtime: Any, observer: Observer, heads: ExitHeads,
                  policy: ExitPolicy, *, max_draft: int, min_confidence: float, counters: dict[str, float],
-                 on_full_path: Callable[[torch.Tensor], None] | None = None) -> None:
+                 on_full_path: Callable[[torch.Tensor], None] | None = None, trail: Trail | None = None,
+                 num_draft: int | None = None) -> None:
         self.base = getattr(model, model.base_model_prefix)
         self.model = model
         self.on_full_path = on_full_path  # gets the logits of a token that took the full path
         self.runtime = runtime
         self.heads = heads
-        self.step = DraftStep(observer, policy)
+        self.step = DraftStep(observer, policy, trail)
+        self.trail = trail
         self.max_draft = max_draft
-        self.num_draft = min(4, max_draft)  # doubles while every drafted token is accepted
+        # Doubles while every drafted token is accepted; the caller carries it from one
+        # generate call to the next (a practised workload keeps its long drafts).
+        self.num_draft = min(num_draft or 4, max_draft)
         self.min_confidence = min_confidence
         self.counters = counters
         # Back-off: after a draft attempt that produced nothing accepted, skip the next
@@ -111,10 +178,10 @@ class ShallowDrafter:
         self.full_logits: torch.Tensor | None = None
 
     @torch.no_grad()
-    def draft(self, input_ids: torch.Tensor, cache: Any, limit: int) -> torch.Tensor:
+    def draft(self, input_ids: torch.Tensor, cache: Any, limit: int, stop_ids: frozenset[int] = frozenset()) -> torch.Tensor:
         """Up to ``min(limit, adaptive length)`` draft tokens after ``input_ids`` [1, T],
-        whose last token is not in ``cache`` yet. Returns [1, k] (k may be 0); the cache
-        is left as it was."""
+        whose last token is not in ``cache`` yet; a drafted token in ``stop_ids`` (end of
+        sequence) is the last. Returns [1, k] (k may be 0); the cache is left as it was."""
         self.attempted = False
         self.full_logits = None
         budget = min(limit, self.num_draft)
@@ -137,6 +204,7 @@ class ShallowDrafter:
         self.step.unfamiliar_runs_full = True
         try:
             for index in range(budget):
+                self.step.position = position
                 hidden = self.base(input_ids=token, cache=cache, use_cache=True,
                                    position_ids=torch.tensor([[position]], device=token.device)).last_hidden_state
                 self.counters["draft_forwards"] += 1
@@ -161,6 +229,8 @@ class ShallowDrafter:
                     break
                 token = pred.token_ids.view(1, 1)
                 drafted.append(token)
+                if int(token) in stop_ids:  # nothing after the end is ever accepted
+                    break
                 position += 1
         finally:
             self.runtime.policy = previous
@@ -240,6 +310,11 @@ def make_decoder(drafter: ShallowDrafter, counters: dict[str, float]) -> Callabl
         do_sample = bool(generation_config.do_sample)
         cache = model_kwargs["cache"]
         cache.activate_past_recording()  # sliding-window layers must be able to roll back
+        eos = generation_config.eos_token_id
+        stop_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else [int(e) for e in eos])
+        trail = drafter.trail
+        if trail is not None:
+            trail.expect(0)
         outputs = model._prefill(input_ids, generation_config, model_kwargs)
         pending = outputs.logits[:, -1:]
         drafts = input_ids[:, :0]
@@ -255,15 +330,19 @@ def make_decoder(drafter: ShallowDrafter, counters: dict[str, float]) -> Callabl
             # The cache may hold only tokens before the newest one.
             valid = input_ids.shape[1] - 1
             crop_all(cache, valid)
+            if trail is not None:
+                trail.truncate(valid)
             if finished:
                 break
             limit = generation_config.max_length - input_ids.shape[1] - 1
-            drafts = drafter.draft(input_ids, cache, limit)
+            drafts = drafter.draft(input_ids, cache, limit, stop_ids)
             if drafter.full_logits is not None:  # the newest token already took the full path
                 pending = drafter.full_logits
                 continue
             verify = torch.cat([input_ids[:, -1:], drafts], dim=-1)
             counters["verify_forwards"] += 1
+            if trail is not None:
+                trail.expect(valid)
             pending = model(input_ids=verify, cache=cache, use_cache=True).logits
         if streamer is not None:
             streamer.end()

@@ -102,3 +102,33 @@ def test_decisions_are_counted_saved_and_merged():
     loaded.load_state_dict(policy.state_dict())
     loaded.merge(policy)
     assert loaded.decisions.tolist() == [0.0, 2.0, 2.0]
+
+
+def test_sequence_familiarity_needs_the_practised_order():
+    policy = ExitPolicy([3, 5], d_sae=64, threshold=0.5)
+    for _ in range(10):
+        policy.update(_sig([1, 2, 3, 4]), torch.tensor([[True, True]]))
+    a, b, c = _sig([1, 2, 3, 4]), _sig([10, 11, 12, 13]), _sig([20, 21, 22, 23])
+    # Practised sequence a -> b -> c, remembered in that order.
+    policy.remember(Signature(torch.cat([a.indices, b.indices, c.indices]), torch.cat([a.values, b.values, c.values])))
+    after_a = policy.decide(a).rows
+    assert policy.decide(b, after=after_a).familiarity == pytest.approx(1.0)  # b followed a
+    assert policy.decide(c, after=after_a).familiarity == 0.0  # c never followed a
+    assert policy.decide(c).familiarity == pytest.approx(1.0)  # on its own, c was practised
+    assert policy.decide(a, after=torch.zeros(0, dtype=torch.long)).exit_layer is None  # after an unfamiliar token
+    # The batch form scores a whole sequence the same way.
+    seq = Signature(torch.cat([a.indices, c.indices, b.indices]), torch.cat([a.values, c.values, b.values]))
+    assert policy.sequence_familiarity(seq).tolist() == pytest.approx([1.0, 0.0, 0.0], abs=1e-6)
+
+
+def test_matched_rows_keep_their_meaning_when_the_memory_changes():
+    policy = ExitPolicy([3], d_sae=64, memory_size=3)
+    a, b, c, x = (_sig(f) for f in ([1, 2, 3, 4], [10, 11, 12, 13], [20, 21, 22, 23], [30, 31, 32, 33]))
+    both = lambda *sigs: Signature(torch.cat([s.indices for s in sigs]), torch.cat([s.values for s in sigs]))  # noqa: E731
+    policy.remember(both(a, b, c))
+    after_a = policy.decide(a).rows
+    policy.remember(x)  # a is forgotten (memory of 3); b still follows it
+    assert policy.decide(b, after=after_a).familiarity == pytest.approx(1.0)
+    policy.reset()
+    policy.remember(both(c, b))  # a new memory: the old ids name nothing in it
+    assert policy.decide(b, after=after_a).familiarity == 0.0

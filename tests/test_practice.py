@@ -71,6 +71,31 @@ def test_drafted_tokens_skip_real_compute(practised):
     assert runs[3] < runs[0] and runs[3] == runs[2]
 
 
+def test_generate_leaves_no_hook_and_carries_the_draft_length(practised):
+    model, handle, _ = practised
+    layer = handle.parts.layers[handle.learner.signature_layer]
+    hooks = len(layer._forward_pre_hooks)
+    handle._draft_length = None
+    model.generate(input_ids=PROMPTS[0], max_new_tokens=20, do_sample=False)
+    assert len(layer._forward_pre_hooks) == hooks  # the trail's capture hook is gone
+    carried = handle._draft_length
+    assert carried is not None and 1 <= carried <= handle.config.max_draft
+    # The next call starts from the length the last one reached.
+    drafter_lengths = []
+    original = shortcut.speculate.ShallowDrafter.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        drafter_lengths.append(self.num_draft)
+
+    shortcut.speculate.ShallowDrafter.__init__ = spy
+    try:
+        model.generate(input_ids=PROMPTS[0], max_new_tokens=20, do_sample=False)
+    finally:
+        shortcut.speculate.ShallowDrafter.__init__ = original
+    assert drafter_lengths == [carried]
+
+
 def test_padded_batch_and_unsupported_options_take_full_path(practised, caplog):
     model, handle, _ = practised
     ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
