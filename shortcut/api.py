@@ -189,6 +189,8 @@ class Shortcut:
         trail = Trail(learner.observer, learner.policy, self.parts.layers[learner.signature_layer], self.draft_counters)
         try:
             if self.config.mode == "fast":
+                if self.fast.calibrated_for != learner.stats.consolidations:
+                    self.fast.recalibrate(learner.stats.consolidations)
                 step = FastStep(learner.observer, learner.policy, learner.heads, self.fast, trail)
                 decoder = make_fast_decoder(self._runtime, step, self.fast, self.draft_counters)
                 return original(*args, custom_generate=decoder, **kwargs)

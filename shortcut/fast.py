@@ -69,6 +69,14 @@ class FastController:
         self.full_steps = 0
         self.catch_ups = 0
         self.committed: list[int] = []  # positions (in the returned ids) of the latest call's shallow tokens
+        self.calibrated_for = 0  # the skills' consolidation count the bars were measured on
+
+    def recalibrate(self, consolidations: int) -> None:
+        """Start the bars again from their floors for re-fitted skills: audits of the
+        earlier heads say nothing about the new ones (errors of a first practice round
+        would otherwise keep the bars high for hundreds of audits). Counts are kept."""
+        self.min_confidence, self.min_familiarity = self.base_confidence, self.base_familiarity
+        self.calibrated_for = consolidations
 
     @property
     def error_rate(self) -> float:

@@ -293,3 +293,19 @@ def test_fast_calibration_settles_at_the_target_error_rate():
         controller.record_audit(True)
     assert controller.min_confidence == 0.3 and controller.min_familiarity == 0.9  # never below the floors
     assert controller.report()["measured_error_rate"] == pytest.approx(1 / 104)
+
+
+def test_fast_bars_restart_from_their_floors_after_a_refit(practised):
+    model, handle, _ = practised
+    controller = handle.fast
+    for _ in range(10):  # errors of earlier heads pushed both bars up
+        controller.record_audit(False)
+    raised = controller.min_confidence
+    handle.learner.consolidate(steps=5)
+    handle.config.mode = "fast"
+    try:
+        model.generate(input_ids=PROMPTS[0], max_new_tokens=4, do_sample=False)
+    finally:
+        handle.config.mode = "lossless"
+    assert controller.calibrated_for == handle.learner.stats.consolidations
+    assert controller.min_confidence <= controller.base_confidence + 4 * 0.05 < raised
