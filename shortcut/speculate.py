@@ -76,9 +76,9 @@ class Trail:
             self.rows[position] = rows
 
     def truncate(self, length: int) -> None:
-        """Forget positions from ``length`` on (rejected drafts)."""
-        for position in [p for p in self.rows if p >= length]:
-            del self.rows[position]
+        """Forget positions from ``length`` on (rejected drafts) and those before
+        ``length - 1`` (the next decision asks only for the token before the newest)."""
+        self.rows = {p: rows for p, rows in self.rows.items() if length - 1 <= p < length}
         if self._hidden is not None and self._start + self._hidden.shape[0] > length:
             self._hidden = self._hidden[: max(0, length - self._start)]
 
