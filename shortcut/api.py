@@ -194,9 +194,9 @@ class Shortcut:
                 step = FastStep(learner.observer, learner.policy, learner.heads, self.fast, trail)
                 decoder = make_fast_decoder(self._runtime, step, self.fast, self.draft_counters)
                 return original(*args, custom_generate=decoder, **kwargs)
-            drafter = ShallowDrafter(self.model, self._runtime, learner.observer, learner.heads, learner.policy,
+            drafter = ShallowDrafter(self.model, self._runtime, learner.observer, learner.heads, learner.policy, trail,
                                      max_draft=self.config.max_draft, min_confidence=self.config.draft_confidence,
-                                     counters=self.draft_counters, on_full_path=learner.learn_recorded, trail=trail,
+                                     counters=self.draft_counters, on_full_path=learner.learn_recorded,
                                      num_draft=self._draft_length)
             try:
                 return original(*args, custom_generate=make_decoder(drafter, self.draft_counters), **kwargs)

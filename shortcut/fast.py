@@ -116,7 +116,7 @@ class FastStep(DraftStep):
     pending (``unfamiliar_runs_full``), and stops otherwise (the loop catches up)."""
 
     def __init__(self, observer: Any, policy: Any, heads: ExitHeads, controller: FastController,
-                 trail: Trail | None = None) -> None:
+                 trail: Trail) -> None:
         super().__init__(observer, policy, trail)
         self.heads = heads
         self.controller = controller
@@ -155,8 +155,7 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
         base = getattr(model, model.base_model_prefix)
         cache = model_kwargs["cache"]
         cache.activate_past_recording()  # catching up crops pending tokens
-        if step.trail is not None:
-            step.trail.expect(0)
+        step.trail.expect(0)
         outputs = model._prefill(input_ids, generation_config, model_kwargs)
         logits = outputs.logits[:, -1]
         vocab = logits.shape[-1]
@@ -174,8 +173,7 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
             controller.catch_ups += 1
             crop_all(cache, exact)
             positions = torch.arange(exact, ids.shape[1], device=ids.device).unsqueeze(0)
-            if step.trail is not None:
-                step.trail.expect(exact)
+            step.trail.expect(exact)
             out = model(input_ids=ids[:, exact:], cache=cache, use_cache=True, position_ids=positions).logits
             for i, top in enumerate(shallow_top):
                 agreed = top == int(out[0, i].argmax())

@@ -38,7 +38,7 @@ familiarity passes 43% (79% right) and 11% of novel tokens; exact repeats 95% ei
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,7 +55,7 @@ class PolicyDecision:
     exit_layer: int | None
     probabilities: torch.Tensor
     familiarity: float = 0.0
-    rows: torch.Tensor | None = None
+    rows: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
 
 class ExitPolicy:

@@ -71,9 +71,8 @@ class Trail:
         """The next model forward is a full one over positions from ``start`` on."""
         self._armed = start
 
-    def record(self, position: int, rows: torch.Tensor | None) -> None:
-        if rows is not None:
-            self.rows[position] = rows
+    def record(self, position: int, rows: torch.Tensor) -> None:
+        self.rows[position] = rows
 
     def truncate(self, length: int) -> None:
         """Forget positions from ``length`` on (rejected drafts) and those before
@@ -111,7 +110,7 @@ class DraftStep:
     a later token that would need a deeper exit ends the draft instead.
     """
 
-    def __init__(self, observer: Observer, policy: ExitPolicy, trail: Trail | None = None) -> None:
+    def __init__(self, observer: Observer, policy: ExitPolicy, trail: Trail) -> None:
         self.observer = observer
         self.policy = policy
         self.trail = trail  # where the previous token's memory matches come from
@@ -133,10 +132,8 @@ class DraftStep:
             return True
         if layer_idx == self.signature_layer:
             self.signature = self.observer.encode(hidden[:, -1])
-            after = self.trail.before(self.position) if self.trail is not None else None
-            self.decision = self.policy.decide(self.signature, after=after)
-            if self.trail is not None:
-                self.trail.record(self.position, self.decision.rows)
+            self.decision = self.policy.decide(self.signature, after=self.trail.before(self.position))
+            self.trail.record(self.position, self.decision.rows)
             self.exit_layer = self.decision.exit_layer
             if self.exit_layer is not None and self.ceiling is not None and self.exit_layer > self.ceiling:
                 self.exit_layer = None
@@ -151,8 +148,8 @@ class ShallowDrafter:
     """Drafts tokens with the shallow path of the model itself."""
 
     def __init__(self, model: nn.Module, runtime: Any, observer: Observer, heads: ExitHeads,
-                 policy: ExitPolicy, *, max_draft: int, min_confidence: float, counters: dict[str, float],
-                 on_full_path: Callable[[torch.Tensor], None] | None = None, trail: Trail | None = None,
+                 policy: ExitPolicy, trail: Trail, *, max_draft: int, min_confidence: float,
+                 counters: dict[str, float], on_full_path: Callable[[torch.Tensor], None] | None = None,
                  num_draft: int | None = None) -> None:
         self.base = getattr(model, model.base_model_prefix)
         self.model = model
@@ -160,7 +157,6 @@ class ShallowDrafter:
         self.runtime = runtime
         self.heads = heads
         self.step = DraftStep(observer, policy, trail)
-        self.trail = trail
         self.max_draft = max_draft
         # Doubles while every drafted token is accepted; the caller carries it from one
         # generate call to the next (a practised workload keeps its long drafts).
@@ -312,9 +308,8 @@ def make_decoder(drafter: ShallowDrafter, counters: dict[str, float]) -> Callabl
         cache.activate_past_recording()  # sliding-window layers must be able to roll back
         eos = generation_config.eos_token_id
         stop_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else [int(e) for e in eos])
-        trail = drafter.trail
-        if trail is not None:
-            trail.expect(0)
+        trail = drafter.step.trail
+        trail.expect(0)
         outputs = model._prefill(input_ids, generation_config, model_kwargs)
         pending = outputs.logits[:, -1:]
         drafts = input_ids[:, :0]
@@ -330,8 +325,7 @@ def make_decoder(drafter: ShallowDrafter, counters: dict[str, float]) -> Callabl
             # The cache may hold only tokens before the newest one.
             valid = input_ids.shape[1] - 1
             crop_all(cache, valid)
-            if trail is not None:
-                trail.truncate(valid)
+            trail.truncate(valid)
             if finished:
                 break
             limit = generation_config.max_length - input_ids.shape[1] - 1
@@ -341,8 +335,7 @@ def make_decoder(drafter: ShallowDrafter, counters: dict[str, float]) -> Callabl
                 continue
             verify = torch.cat([input_ids[:, -1:], drafts], dim=-1)
             counters["verify_forwards"] += 1
-            if trail is not None:
-                trail.expect(valid)
+            trail.expect(valid)
             pending = model(input_ids=verify, cache=cache, use_cache=True).logits
         if streamer is not None:
             streamer.end()
