@@ -177,7 +177,10 @@ class Shortcut:
                 or self._runtime.policy is not None):
             return original(*args, **kwargs)
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-        if learner.enabled and isinstance(input_ids, torch.Tensor) and input_ids.shape[0] == 1:
+        single = isinstance(input_ids, torch.Tensor) and input_ids.shape[0] == 1
+        practised = single and learner.was_practised(input_ids[0].tolist())  # before this call is logged
+        commit = self.config.mode == "fast" and (practised or not self.config.fast_practised_prompts_only)
+        if learner.enabled and single:
             learner.practised.append(input_ids[0].tolist())  # the replay log consolidation reads
         bad = unsupported_options(self.model, kwargs, input_ids)
         if bad:
@@ -188,12 +191,14 @@ class Shortcut:
             return original(*args, **kwargs)
         trail = Trail(learner.observer, learner.policy, self.parts.layers[learner.signature_layer], self.draft_counters)
         try:
-            if self.config.mode == "fast":
+            if commit:
                 if self.fast.calibrated_for != learner.stats.consolidations:
                     self.fast.recalibrate(learner.stats.consolidations)
                 step = FastStep(learner.observer, learner.policy, learner.heads, self.fast, trail)
                 decoder = make_fast_decoder(self._runtime, step, self.fast, self.draft_counters)
                 return original(*args, custom_generate=decoder, **kwargs)
+            if self.config.mode == "fast":
+                self.fast.lossless_calls += 1  # a prompt never practised verbatim: verify, do not commit
             drafter = ShallowDrafter(self.model, self._runtime, learner.observer, learner.heads, learner.policy, trail,
                                      max_draft=self.config.max_draft, min_confidence=self.config.draft_confidence,
                                      counters=self.draft_counters, on_full_path=learner.learn_recorded,

@@ -117,10 +117,20 @@ class Learner:
         # Token ids of the prompt of every generate call made while learning (the replay
         # log the consolidation script reads; a prompt practised in 3 rounds is there 3 times).
         self.practised: list[list[int]] = []
+        self._practised_keys: set[tuple[int, ...]] = set()  # the log's first _keyed entries, as a set
+        self._keyed = 0
         self._since_consolidation = 0
         self._recorded: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
         self._gate: Any = None
+
+    def was_practised(self, prompt: list[int]) -> bool:
+        """Whether a generate call with exactly this prompt (token ids) is in the replay log."""
+        if self._keyed > len(self.practised):  # the log was replaced or cut: start again
+            self._practised_keys, self._keyed = set(), 0
+        self._practised_keys.update(tuple(ids) for ids in self.practised[self._keyed:])
+        self._keyed = len(self.practised)
+        return tuple(prompt) in self._practised_keys
 
     # -- hooks --------------------------------------------------------------------
     def install(self, gate: Any) -> None:

@@ -309,3 +309,34 @@ def test_fast_bars_restart_from_their_floors_after_a_refit(practised):
         handle.config.mode = "lossless"
     assert controller.calibrated_for == handle.learner.stats.consolidations
     assert controller.min_confidence <= controller.base_confidence + 4 * 0.05 < raised
+
+
+def test_fast_mode_commits_only_on_prompts_practised_verbatim(practised):
+    """A prompt not in the replay log decodes losslessly in fast mode (the model's own
+    tokens, nothing committed); with the option off the bars alone decide."""
+    model, handle, _ = practised
+    with handle.disabled():  # not in the log, but continues a practised text: shallow paths look familiar
+        reworded = model.generate(input_ids=PROMPTS[0], max_new_tokens=2, do_sample=False)
+    assert handle.learner.was_practised(PROMPTS[0][0].tolist())
+    assert not handle.learner.was_practised(reworded[0].tolist())
+    with handle.disabled():
+        ref = model.generate(input_ids=reworded, max_new_tokens=16, do_sample=False)
+    controller, saved = handle.fast, handle.fast.min_confidence
+    controller.min_confidence = controller.base_confidence = 0.0  # a random tiny model is never confident
+    handle.config.mode = "fast"
+    handle.set_learning(False)  # keep the reworded prompt out of the log
+    try:
+        calls, exits = controller.lossless_calls, controller.exits
+        assert torch.equal(model.generate(input_ids=reworded, max_new_tokens=16, do_sample=False), ref)
+        assert controller.lossless_calls == calls + 1 and controller.exits == exits and controller.committed == []
+        model.generate(input_ids=PROMPTS[0], max_new_tokens=16, do_sample=False)
+        assert controller.lossless_calls == calls + 1 and controller.exits > exits  # practised: commits
+        handle.config.fast_practised_prompts_only = False
+        controller.recalibrate(controller.calibrated_for)  # audits of the call above moved the bars
+        exits = controller.exits
+        model.generate(input_ids=reworded, max_new_tokens=16, do_sample=False)
+        assert controller.lossless_calls == calls + 1 and controller.exits > exits
+    finally:
+        handle.config.mode, handle.config.fast_practised_prompts_only = "lossless", True
+        controller.min_confidence = controller.base_confidence = saved
+        handle.set_learning(True)
