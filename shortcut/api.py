@@ -177,11 +177,11 @@ class Shortcut:
                 or self._runtime.policy is not None):
             return original(*args, **kwargs)
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-        single = isinstance(input_ids, torch.Tensor) and input_ids.shape[0] == 1
-        practised = single and learner.was_practised(input_ids[0].tolist())  # before this call is logged
-        commit = self.config.mode == "fast" and (practised or not self.config.fast_practised_prompts_only)
-        if learner.enabled and single:
-            learner.practised.append(input_ids[0].tolist())  # the replay log consolidation reads
+        prompt = input_ids[0].tolist() if isinstance(input_ids, torch.Tensor) and input_ids.shape[0] == 1 else None
+        commit = self.config.mode == "fast" and (  # asked before this call is logged
+            not self.config.fast_practised_prompts_only or (prompt is not None and learner.was_practised(prompt)))
+        if learner.enabled and prompt is not None:
+            learner.practised.append(prompt)  # the replay log consolidation reads
         bad = unsupported_options(self.model, kwargs, input_ids)
         if bad:
             message = ", ".join(bad)
