@@ -139,3 +139,12 @@ def test_fresh_skills_take_observer_and_exit_layers(tiny_model_dir, tmp_path, ca
                      "--out", str(tmp_path / "bad"), *FAST_PRACTICE]) == 2
     assert "do not lie above" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_bench_verify_times_every_width(tiny_model_dir, capsys):
+    from shortcut.evals import bench_verify
+
+    relative = bench_verify.main(["--model", str(tiny_model_dir), "--repeats", "1"])
+    assert list(relative) == list(bench_verify.WIDTHS) and relative[1] == 1.0
+    assert all(value > 0 for value in relative.values())
+    assert "x one token" in capsys.readouterr().out
