@@ -20,9 +20,8 @@ written by ``shortcut-eval practice --out runs/eval/full``: 30 prompts x 5 round
     python evals/bench_finetune.py --test-prompts 15        # faster
     python evals/bench_finetune.py --layerskip              # also the LoRA level
 
-The practice benchmark measures through ``model.generate`` and does not write its
-prompts to the replay log; when the log is empty, this script writes a copy of the
-skills whose replay log holds the prompts that benchmark practised (the first
+Skills whose replay log is empty (written before practice calls were logged) get a
+copy whose log holds the prompts the practice benchmark practised (the first
 ``--prompts`` of split "practice").
 """
 

@@ -330,6 +330,7 @@ def load(model: PreTrainedModel, folder: str | Path) -> Shortcut:
             observer, heads, policy, practised = learned
             handle.attach_observer(observer, heads=heads, policy=policy)
             handle.learner.practised.extend(practised)
+            handle.learner.fitted_log = len(practised)  # saved skills: heads fitted on their log
     except BaseException:
         handle.remove()
         raise

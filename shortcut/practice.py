@@ -117,6 +117,8 @@ class Learner:
         # Token ids of the prompt of every generate call made while learning (the replay
         # log the consolidation script reads; a prompt practised in 3 rounds is there 3 times).
         self.practised: list[list[int]] = []
+        # How many log entries the heads had been fitted on at the latest consolidation.
+        self.fitted_log = 0
         self._practised_keys: set[tuple[int, ...]] = set()  # the log's first _keyed entries, as a set
         self._keyed = 0
         self._since_consolidation = 0
@@ -125,11 +127,13 @@ class Learner:
         self._gate: Any = None
 
     def was_practised(self, prompt: list[int]) -> bool:
-        """Whether a generate call with exactly this prompt (token ids) is in the replay log."""
-        if self._keyed > len(self.practised):  # the log was replaced or cut: start again
+        """Whether a generate call with exactly this prompt (token ids) is in the replay
+        log, and was already there when the heads were last re-fitted."""
+        fitted = min(self.fitted_log, len(self.practised))
+        if self._keyed > fitted:  # the log was replaced or cut: start again
             self._practised_keys, self._keyed = set(), 0
-        self._practised_keys.update(tuple(ids) for ids in self.practised[self._keyed:])
-        self._keyed = len(self.practised)
+        self._practised_keys.update(tuple(ids) for ids in self.practised[self._keyed:fitted])
+        self._keyed = fitted
         return tuple(prompt) in self._practised_keys
 
     # -- hooks --------------------------------------------------------------------
@@ -227,6 +231,7 @@ class Learner:
         self.policy.update(sig, self.outcomes(states, tokens))
         self.policy.remember(sig)
         self._since_consolidation = 0
+        self.fitted_log = len(self.practised)
         took = time.perf_counter() - start
         self.stats.consolidations += 1
         self.stats.consolidate_seconds += took

@@ -312,8 +312,9 @@ def test_fast_bars_restart_from_their_floors_after_a_refit(practised):
 
 
 def test_fast_mode_commits_only_on_prompts_practised_verbatim(practised):
-    """A prompt not in the replay log decodes losslessly in fast mode (the model's own
-    tokens, nothing committed); with the option off the bars alone decide."""
+    """A prompt not in the replay log (or logged after the heads' latest re-fit) decodes
+    losslessly in fast mode (the model's own tokens, nothing committed); with the option
+    off the bars alone decide."""
     model, handle, _ = practised
     with handle.disabled():  # not in the log, but continues a practised text: shallow paths look familiar
         reworded = model.generate(input_ids=PROMPTS[0], max_new_tokens=2, do_sample=False)
@@ -340,3 +341,8 @@ def test_fast_mode_commits_only_on_prompts_practised_verbatim(practised):
         handle.config.mode, handle.config.fast_practised_prompts_only = "lossless", True
         controller.min_confidence = controller.base_confidence = saved
         handle.set_learning(True)
+    # A prompt counts once the heads have been re-fitted after it was logged.
+    model.generate(input_ids=reworded, max_new_tokens=4, do_sample=False)
+    assert not handle.learner.was_practised(reworded[0].tolist())
+    handle.learner.consolidate(steps=1)
+    assert handle.learner.was_practised(reworded[0].tolist())
