@@ -39,11 +39,12 @@ class ShortcutConfig:
             (shortlist softmax) is at least this; audits raise the bar while the measured
             error rate is above ``target_error_rate``.
         fast_practised_prompts_only: fast mode commits shallow tokens only in generate
-            calls whose prompt was practised verbatim (it is in the replay log); any other
-            call decodes losslessly with the same skills. Deep layers read every prompt
-            token, so a reworded prompt moves answers where the shallow path cannot see it:
-            on SmolLM2 near-duplicate prompts committed 4.8% wrong tokens against a 1%
-            target (README). ``False`` lets the bars alone decide.
+            calls whose prompt was practised verbatim (in the replay log before the
+            heads' latest re-fit); any other call decodes losslessly with the same
+            skills. Deep layers read every prompt token, so a reworded prompt moves
+            answers where the shallow path cannot see it: on SmolLM2 near-duplicate
+            prompts committed 4.8% wrong tokens against a 1% target (README). ``False``
+            lets the bars alone decide.
         max_draft: most tokens one lossless draft may propose before verification; the
             draft length adapts below it. 32 rather than 16: exact repeats 3.09x instead
             of 2.64x plain on SmolLM2 (with the length carried across calls; README).

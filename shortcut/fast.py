@@ -32,7 +32,7 @@ committed token differed, the text has left the practised trajectory: the rest o
 call takes the full path.
 
 Which calls commit at all: only those whose prompt was practised verbatim (it is in the
-replay log; ``ShortcutConfig.fast_practised_prompts_only``). Every deep layer reads every
+replay log, logged before the heads' latest re-fit; ``ShortcutConfig.fast_practised_prompts_only``). Every deep layer reads every
 prompt token, so a reworded prompt (another opening, one changed detail) moves the answer
 in ways the shallow path cannot see: on SmolLM2 near-duplicate prompts committed 4.8% of
 tokens wrong at bars that keep exact repeats at 0.12 of plain FLOPs, and no bar on the
