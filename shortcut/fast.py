@@ -31,10 +31,10 @@ confident and the signatures a little less familiar. And once a catch-up shows t
 committed token differed, the text has left the practised trajectory: the rest of that
 call takes the full path.
 
-Which calls commit at all: only those whose prompt was practised verbatim (it is in the
-replay log, logged before the heads' latest re-fit; ``ShortcutConfig.fast_practised_prompts_only``). Every deep layer reads every
-prompt token, so a reworded prompt (another opening, one changed detail) moves the answer
-in ways the shallow path cannot see: on SmolLM2 near-duplicate prompts committed 4.8% of
+Which calls commit at all: only those whose prompt was practised verbatim (in the replay
+log before the heads' latest re-fit; ``ShortcutConfig.fast_practised_prompts_only``).
+Every deep layer reads every prompt token, so a reworded prompt (another opening, one
+changed detail) moves the answer in ways the shallow path cannot see: on SmolLM2 near-duplicate prompts committed 4.8% of
 tokens wrong at bars that keep exact repeats at 0.12 of plain FLOPs, and no bar on the
 layer-2/3 signals separated them (the wrong heads are confident, their signatures
 familiar). Other calls decode losslessly with the same skills (``lossless_calls``).
