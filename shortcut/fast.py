@@ -34,10 +34,11 @@ call takes the full path.
 Which calls commit at all: only those whose prompt was practised verbatim (in the replay
 log before the heads' latest re-fit; ``ShortcutConfig.fast_practised_prompts_only``).
 Every deep layer reads every prompt token, so a reworded prompt (another opening, one
-changed detail) moves the answer in ways the shallow path cannot see: on SmolLM2 near-duplicate prompts committed 4.8% of
-tokens wrong at bars that keep exact repeats at 0.12 of plain FLOPs, and no bar on the
-layer-2/3 signals separated them (the wrong heads are confident, their signatures
-familiar). Other calls decode losslessly with the same skills (``lossless_calls``).
+changed detail) moves the answer in ways the shallow path cannot see: on SmolLM2
+near-duplicate prompts committed 4.8% of tokens wrong at bars that keep exact repeats
+at 0.12 of plain FLOPs, and no bar on the layer-2/3 signals separated them (the wrong
+heads are confident, their signatures familiar). Other calls decode losslessly with the
+same skills (``lossless_calls``).
 """
 
 from __future__ import annotations
@@ -113,8 +114,8 @@ class FastController:
 
     def report(self) -> dict[str, float]:
         return {"exits": self.exits, "unsure": self.unsure, "full_steps": self.full_steps,
-                "catch_ups": self.catch_ups, "lossless_calls": self.lossless_calls, "audits": self.audits, "audit_errors": self.errors,
-                "measured_error_rate": self.error_rate, "min_confidence": self.min_confidence,
+                "catch_ups": self.catch_ups, "lossless_calls": self.lossless_calls, "audits": self.audits,
+                "audit_errors": self.errors, "measured_error_rate": self.error_rate, "min_confidence": self.min_confidence,
                 "min_familiarity": self.min_familiarity}
 
 
