@@ -141,7 +141,9 @@ def candidate_logits(system: System, mode: str, sequence: torch.Tensor) -> tuple
     bar too) and whose exit head is confident enough to commit (fast mode's
     confidence bar), the exit head's logits at the chosen layer, else the full path's;
     hidden states come from a full forward, so this measures the decisions with an
-    exact cache (the practice task's fast rows measure real committed decoding).
+    exact cache (the practice task's fast rows measure real committed decoding). These
+    are the gates alone, as with ``fast_practised_prompts_only=False``: ``generate`` on
+    a prompt never practised verbatim decodes losslessly.
     """
     handle = system.handle
     if mode == "lossless":
