@@ -136,9 +136,9 @@ def candidate_logits(system: System, mode: str, sequence: torch.Tensor) -> tuple
     (``num_layers`` for the full path).
 
     lossless: the wrapped model's own logits (drafts are verified, so what it emits is
-    the full path's). fast: at positions the policy calls familiar as a sequence (each token continuing
-    its predecessor's practised matches, as in decoding; above fast mode's familiarity
-    bar too) and whose exit head is confident enough to commit (fast mode's
+    the full path's). fast: at positions the policy calls familiar as a sequence (each
+    token continuing its predecessor's practised matches, as in decoding; above fast
+    mode's familiarity bar too) and whose exit head is confident enough to commit (fast mode's
     confidence bar), the exit head's logits at the chosen layer, else the full path's;
     hidden states come from a full forward, so this measures the decisions with an
     exact cache (the practice task's fast rows measure real committed decoding). These
