@@ -318,9 +318,10 @@ def make_decoder(drafter: ShallowDrafter, counters: dict[str, float]) -> Callabl
             for i in range(pending.shape[1]):
                 input_ids, token, finished = choose_next(input_ids, pending[:, i], logits_processor,
                                                          stopping_criteria, do_sample, streamer)
-                if finished or i == drafts.shape[1] or int(token) != int(drafts[0, i]):
+                matched = i < drafts.shape[1] and int(token) == int(drafts[0, i])
+                accepted += matched  # a drafted end-of-sequence that matched counts too
+                if finished or not matched:
                     break
-                accepted += 1
             drafter.record(drafts.shape[1], accepted)
             # The cache may hold only tokens before the newest one.
             valid = input_ids.shape[1] - 1

@@ -96,6 +96,47 @@ def test_generate_leaves_no_hook_and_carries_the_draft_length(practised):
     assert drafter_lengths == [carried]
 
 
+def test_acceptance_counts_every_matching_draft_token_including_the_end(practised):
+    """``accepted`` is the length of each draft's prefix that equals the output, also
+    when the last accepted token ends the sequence (a shortfall there would also shrink
+    the draft length carried into the next call)."""
+    model, handle, _ = practised
+    drafts, records = [], []
+    draft, record = shortcut.speculate.ShallowDrafter.draft, shortcut.speculate.ShallowDrafter.record
+
+    def spy_draft(self, input_ids, *args, **kwargs):
+        out = draft(self, input_ids, *args, **kwargs)
+        drafts.append((input_ids.shape[1], out[0].tolist()))
+        return out
+
+    def spy_record(self, drafted, accepted):
+        records.append((drafted, accepted))
+        return record(self, drafted, accepted)
+
+    ended = 0
+    shortcut.speculate.ShallowDrafter.draft, shortcut.speculate.ShallowDrafter.record = spy_draft, spy_record
+    try:
+        for prompt in PROMPTS:
+            with handle.disabled():
+                ref = model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False)[0, prompt.shape[1]:]
+            for eos in dict.fromkeys(ref[2:].tolist()):  # end-of-sequence tokens the practised answer reaches
+                drafts.clear(), records.clear()
+                out = model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False, eos_token_id=eos)[0]
+                with handle.disabled():
+                    assert torch.equal(out, model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False,
+                                                           eos_token_id=eos)[0])
+                for (start, tokens), (drafted, accepted) in zip(drafts, records[1:]):  # records[0]: the prefill
+                    assert drafted == len(tokens)
+                    matching = 0
+                    while matching < len(tokens) and start + matching < len(out) and tokens[matching] == int(out[start + matching]):
+                        matching += 1
+                    assert accepted == matching
+                    ended += bool(tokens) and tokens[-1] == eos and matching == len(tokens)
+    finally:
+        shortcut.speculate.ShallowDrafter.draft, shortcut.speculate.ShallowDrafter.record = draft, record
+    assert ended, "some practised answer should be drafted up to its end"
+
+
 def test_padded_batch_and_unsupported_options_take_full_path(practised, caplog):
     model, handle, _ = practised
     ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
