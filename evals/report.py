@@ -21,6 +21,7 @@ COLUMNS = [  # (key, header, format)
     ("identical", "identical", "{:.0%}"),
     ("agreement", "agree", "{:.1%}"),
     ("acceptance", "accept", "{:.0%}"),
+    ("replayed_share", "replayed", "{:.0%}"),
     ("learn_seconds", "learn s", "{:.1f}"),
     ("consolidate_seconds", "refit s", "{:.1f}"),
     ("perplexity", "ppl", "{:.3f}"),

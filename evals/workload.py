@@ -164,6 +164,7 @@ def generate(method: Method, ids: torch.Tensor, new_tokens: int) -> dict[str, An
         cost = decode_only(shortcut_cost(system.sizes, stats, counters), system.sizes, ids.shape[1])
     return {"output": out, "seconds": seconds, "new_tokens": new, "cost": cost,
             "drafted": counters.get("drafted", 0.0), "accepted": counters.get("accepted", 0.0),
+            "replayed": counters.get("replay_accepted", 0.0),
             "learn_seconds": (learner.stats.learn_seconds - learn_before) if learner else 0.0}
 
 
@@ -199,7 +200,8 @@ def measure_prompt(methods: list[Method], plain: Method, record: dict, new_token
             "speed_ratio": base["seconds"] / run["seconds"],
             "bytes_rel": run["cost"]["bytes"] / reference["bytes"], "flops_rel": run["cost"]["flops"] / reference["flops"],
             "identical": bool(torch.equal(run["output"], base["output"])), "agreed_tokens": agree,
-            "drafted": run["drafted"], "accepted": run["accepted"], "learn_seconds": run["learn_seconds"],
+            "drafted": run["drafted"], "accepted": run["accepted"], "replayed": run["replayed"],
+            "learn_seconds": run["learn_seconds"],
             "output_ids": run["output"][0, ids.shape[1]:].tolist(),
         }
     return rows
@@ -220,6 +222,8 @@ def summarise(rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         "agreement": sum(r["agreed_tokens"] for r in rows) / max(tokens, 1),
         "acceptance": sum(r["accepted"] for r in rows) / drafted if drafted else None,
         "drafted_per_token": drafted / max(tokens, 1),
+        # generated tokens that were accepted drafts replayed from practised sequences
+        "replayed_share": sum(r.get("replayed", 0.0) for r in rows) / max(tokens, 1),
         "learn_seconds": sum(r["learn_seconds"] for r in rows),
     }
     summary.update(extra)

@@ -202,11 +202,15 @@ class Shortcut:
             drafter = ShallowDrafter(self.model, self._runtime, learner.observer, learner.heads, learner.policy, trail,
                                      max_draft=self.config.max_draft, min_confidence=self.config.draft_confidence,
                                      counters=self.draft_counters, on_full_path=learner.learn_recorded,
-                                     num_draft=self._draft_length)
+                                     num_draft=self._draft_length,
+                                     sequences=learner.sequences if self.config.replay_sequences else None)
             try:
-                return original(*args, custom_generate=make_decoder(drafter, self.draft_counters), **kwargs)
+                output = original(*args, custom_generate=make_decoder(drafter, self.draft_counters), **kwargs)
             finally:
                 self._draft_length = drafter.num_draft
+            if learner.enabled:  # lossless output is the full model's: a sequence later calls may replay
+                learner.sequences.add(output[0].tolist())
+            return output
         finally:
             trail.close()
 
@@ -327,9 +331,10 @@ def load(model: PreTrainedModel, folder: str | Path) -> Shortcut:
     try:
         learned = skills.load_learned(folder, manifest, handle.parts, manifest["base_model"], config=config)
         if learned is not None:
-            observer, heads, policy, practised = learned
+            observer, heads, policy, practised, sequences = learned
             handle.attach_observer(observer, heads=heads, policy=policy)
             handle.learner.practised.extend(practised)
+            handle.learner.sequences.extend(sequences)
             handle.learner.fitted_log = len(practised)  # saved skills: heads fitted on their log
     except BaseException:
         handle.remove()

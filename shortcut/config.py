@@ -49,6 +49,10 @@ class ShortcutConfig:
             draft length adapts below it. 32 rather than 16: exact repeats 3.09x instead
             of 2.64x plain on SmolLM2 (with the length carried across calls; README).
         draft_confidence: a draft stops where the exit head's confidence falls below this.
+        replay_sequences: lossless drafts first try the practised sequences (prompt and
+            output of each lossless call made while learning): where the text ends the
+            way one went on, what followed is drafted without running any layer
+            (``shortcut/sequences.py``). ``False`` drafts with the shallow path only.
         policy_threshold: exit where the policy predicts at least this agreement.
         consolidate_every: re-fit heads and policy after this many newly practised
             tokens during ordinary use (0: only at the end of ``practice`` rounds).
@@ -66,6 +70,7 @@ class ShortcutConfig:
     fast_practised_prompts_only: bool = True
     max_draft: int = 32
     draft_confidence: float = 0.3
+    replay_sequences: bool = True
     policy_threshold: float = 0.8
     consolidate_every: int = 1024
     fit_steps: int = 300

@@ -383,7 +383,7 @@ def relearn_policy(observer: Any, policy: Any, sig_states: torch.Tensor, agrees:
 def consolidate_heads(model: nn.Module, parts: ModelParts, learned: tuple, examples: list[Example],
                       cfg: FinetuneConfig, ckpt: Checkpoints, progress: bool) -> dict[str, Any]:
     """Collect states over ``examples``, re-fit the heads, re-learn the policy (in place)."""
-    observer, heads, policy, _ = learned
+    observer, heads, policy = learned[:3]
     sig_layer = observer.layer + 1
     layers = sorted(set(heads.layers) | {sig_layer})
     states, final, tokens = collect(model, parts, examples, layers, progress)
@@ -507,7 +507,7 @@ def write_output(output: Path, source: Path, manifest: dict[str, Any], learned: 
     """Write the consolidated skills folder atomically; finished checkpoints are dropped."""
     from safetensors.torch import save_file
 
-    _, heads, policy, _ = learned
+    _, heads, policy = learned[:3]
     contents = dict(manifest["contents"])
     brief = {k: summary[k] for k in ("level", "replayed_prompts", "extra_prompts", "extra_texts", "seconds")}
     brief["heads"] = {k: v for k, v in summary["heads"].items() if k != "fit"}

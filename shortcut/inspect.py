@@ -61,7 +61,10 @@ def describe(folder: Path, *, top: int = 10) -> str:
                                    for w, f in zip(strongest.values, strongest.indices) if w > 0) or "    none yet")
     log = folder / contents.get("replay_log", "replay_log.json")
     if log.is_file():
-        lines.append(f"  replay log: {len(json.loads(log.read_text())['prompts'])} practised prompts")
+        replay = json.loads(log.read_text())
+        sequences = replay.get("sequences", [])
+        lines.append(f"  replay log: {len(replay['prompts'])} practised prompts, {len(sequences)} practised sequences "
+                     f"({sum(len(s) for s in sequences)} tokens) that lossless drafts replay")
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     lines.append(f"  size on disk: {size / 1e6:.1f} MB")
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """``shortcut merge``: several workers' practice on one base model, added up.
 
 Policies merge by evidence (see ExitPolicy.merge); exit-head translators are averaged,
-weighted by the tokens each worker practised; shortlists and replay logs are united.
+weighted by the tokens each worker practised; shortlists and replay logs (prompts and
+practised sequences) are united.
 All inputs must share the base model and the very same observer (identical SAE
 weights): signatures of different SAEs do not mean the same thing. Folders holding a
 LoRA adapter (``shortcut-finetune --level layerskip``) are refused: their heads and
@@ -55,15 +56,16 @@ def merge_skills(folders: list[Path], output: Path, *, overwrite: bool = False) 
     if len({_digest(w) for w in weights}) != 1:
         raise ValueError("the folders use different observers (SAE weights differ): their signatures do not mix")
 
-    policies, heads_states, practised = [], [], []
+    policies, heads_states, practised, sequences = [], [], [], []
     for folder in folders:
         state = load_file(str(folder / POLICY_FILE))
         policy = ExitPolicy([int(x) for x in state["exit_layers"].tolist()], state["weights"].shape[1])
         policy.load_state_dict(state)
         policies.append(policy)
         heads_states.append(load_file(str(folder / HEADS_FILE)))
-        log = folder / REPLAY_LOG
-        practised.extend(json.loads(log.read_text())["prompts"] if log.is_file() else [])
+        log = json.loads((folder / REPLAY_LOG).read_text()) if (folder / REPLAY_LOG).is_file() else {}
+        practised.extend(log.get("prompts", []))
+        sequences.extend(log.get("sequences", []))
     tokens = torch.tensor([float(p.trials.max()) for p in policies])
     share = tokens / tokens.sum() if tokens.sum() > 0 else torch.full_like(tokens, 1 / len(tokens))
     merged_heads = {}
@@ -83,7 +85,8 @@ def merge_skills(folders: list[Path], output: Path, *, overwrite: bool = False) 
         shutil.copy(folders[0] / "config.json", tmp / "config.json")
         save_file({k: v.contiguous() for k, v in merged_heads.items()}, str(tmp / HEADS_FILE))
         save_file({k: v.contiguous() for k, v in merged_policy.state_dict().items()}, str(tmp / POLICY_FILE))
-        (tmp / REPLAY_LOG).write_text(json.dumps({"prompts": practised}) + "\n")
+        unique = [list(seq) for seq in dict.fromkeys(tuple(seq) for seq in sequences)]
+        (tmp / REPLAY_LOG).write_text(json.dumps({"prompts": practised, "sequences": unique}) + "\n")
         write_manifest(tmp, base, dict(manifests[0]["contents"], merged_from=[str(f) for f in folders]))
 
     return write_atomically(output, fill, overwrite=overwrite)

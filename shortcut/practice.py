@@ -31,6 +31,7 @@ from .arch import ModelParts
 from .heads import ExitHeads
 from .observe import Observer, Signature
 from .policy import ExitPolicy
+from .sequences import SequenceMemory
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,8 @@ class Learner:
         # Token ids of the prompt of every generate call made while learning (the replay
         # log the consolidation script reads; a prompt practised in 3 rounds is there 3 times).
         self.practised: list[list[int]] = []
+        # Prompt + output of every lossless generate call made while learning (deduplicated).
+        self.sequences = SequenceMemory()
         # How many log entries the heads had been fitted on at the latest consolidation.
         self.fitted_log = 0
         self._practised_keys: set[tuple[int, ...]] = set()  # the log's first _keyed entries, as a set

@@ -137,7 +137,8 @@ def merge_adapter(model: nn.Module, folder: Path) -> None:
 
 
 def save_learned(folder: Path, learner: Any, fingerprint_: dict[str, Any]) -> dict[str, Any]:
-    """Write observer, exit heads, policy and replay log of ``learner`` into ``folder``."""
+    """Write observer, exit heads, policy and replay log (practised prompts and
+    sequences) of ``learner`` into ``folder``."""
     from safetensors.torch import save_file
 
     from .observe import save_observer
@@ -147,7 +148,8 @@ def save_learned(folder: Path, learner: Any, fingerprint_: dict[str, Any]) -> di
     save_observer(observer.sae, folder / rel, layer=observer.layer, fingerprint=fingerprint_, quality=observer.quality)
     save_file({k: v.contiguous() for k, v in learner.heads.state_dict().items()}, str(folder / HEADS_FILE))
     save_file({k: v.contiguous() for k, v in learner.policy.state_dict().items()}, str(folder / POLICY_FILE))
-    (folder / REPLAY_LOG).write_text(json.dumps({"prompts": learner.practised}) + "\n")
+    (folder / REPLAY_LOG).write_text(json.dumps({"prompts": learner.practised,
+                                                  "sequences": learner.sequences.sequences}) + "\n")
     return {"observer": rel, "heads": HEADS_FILE, "policy": POLICY_FILE, "replay_log": REPLAY_LOG}
 
 
@@ -188,5 +190,5 @@ def load_learned(folder: Path, manifest: dict[str, Any], parts: ModelParts, fing
                         threshold=config.policy_threshold)
     policy.load_state_dict(policy_state)
     log_path = folder / contents.get("replay_log", REPLAY_LOG)
-    practised = json.loads(log_path.read_text())["prompts"] if log_path.is_file() else []
-    return observer, heads, policy, practised
+    log = json.loads(log_path.read_text()) if log_path.is_file() else {}
+    return observer, heads, policy, log.get("prompts", []), log.get("sequences", [])

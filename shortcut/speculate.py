@@ -5,15 +5,19 @@ transformers as ``custom_generate``: transformers still prepares the generation 
 logits processors, stopping criteria and cache, and runs the prefill exactly as plain
 decoding does. Each step of the loop then
 
-1. drafts: :class:`ShallowDrafter` feeds the last token through the model's own layers
+1. drafts: where the text ends the way a practised sequence went on (the prompt and
+   output of an earlier lossless call, ``shortcut/sequences.py``), the drafter proposes
+   what followed there and runs no layer at all. Otherwise
+   :class:`ShallowDrafter` feeds the last token through the model's own layers
    up to the observer, asks the policy for an exit layer from the SAE signature, runs
    up to that layer and lets the exit head name the next token (scored on the practised
    shortlist); it repeats until the policy sends a token to the full path, the head is
    unsure, or the adaptive draft length is reached. Draft keys/values are cropped from
    the cache before verification, so the cache verification extends is the full model's.
-   When the very first token is unfamiliar it simply continues through every layer: that
-   is plain decoding's step for that token, so its logits are used directly (no layer
-   runs twice, nothing to verify) and it is learned from like any full forward;
+   When the very first token is unfamiliar, or its head unsure, that forward simply
+   continues through every layer: it is plain decoding's step for that token, so its
+   logits are used directly (no layer runs twice, nothing to verify) and it is learned
+   from like any full forward;
 2. verifies: one full forward over the last token and the drafts;
 3. accepts: position by position it picks the next token from the full model's logits
    exactly as plain decoding does (same processors, ``argmax`` or one ``multinomial``
@@ -34,9 +38,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .heads import ExitHeads
+from .heads import ExitHeads, Prediction
 from .observe import Observer, Signature
 from .policy import ExitPolicy, PolicyDecision
+from .sequences import SequenceMemory
 
 logger = logging.getLogger(__name__)
 
@@ -110,10 +115,18 @@ class DraftStep:
     a later token that would need a deeper exit ends the draft instead.
     """
 
-    def __init__(self, observer: Observer, policy: ExitPolicy, trail: Trail) -> None:
+    def __init__(self, observer: Observer, policy: ExitPolicy, trail: Trail, *,
+                 heads: ExitHeads | None = None, min_confidence: float = 0.0) -> None:
         self.observer = observer
         self.policy = policy
         self.trail = trail  # where the previous token's memory matches come from
+        # With heads, the exit head is asked at the exit inside the forward; when the
+        # first token's head is unsure that forward goes on through every layer (the
+        # step verification would run anyway) instead of stopping and running again.
+        self.draft_heads = heads
+        self.min_confidence = min_confidence
+        self.prediction: Prediction | None = None
+        self.unsure = False
         self.position = 0  # of the token the next forward feeds
         self.signature_layer = observer.layer + 1
         self.exit_layer: int | None = None
@@ -126,6 +139,7 @@ class DraftStep:
 
     def begin(self, input_ids: torch.Tensor | None) -> None:
         self.exit_layer, self.exit_hidden, self.signature, self.decision = None, None, None, None
+        self.prediction, self.unsure = None, False
 
     def should_run(self, layer_idx: int, hidden: torch.Tensor) -> bool:
         if layer_idx < self.signature_layer:
@@ -141,6 +155,12 @@ class DraftStep:
             return self.unfamiliar_runs_full
         if layer_idx == self.exit_layer:
             self.exit_hidden = hidden
+            if self.draft_heads is not None:
+                self.prediction = self.draft_heads.predict(layer_idx, hidden[:, -1])
+                self.unsure = float(self.prediction.confidence) < self.min_confidence
+                if self.unsure and self.unfamiliar_runs_full:
+                    self.exit_layer = None
+                    return True
         return layer_idx < self.exit_layer
 
 
@@ -150,19 +170,21 @@ class ShallowDrafter:
     def __init__(self, model: nn.Module, runtime: Any, observer: Observer, heads: ExitHeads,
                  policy: ExitPolicy, trail: Trail, *, max_draft: int, min_confidence: float,
                  counters: dict[str, float], on_full_path: Callable[[torch.Tensor], None] | None = None,
-                 num_draft: int | None = None) -> None:
+                 num_draft: int | None = None, sequences: SequenceMemory | None = None) -> None:
         self.base = getattr(model, model.base_model_prefix)
         self.model = model
         self.on_full_path = on_full_path  # gets the logits of a token that took the full path
         self.runtime = runtime
         self.heads = heads
-        self.step = DraftStep(observer, policy, trail)
+        self.step = DraftStep(observer, policy, trail, heads=heads, min_confidence=min_confidence)
         self.max_draft = max_draft
         # Doubles while every drafted token is accepted; the caller carries it from one
         # generate call to the next (a practised workload keeps its long drafts).
         self.num_draft = min(num_draft or 4, max_draft)
         self.min_confidence = min_confidence
         self.counters = counters
+        self.sequences = sequences  # practised sequences: drafts that need no layer at all
+        self.replayed = False  # whether the latest draft came from them
         # Back-off: after a draft attempt that produced nothing accepted, skip the next
         # `_pause` steps (doubling up to 8): asking costs the layers up to the observer,
         # and unfamiliar text mostly answers "full path".
@@ -178,14 +200,20 @@ class ShallowDrafter:
         """Up to ``min(limit, adaptive length)`` draft tokens after ``input_ids`` [1, T],
         whose last token is not in ``cache`` yet; a drafted token in ``stop_ids`` (end of
         sequence) is the last. Returns [1, k] (k may be 0); the cache is left as it was."""
-        self.attempted = False
+        self.attempted, self.replayed = False, False
         self.full_logits = None
-        budget = min(limit, self.num_draft)
-        if budget <= 0 or self.heads.shortlist.numel() == 0:
+        if limit <= 0:
             return input_ids[:, :0]
         if self._skip > 0:
             self._skip -= 1
             self.counters["draft_paused"] += 1
+            return input_ids[:, :0]
+        if self.sequences is not None:
+            replay = self.replay(input_ids, min(limit, self.max_draft), stop_ids)
+            if replay.shape[1]:
+                return replay
+        budget = min(limit, self.num_draft)
+        if self.heads.shortlist.numel() == 0:
             return input_ids[:, :0]
         lengths = layer_lengths(cache)
         drafted: list[torch.Tensor] = []
@@ -201,6 +229,7 @@ class ShallowDrafter:
         try:
             for index in range(budget):
                 self.step.position = position
+                self.step.prediction, self.step.unsure = None, False
                 hidden = self.base(input_ids=token, cache=cache, use_cache=True,
                                    position_ids=torch.tensor([[position]], device=token.device)).last_hidden_state
                 self.counters["draft_forwards"] += 1
@@ -208,6 +237,7 @@ class ShallowDrafter:
                 self.step.unfamiliar_runs_full = False
                 if self.step.exit_layer is None and index == 0:
                     self.counters["full_path_steps"] += 1
+                    self.counters["draft_unsure" if self.step.unsure else "draft_unfamiliar"] += 1
                     self.full_logits = full_logits(self.model, hidden[:, -1:])
                     lengths = layer_lengths(cache)
                     if self.on_full_path is not None:
@@ -219,8 +249,8 @@ class ShallowDrafter:
                 self.step.ceiling = self.step.exit_layer
                 self.counters[f"exit_{self.step.exit_layer}"] += 1
                 self.counters["head_params"] += self.heads.head_cost(self.step.exit_layer)["shortlist"]
-                pred = self.heads.predict(self.step.exit_layer, self.step.exit_hidden[:, -1])
-                if float(pred.confidence) < self.min_confidence:
+                pred = self.step.prediction
+                if self.step.unsure:
                     self.counters["draft_unsure"] += 1
                     break
                 token = pred.token_ids.view(1, 1)
@@ -235,6 +265,21 @@ class ShallowDrafter:
         self.counters["drafted"] += len(drafted)
         return torch.cat(drafted, dim=-1) if drafted else input_ids[:, :0]
 
+    def replay(self, input_ids: torch.Tensor, limit: int, stop_ids: frozenset[int]) -> torch.Tensor:
+        """The continuation of a practised sequence that the text [1, T] ends like (no
+        layer runs); [1, 0] when there is none."""
+        tokens, _ = self.sequences.continuation(input_ids[0].tolist(), limit)
+        for i, token in enumerate(tokens):
+            if token in stop_ids:  # nothing after the end is ever accepted
+                tokens = tokens[:i + 1]
+                break
+        if not tokens:
+            return input_ids[:, :0]
+        self.attempted, self.replayed = True, True
+        self.counters["drafted"] += len(tokens)
+        self.counters["replayed"] += len(tokens)
+        return torch.tensor([tokens], dtype=input_ids.dtype, device=input_ids.device)
+
     def record(self, drafted: int, accepted: int) -> None:
         """Adapt the draft length and the back-off to the measured acceptance of the
         latest draft."""
@@ -246,6 +291,9 @@ class ShallowDrafter:
         if drafted == 0:
             return
         self.counters["accepted"] += accepted
+        if self.replayed:  # the shallow path's draft length adapts to its own drafts only
+            self.counters["replay_accepted"] += accepted
+            return
         if accepted == drafted:
             self.num_draft = min(self.max_draft, 2 * self.num_draft)
         else:  # the next draft proposes one more than this one got accepted

@@ -32,7 +32,9 @@ def test_practice_inspect_merge(tiny_model_dir, tmp_path, capsys):
     assert _practice(tiny_model_dir, b, "--skills", str(a), "--rounds", "1") == 0
     assert cli.main(["merge", str(a), str(b), "-o", str(merged)]) == 0
     assert cli.main(["inspect", str(merged)]) == 0
-    assert "replay log: 25 practised prompts" in capsys.readouterr().out  # 10 + (10 + 5)
+    merged_report = capsys.readouterr().out
+    assert "replay log: 25 practised prompts" in merged_report  # 10 + (10 + 5)
+    assert "5 practised sequences" in merged_report  # greedy: both runs produced the same 5, united
 
     # Another practice run trains its own observer: its signatures do not mix.
     c = tmp_path / "c"

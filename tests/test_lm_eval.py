@@ -85,9 +85,9 @@ def test_lossless_scores_equal_hf(hf_run, tiny_model_dir, skills_dir):
     assert hf_run["results"]["shortcut_socialiqa"]["acc,none"] == sc["results"]["shortcut_socialiqa"]["acc,none"]
     info = sc["config"]["shortcut"]
     assert info["mode"] == "lossless" and info["skills"] == str(skills_dir) and info["learn"] is False
-    # The generations compared above went through drafting, not only the full path.
+    # The generations compared above went through drafting (shallow-path drafts or
+    # replayed practised sequences), not only the full path.
     assert info["draft"]["drafted"] > 0 and info["draft"]["accepted"] > 0
-    assert info["layers_per_token"] < lm.handle.num_layers
     lm.handle.remove()
 
 

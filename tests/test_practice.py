@@ -63,12 +63,67 @@ def test_drafted_tokens_skip_real_compute(practised):
     model, handle, _ = practised
     handle.stats.reset()
     before = dict(handle.draft_counters)
-    model.generate(input_ids=PROMPTS[0], max_new_tokens=20, do_sample=False)
+    handle.config.replay_sequences = False  # the shallow path drafts
+    try:
+        model.generate(input_ids=PROMPTS[0], max_new_tokens=20, do_sample=False)
+    finally:
+        handle.config.replay_sequences = True
     drafted = handle.draft_counters["draft_forwards"] - before.get("draft_forwards", 0)
     assert drafted > 0
     runs = handle.stats.total.per_layer_runs
     # Draft forwards exit after at most 2 of 4 layers: the deep layers run on fewer tokens.
     assert runs[3] < runs[0] and runs[3] == runs[2]
+
+
+def test_an_unsure_first_draft_token_runs_each_layer_once(practised):
+    """When the exit head is unsure of the first token of a draft, that forward goes on
+    through every layer (it is plain decoding's step); no layer runs twice for it."""
+    model, handle, _ = practised
+    with handle.disabled():
+        ref = model.generate(input_ids=PROMPTS[1], max_new_tokens=10, do_sample=False)
+    before = dict(handle.draft_counters)
+    handle.stats.reset()
+    handle.config.replay_sequences, handle.config.draft_confidence = False, 1.01  # never sure
+    try:
+        out = model.generate(input_ids=PROMPTS[1], max_new_tokens=10, do_sample=False)
+    finally:
+        handle.config.replay_sequences, handle.config.draft_confidence = True, 0.0
+    assert torch.equal(out, ref)
+    assert handle.draft_counters["draft_unsure"] - before.get("draft_unsure", 0) > 0
+    assert handle.draft_counters["drafted"] == before.get("drafted", 0)
+    runs = handle.stats.total.per_layer_runs
+    assert runs == [runs[0]] * len(runs)  # every token through every layer, once
+
+
+def test_practised_sequences_are_replayed_as_drafts_without_running_layers(practised):
+    """A practised prompt's answer is in the sequence memory (lossless output, learning
+    on): the next call drafts it from there, runs no draft forward, verifies in few
+    forwards, and returns the unwrapped model's tokens."""
+    model, handle, _ = practised
+    prompt = PROMPTS[0][0].tolist()
+    assert any(seq[:len(prompt)] == prompt for seq in handle.learner.sequences.sequences)
+    with handle.disabled():
+        ref = model.generate(input_ids=PROMPTS[0], max_new_tokens=16, do_sample=False)
+    handle.stats.reset()
+    before = dict(handle.draft_counters)
+    out = model.generate(input_ids=PROMPTS[0], max_new_tokens=16, do_sample=False)
+    delta = {k: v - before.get(k, 0.0) for k, v in handle.draft_counters.items()}
+    assert torch.equal(out, ref)
+    # Each of the 15 tokens after the prefill's came from the memory or was a
+    # verification's own next token: two-token probes while fewer than 12 tokens agree
+    # (this prompt has 5), then one long draft.
+    assert delta["replay_accepted"] + delta["verify_forwards"] == 15 and delta["verify_forwards"] <= 4
+    assert delta.get("draft_forwards", 0) == 0
+    runs = handle.stats.total.per_layer_runs
+    assert runs[0] == runs[3]  # no layer ran for a draft: every layer saw the same tokens
+
+    handle.set_learning(False)  # frozen skills add no sequence
+    try:
+        count = len(handle.learner.sequences)
+        model.generate(input_ids=torch.tensor([[50, 51, 52, 53]]), max_new_tokens=6, do_sample=False)
+        assert len(handle.learner.sequences) == count
+    finally:
+        handle.set_learning(True)
 
 
 def test_generate_leaves_no_hook_and_carries_the_draft_length(practised):
@@ -179,6 +234,7 @@ def test_save_load_same_decisions_and_tokens(practised, tmp_path):
         assert torch.equal(loaded.heads.logits(1, hidden), head_out)
         assert torch.equal(loaded.heads.shortlist, handle.heads.shortlist)
         assert loaded.learner.practised == handle.learner.practised
+        assert loaded.learner.sequences.sequences == handle.learner.sequences.sequences
         assert torch.equal(other_model.generate(input_ids=PROMPTS[2], max_new_tokens=12, do_sample=False), ref)
     finally:
         loaded.remove()
@@ -254,10 +310,10 @@ def test_loaded_policy_uses_the_saved_threshold(tmp_path):
         loaded.remove()
     manifest = skills.read_manifest(folder)
     parts = shortcut.arch.resolve(model)
-    _, _, policy, _ = skills.load_learned(folder, manifest, parts, manifest["base_model"])
+    _, _, policy, _, _ = skills.load_learned(folder, manifest, parts, manifest["base_model"])
     assert policy.threshold == 0.55
     other = shortcut.ShortcutConfig(policy_threshold=0.7)
-    _, _, policy, _ = skills.load_learned(folder, manifest, parts, manifest["base_model"], config=other)
+    _, _, policy, _, _ = skills.load_learned(folder, manifest, parts, manifest["base_model"], config=other)
     assert policy.threshold == 0.7
 
 
