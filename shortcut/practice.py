@@ -295,6 +295,7 @@ def run_rounds(handle: Any, prompts: list[Any], *, rounds: int, max_new_tokens: 
             "drafted": int(delta.get("drafted", 0)),
             "accepted": int(delta.get("accepted", 0)),
             "acceptance": delta.get("accepted", 0) / delta["drafted"] if delta.get("drafted") else 0.0,
+            "replayed": int(delta.get("replay_accepted", 0)),  # accepted tokens from practised sequences
             "learn_seconds": learner.stats.learn_seconds - learn_before,
             "consolidate_seconds": fit.get("seconds", 0.0),
             "head_agreement": fit.get("agreement", {}),

@@ -209,6 +209,7 @@ def test_practice_rounds_report_and_learning_switch(practised):
     model, handle, rows = practised
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert rows[-1]["accepted"] > 0
+    assert rows[0]["replayed"] == 0 < rows[-1]["replayed"]  # round 3 replays what rounds 1-2 produced
     assert all(r["learn_seconds"] >= 0 and r["consolidate_seconds"] > 0 for r in rows)
     handle.set_learning(False)
     learned = handle.learner.stats.tokens_learned
