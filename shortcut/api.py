@@ -194,11 +194,13 @@ class Shortcut:
             if commit:
                 if self.fast.calibrated_for != learner.stats.consolidations:
                     self.fast.recalibrate(learner.stats.consolidations)
-                step = FastStep(learner.observer, learner.policy, learner.heads, self.fast, trail)
+                step = FastStep(learner.observer, learner.policy, learner.heads, self.fast, trail,
+                                sequences=learner.sequences if self.config.replay_sequences else None)
                 decoder = make_fast_decoder(self._runtime, step, self.fast, self.draft_counters)
                 return original(*args, custom_generate=decoder, **kwargs)
             if self.config.mode == "fast":
                 self.fast.lossless_calls += 1  # a prompt never practised verbatim: verify, do not commit
+                self.fast.committed = []
             drafter = ShallowDrafter(self.model, self._runtime, learner.observer, learner.heads, learner.policy, trail,
                                      max_draft=self.config.max_draft, min_confidence=self.config.draft_confidence,
                                      counters=self.draft_counters, on_full_path=learner.learn_recorded,

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from .heads import ExitHeads
+from .sequences import SHORT_MATCH, SequenceMemory
 from .speculate import DraftStep, Trail, choose_next, crop_all, full_logits
 
 
@@ -78,6 +79,7 @@ class FastController:
         self.full_steps = 0
         self.catch_ups = 0
         self.lossless_calls = 0  # calls decoded losslessly (prompt not practised verbatim)
+        self.vetoes = 0  # confident heads overruled by a practised sequence that goes on otherwise
         self.committed: list[int] = []  # positions (in the returned ids) of the latest call's shallow tokens
         self.calibrated_for = 0  # the skills' consolidation count the bars were measured on
 
@@ -113,7 +115,7 @@ class FastController:
             self.min_familiarity = max(self.base_familiarity, self.min_familiarity - share * FAMILIARITY_STEP)
 
     def report(self) -> dict[str, float]:
-        return {"exits": self.exits, "unsure": self.unsure, "full_steps": self.full_steps,
+        return {"exits": self.exits, "unsure": self.unsure, "vetoes": self.vetoes, "full_steps": self.full_steps,
                 "catch_ups": self.catch_ups, "lossless_calls": self.lossless_calls, "audits": self.audits,
                 "audit_errors": self.errors, "measured_error_rate": self.error_rate, "min_confidence": self.min_confidence,
                 "min_familiarity": self.min_familiarity}
@@ -126,12 +128,14 @@ class FastStep(DraftStep):
     pending (``unfamiliar_runs_full``), and stops otherwise (the loop catches up)."""
 
     def __init__(self, observer: Any, policy: Any, heads: ExitHeads, controller: FastController,
-                 trail: Trail) -> None:
+                 trail: Trail, sequences: SequenceMemory | None = None) -> None:
         super().__init__(observer, policy, trail)
         self.heads = heads
         self.controller = controller
+        self.sequences = sequences
         self.checked_layer: int | None = None  # exit whose head was asked this step
         self.shortlist_logits: torch.Tensor | None = None  # [1, S] of a committed exit
+        self.expected: int | None = None  # the practised sequences' next token here, if they know it
 
     def begin(self, input_ids: torch.Tensor | None) -> None:
         super().begin(input_ids)
@@ -149,8 +153,22 @@ class FastStep(DraftStep):
             if float(torch.softmax(logits.float(), dim=-1).max()) < self.controller.min_confidence:
                 self.exit_layer = None  # unsure: the full path, as for an unfamiliar token
                 return self.unfamiliar_runs_full
+            if self.expected is not None and int(self.heads.shortlist[logits.argmax(-1)]) != self.expected:
+                self.controller.vetoes += 1
+                self.exit_layer = None  # a fork between practised answers: the full path decides
+                return self.unfamiliar_runs_full
             self.shortlist_logits = logits
         return run
+
+    def expect(self, input_ids: torch.Tensor) -> None:
+        """Before feeding the newest token of ``input_ids`` [1, T]: the token that followed
+        this text in a practised sequence that agrees with at least ``SHORT_MATCH`` tokens
+        of it, or ``None``."""
+        self.expected = None
+        if self.sequences is not None:
+            tokens, agreement = self.sequences.continuation(input_ids[0].tolist(), 1)
+            if tokens and agreement >= SHORT_MATCH:
+                self.expected = tokens[0]
 
 
 def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
@@ -210,6 +228,7 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
                 step.ceiling = None
             step.unfamiliar_runs_full = not shallow_top
             step.position = newest
+            step.expect(input_ids)
             previous, runtime.policy = runtime.policy, step
             try:
                 hidden = base(input_ids=token, cache=cache, use_cache=True,

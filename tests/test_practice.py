@@ -409,6 +409,38 @@ def test_fast_bars_restart_from_their_floors_after_a_refit(practised):
     assert controller.min_confidence <= controller.base_confidence + 4 * 0.05 < raised
 
 
+def test_fast_mode_does_not_commit_where_a_practised_sequence_goes_on_otherwise(practised):
+    """Where the text agrees with a practised sequence for SHORT_MATCH tokens or more, a
+    confident head that names another token than the sequence's next one does not
+    commit: the full path decides (practised answers that fork)."""
+    from shortcut.sequences import SHORT_MATCH, SequenceMemory
+
+    model, handle, _ = practised
+    prompt = PROMPTS[0][0].tolist()
+    with handle.disabled():
+        seq = model.generate(input_ids=PROMPTS[0], max_new_tokens=16, do_sample=False)[0].tolist()
+    controller, saved, memory = handle.fast, handle.fast.min_confidence, handle.learner.sequences
+    controller.min_confidence = controller.base_confidence = 0.0  # a random tiny model is never confident
+    handle.config.mode = "fast"
+    handle.set_learning(False)
+    vetoes = controller.vetoes
+    try:
+        for k in range(max(SHORT_MATCH, len(prompt) + 1), len(seq)):
+            # A practised sequence that forks from the model's answer at position k.
+            handle.learner.sequences = SequenceMemory()
+            handle.learner.sequences.add(seq[:k] + [(seq[k] + 1) % 96] + seq[k + 1:])
+            before = controller.vetoes
+            out = model.generate(input_ids=PROMPTS[0], max_new_tokens=16, do_sample=False)[0].tolist()
+            if controller.vetoes > before and out[:k] == seq[:k]:
+                assert out[k] == seq[k]  # the full path's token, not the sequence's
+    finally:
+        handle.learner.sequences = memory
+        handle.config.mode = "lossless"
+        controller.min_confidence = controller.base_confidence = saved
+        handle.set_learning(True)
+    assert controller.vetoes > vetoes
+
+
 def test_fast_mode_commits_only_on_prompts_practised_verbatim(practised):
     """A prompt not in the replay log (or logged after the heads' latest re-fit) decodes
     losslessly in fast mode (the model's own tokens, nothing committed); with the option
