@@ -31,6 +31,13 @@ confident and the signatures a little less familiar. And once a catch-up shows t
 committed token differed, the text has left the practised trajectory: the rest of that
 call takes the full path.
 
+Forks: practised answers can share their start and part at a detail the shallow path
+cannot see (two trivia answers "The 1982 ..." and "The 1997 ..." part at a digit). Where
+the text agrees with a practised sequence (``shortcut/sequences.py``) for ``SHORT_MATCH``
+tokens or more and the head names another token than the one that followed there, the
+token takes the full path (``vetoes``). On SmolLM2 exact repeats this took agreement
+from 98.0% to 100% (README).
+
 Which calls commit at all: only those whose prompt was practised verbatim (in the replay
 log before the heads' latest re-fit; ``ShortcutConfig.fast_practised_prompts_only``).
 Every deep layer reads every prompt token, so a reworded prompt (another opening, one
