@@ -181,13 +181,13 @@ class ShallowDrafter:
         # Doubles while every drafted token is accepted; the caller carries it from one
         # generate call to the next (a practised workload keeps its long drafts).
         self.num_draft = min(num_draft or 4, max_draft)
-        self.min_confidence = min_confidence
         self.counters = counters
         self.sequences = sequences  # practised sequences: drafts that need no layer at all
         self.replayed = False  # whether the latest draft came from them
         # Back-off: after a draft attempt that produced nothing accepted, skip the next
-        # `_pause` steps (doubling up to 8): asking costs the layers up to the observer,
-        # and unfamiliar text mostly answers "full path".
+        # `_pause` steps (doubling up to 8): asking costs an SAE encode and a policy
+        # decision, a rejected draft its layers and a wider verification, and unfamiliar
+        # text mostly answers "full path".
         self._pause = 0
         self._skip = 0
         self.attempted = False  # whether the latest draft() ran any forward
