@@ -35,15 +35,16 @@ class SequenceMemory:
     """Token sequences produced by the full model on practised calls, indexed by n-gram.
 
     Args:
-        capacity: most tokens held; the oldest sequences go first beyond it.
+        capacity: most tokens held; the oldest sequences go first beyond it (sequences
+            and index take up to ~300 bytes per token: 200k tokens, at most ~60 MB).
     """
 
-    def __init__(self, capacity: int = 1_000_000) -> None:
+    def __init__(self, capacity: int = 200_000) -> None:
         if capacity < 1:
             raise ValueError(f"capacity={capacity} must be at least 1 token")
         self.capacity = capacity
         self.sequences: list[list[int]] = []
-        self._seen: set[tuple[int, ...]] = set()
+        self._seen: set[int] = set()  # hashes of the held sequences (duplicates are skipped)
         self._index: dict[tuple[int, ...], list[tuple[int, int]]] = {}
         self._tokens = 0
 
@@ -57,7 +58,7 @@ class SequenceMemory:
     def add(self, ids: Iterable[int]) -> bool:
         """Store one sequence (token ids); returns whether it was new."""
         seq = [int(t) for t in ids]
-        key = tuple(seq)
+        key = hash(tuple(seq))
         if len(seq) <= KEY or key in self._seen:
             return False
         self._seen.add(key)
@@ -66,7 +67,7 @@ class SequenceMemory:
         if self._tokens > self.capacity:
             while self._tokens > self.capacity and len(self.sequences) > 1:
                 dropped = self.sequences.pop(0)
-                self._seen.discard(tuple(dropped))
+                self._seen.discard(hash(tuple(dropped)))
                 self._tokens -= len(dropped)
             self._reindex()
         else:
