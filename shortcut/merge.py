@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .policy import ExitPolicy
+from .sequences import SequenceMemory
 from .skills import HEADS_FILE, POLICY_FILE, REPLAY_LOG, read_manifest, write_atomically, write_manifest
 
 
@@ -56,7 +57,7 @@ def merge_skills(folders: list[Path], output: Path, *, overwrite: bool = False) 
     if len({_digest(w) for w in weights}) != 1:
         raise ValueError("the folders use different observers (SAE weights differ): their signatures do not mix")
 
-    policies, heads_states, practised, sequences = [], [], [], []
+    policies, heads_states, practised, sequences = [], [], [], SequenceMemory()  # it drops duplicates
     for folder in folders:
         state = load_file(str(folder / POLICY_FILE))
         policy = ExitPolicy([int(x) for x in state["exit_layers"].tolist()], state["weights"].shape[1])
@@ -85,8 +86,7 @@ def merge_skills(folders: list[Path], output: Path, *, overwrite: bool = False) 
         shutil.copy(folders[0] / "config.json", tmp / "config.json")
         save_file({k: v.contiguous() for k, v in merged_heads.items()}, str(tmp / HEADS_FILE))
         save_file({k: v.contiguous() for k, v in merged_policy.state_dict().items()}, str(tmp / POLICY_FILE))
-        unique = [list(seq) for seq in dict.fromkeys(tuple(seq) for seq in sequences)]
-        (tmp / REPLAY_LOG).write_text(json.dumps({"prompts": practised, "sequences": unique}) + "\n")
+        (tmp / REPLAY_LOG).write_text(json.dumps({"prompts": practised, "sequences": sequences.sequences}) + "\n")
         write_manifest(tmp, base, dict(manifests[0]["contents"], merged_from=[str(f) for f in folders]))
 
     return write_atomically(output, fill, overwrite=overwrite)

@@ -35,8 +35,9 @@ class SequenceMemory:
     """Token sequences produced by the full model on practised calls, indexed by n-gram.
 
     Args:
-        capacity: most tokens held; the oldest sequences go first beyond it (sequences
-            and index take up to ~300 bytes per token: 200k tokens, at most ~60 MB).
+        capacity: most tokens held; beyond it the oldest sequences go until a quarter of
+            it is free (sequences and index take up to ~300 bytes per token: 200k
+            tokens, at most ~60 MB).
     """
 
     def __init__(self, capacity: int = 200_000) -> None:
@@ -65,10 +66,15 @@ class SequenceMemory:
         self.sequences.append(seq)
         self._tokens += len(seq)
         if self._tokens > self.capacity:
-            while self._tokens > self.capacity and len(self.sequences) > 1:
-                dropped = self.sequences.pop(0)
-                self._seen.discard(hash(tuple(dropped)))
-                self._tokens -= len(dropped)
+            # Free a quarter of the capacity at once: the index is rebuilt once per quarter
+            # added, not on every call of a memory that stays full.
+            keep = self.capacity - self.capacity // 4
+            drop = 0
+            while self._tokens > keep and drop < len(self.sequences) - 1:
+                self._seen.discard(hash(tuple(self.sequences[drop])))
+                self._tokens -= len(self.sequences[drop])
+                drop += 1
+            del self.sequences[:drop]
             self._reindex()
         else:
             self._index_one(len(self.sequences) - 1)

@@ -29,7 +29,7 @@ def test_continuation_follows_the_longest_agreement_and_is_bounded_by_it():
 
 
 def test_capacity_drops_the_oldest_sequences():
-    memory = SequenceMemory(capacity=12)
+    memory = SequenceMemory(capacity=16)  # beyond 16 tokens, down to 12
     memory.add([1, 2, 3, 4, 5, 6])
     memory.add([7, 8, 9, 10, 11, 12])
     memory.add([20, 21, 22, 23, 24])
