@@ -15,9 +15,9 @@ from typing import Callable
 
 import torch
 
-from .data import DataFileError, prompt_input_ids, read_jsonl, read_prompts
+from .data import DataFileError, packaged_data, prompt_input_ids, read_jsonl, read_prompts
 
-DEFAULT_CORPUS = Path(__file__).resolve().parent.parent / "evals" / "data" / "passages.jsonl"
+DEFAULT_CORPUS = packaged_data("passages.jsonl")
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -9,6 +9,16 @@ from typing import Any
 import torch
 
 
+def packaged_data(name: str) -> Path:
+    """A file of the committed data (``evals/data/<name>``) wherever it is installed:
+    the repository's ``evals`` folder ships as the ``shortcut.evals`` package."""
+    from importlib.util import find_spec
+
+    spec = find_spec("shortcut.evals")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    return Path(folders[0] if folders else Path(__file__).resolve().parent.parent / "evals") / "data" / name
+
+
 class DataFileError(ValueError):
     """A data file is missing, empty or malformed; the message names file and line."""
 
