@@ -28,6 +28,11 @@ trains much longer and more carefully. Two levels:
     the wrapped model is the adapted one. The summary reports what the adapter costs:
     teacher-forced perplexity of base vs adapted model on held-out passages.
 
+At both levels every replayed prompt, with the continuation it was given here, joins
+the practised sequences that lossless drafts replay (:mod:`shortcut.sequences`), and
+extra prompts join the practised prompts. After a LayerSkip adapter the practised
+sequences are only these: the base model's outputs are no longer the wrapped model's.
+
 Usage::
 
     shortcut-finetune skills/ -o consolidated/                          # heads
@@ -73,7 +78,7 @@ from torch import nn
 
 from . import skills
 from .arch import ModelParts, resolve
-from .data import DataFileError, prompt_input_ids, read_jsonl
+from .data import DataFileError, packaged_data, prompt_input_ids, read_jsonl
 from .heads import ExitHeads, _adam, collect_states
 from .replay import Example, build_examples, read_extra, read_skills
 from .training import Checkpoints, batch_indices, make_accelerator, train_loop
@@ -82,7 +87,7 @@ from .training import Checkpoints, batch_indices, make_accelerator, train_loop
 LEVELS = ("heads", "layerskip")
 SUMMARY_FILE = "finetune_summary.json"
 CHECKPOINTS = "checkpoints"
-DEFAULT_QUALITY = Path(__file__).resolve().parent.parent / "evals" / "data" / "passages.jsonl"
+DEFAULT_QUALITY = packaged_data("passages.jsonl")
 
 
 @dataclass
@@ -489,10 +494,12 @@ def finetune(model: nn.Module, skills_folder: str | Path, output: str | Path, *,
                                                              quality_texts=quality_texts, progress=progress)
             examples = build_examples(model, replay, texts, cfg.max_new_tokens, accelerator, ckpt, "replay-adapted", progress)
         summary["heads"] = consolidate_heads(model, parts, learned, examples, cfg, ckpt, progress)
+        log = practised_log(learned, replay, examples, extra_prompts, adapted=peft_model is not None)
+        summary["practised_sequences"] = len(log["sequences"])
         summary["seconds"] = time.perf_counter() - start
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            write_output(output, skills_folder, manifest, learned, summary, peft_model)
+            write_output(output, skills_folder, manifest, learned, log, summary, peft_model)
         accelerator.wait_for_everyone()
     finally:
         if peft_model is not None:
@@ -502,8 +509,24 @@ def finetune(model: nn.Module, skills_folder: str | Path, output: str | Path, *,
     return summary
 
 
-def write_output(output: Path, source: Path, manifest: dict[str, Any], learned: tuple, summary: dict[str, Any],
-                 peft_model: Any = None) -> None:
+def practised_log(learned: tuple, replay: list[list[int]], examples: list[Example], extra_prompts: list[list[int]],
+                  adapted: bool) -> dict[str, list[list[int]]]:
+    """The consolidated folder's replay log. Its practised sequences (what lossless
+    drafts replay, :mod:`shortcut.sequences`) gain every replayed prompt with the
+    continuation the model gave it here, extra prompts included; after a LayerSkip
+    adapter only those: the base model's outputs are no longer the wrapped model's.
+    Extra prompts count as practised prompts from now on."""
+    from .sequences import SequenceMemory
+
+    memory = SequenceMemory()
+    if not adapted:
+        memory.extend(learned[4])
+    memory.extend(example.ids for example in examples[:len(replay)])  # prompts first, texts after
+    return {"prompts": [list(p) for p in learned[3]] + extra_prompts, "sequences": memory.sequences}
+
+
+def write_output(output: Path, source: Path, manifest: dict[str, Any], learned: tuple, log: dict[str, Any],
+                 summary: dict[str, Any], peft_model: Any = None) -> None:
     """Write the consolidated skills folder atomically; finished checkpoints are dropped."""
     from safetensors.torch import save_file
 
@@ -517,7 +540,7 @@ def write_output(output: Path, source: Path, manifest: dict[str, Any], learned: 
     def fill(tmp: Path) -> None:
         shutil.copytree(source / contents["observer"], tmp / contents["observer"])
         shutil.copy(source / "config.json", tmp / "config.json")
-        shutil.copy(source / contents.get("replay_log", skills.REPLAY_LOG), tmp / skills.REPLAY_LOG)
+        (tmp / skills.REPLAY_LOG).write_text(json.dumps(log) + "\n")
         save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, str(tmp / skills.HEADS_FILE))
         save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, str(tmp / skills.POLICY_FILE))
         contents.update(heads=skills.HEADS_FILE, policy=skills.POLICY_FILE, replay_log=skills.REPLAY_LOG, consolidation=brief)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import shortcut
 from shortcut import finetune as ft
+from shortcut.data import prompt_input_ids
 from shortcut.skills import SkillsMismatchError
 from shortcut.training import Checkpoints
 
@@ -62,6 +63,12 @@ def model_dir(tmp_path_factory):
     return folder
 
 
+def _greedy(model, prompt, new_tokens):
+    with torch.no_grad():
+        return model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                              do_sample=False)[0].tolist()
+
+
 def _assert_lossless(model, folder):
     handle = shortcut.load(model, folder)
     try:
@@ -86,7 +93,12 @@ def test_heads_level_trains_keeps_base_and_stays_lossless(skills_dir, tmp_path):
     out = tmp_path / "out"
     manifest = json.loads((out / "shortcut.json").read_text())
     assert manifest["contents"]["consolidation"]["level"] == "heads" and "adapter" not in manifest["contents"]
-    assert (out / "replay_log.json").read_text() == (skills_dir / "replay_log.json").read_text()
+    log, source = (json.loads((folder / "replay_log.json").read_text()) for folder in (out, skills_dir))
+    assert log["prompts"] == source["prompts"]
+    # Practised sequences: the practised ones plus each replayed prompt with the greedy
+    # continuation it got here (the same, for greedy practice of the same length).
+    replayed = [_greedy(model, prompt, FAST["max_new_tokens"]) for prompt in PROMPTS]
+    assert {tuple(x) for x in log["sequences"]} == {tuple(x) for x in source["sequences"] + replayed}
     assert json.loads((out / ft.SUMMARY_FILE).read_text())["run"] == summary["run"]
     assert not (out / "checkpoints").exists()
     assert not torch.equal(load_file(str(out / "heads.safetensors"))["translators.1.weight"],
@@ -122,6 +134,15 @@ def test_layerskip_level_trains_adapter_that_loads(skills_dir, tmp_path):
     _assert_lossless(adapted, out)  # shortcut.load merges the adapter: lossless w.r.t. the adapted model
     with torch.no_grad():
         assert torch.allclose(adapted(input_ids=ids).logits, peft_logits, atol=1e-5)
+    # The practised sequences are the adapted model's own outputs, the extra prompt's too;
+    # the base model's are gone (they are not what the wrapped model says any more).
+    log = json.loads((out / "replay_log.json").read_text())
+    extra_prompt = prompt_input_ids(_tokenizer(), "Hi there")
+    assert log["prompts"][-1] == extra_prompt[0].tolist()
+    expected = {tuple(_greedy(adapted, p, FAST["max_new_tokens"])) for p in [*PROMPTS, extra_prompt]}
+    assert {tuple(x) for x in log["sequences"]} == expected
+    base = {tuple(x) for x in json.loads((skills_dir / "replay_log.json").read_text())["sequences"]}
+    assert base - expected  # the adapter changed some continuation, so the check above means something
 
 
 @pytest.mark.parametrize(("level", "crash_at"), [("heads", 2), ("layerskip", 2), ("layerskip", 4)])
