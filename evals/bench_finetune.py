@@ -6,11 +6,18 @@ written by ``shortcut-eval practice --out runs/eval/full``: 30 prompts x 5 round
 
 1. measures those skills: tokens/s relative to plain ``generate`` (paired, same run,
    order alternating, median over prompts) on exact repeats (split "practice" of
-   evals/data/prompts.jsonl) and novel prompts (split "novel"), identical-token check,
-   draft acceptance, and the oracle exit layer (per generated token, the shallowest exit
-   layer whose exit head names the full model's token; the full depth where none does);
+   evals/data/prompts.jsonl), near-duplicates (evals/data/near_duplicates.jsonl) and
+   novel prompts (split "novel"), identical-token check, draft acceptance, share of
+   tokens drafted from practised sequences, and the oracle exit layer (per generated
+   token, the shallowest exit layer whose exit head names the full model's token; the
+   full depth where none does);
 2. runs heads consolidation (``shortcut.finetune.finetune``, default settings) and
-   measures the consolidated skills the same way;
+   measures the consolidated skills the same way.
+
+   Each skills folder is measured with practised-sequence replay on (the default) and,
+   with ``--replay both``, off as well: with replay on, exact repeats draft from the
+   practised sequences on both sides, so heads consolidation shows in what the shallow
+   path drafts (near-duplicates, novel text, and everything with replay off);
 3. with ``--layerskip``, trains the LoRA adapter too and reports its quality cost:
    teacher-forced perplexity on the held-out passages (evals/data/passages.jsonl split
    "heldout") and log-likelihood choice accuracy (evals/data/choice.jsonl), base vs
@@ -19,6 +26,7 @@ written by ``shortcut-eval practice --out runs/eval/full``: 30 prompts x 5 round
     python evals/bench_finetune.py                          # 30 + 30 test prompts
     python evals/bench_finetune.py --test-prompts 15        # faster
     python evals/bench_finetune.py --layerskip              # also the LoRA level
+    python evals/bench_finetune.py --replay on              # replay on only (half the time)
 
 Skills whose replay log is empty (written before practice calls were logged) get a
 copy whose log holds the prompts the practice benchmark practised (the first
@@ -42,8 +50,10 @@ import torch
 
 import shortcut
 from shortcut import finetune as ft
-from shortcut.data import prompt_input_ids, read_jsonl, read_prompts
+from shortcut.data import prompt_input_ids, read_jsonl
 from shortcut.heads import collect_states
+
+from shortcut.evals.workload import prompt_sets
 
 DATA = Path(__file__).parent / "data"
 
@@ -77,6 +87,7 @@ def measure(handle, ids: torch.Tensor, new_tokens: int, plain_first: bool) -> di
     new = outs["plain"].shape[1] - ids.shape[1]
     delta = {k: v - counters.get(k, 0.0) for k, v in handle.draft_counters.items()}
     return {
+        "replayed": delta.get("replay_accepted", 0.0),
         "new_tokens": new,
         "identical": bool(torch.equal(outs["plain"], outs["wrapped"])),
         "speed_ratio": seconds["plain"] / seconds["wrapped"],
@@ -89,12 +100,13 @@ def measure(handle, ids: torch.Tensor, new_tokens: int, plain_first: bool) -> di
     }
 
 
-def measure_skills(model, folder: Path, sets: dict, new_tokens: int, label: str) -> list[dict]:
+def measure_skills(model, folder: Path, sets: dict, new_tokens: int, label: str, replays: list[bool]) -> list[dict]:
     handle = shortcut.load(model, folder)
     handle.set_learning(False)
     rows, pair = [], 0
     try:
-        for name, inputs in sets.items():
+        for replay, (name, inputs) in ((r, item) for r in replays for item in sets.items()):
+            handle.config.replay_sequences = replay
             results = []
             for ids in inputs:
                 results.append(measure(handle, ids, new_tokens, plain_first=pair % 2 == 0))
@@ -102,7 +114,7 @@ def measure_skills(model, folder: Path, sets: dict, new_tokens: int, label: str)
             drafted = sum(r["drafted"] for r in results)
             oracle = [x for r in results for x in r["oracle"]]
             rows.append({
-                "set": name, "skills": label, "prompts": len(results),
+                "set": name, "skills": label, "replay": replay, "prompts": len(results),
                 "speed_ratio_median": statistics.median(r["speed_ratio"] for r in results),
                 "speed_ratios": [r["speed_ratio"] for r in results],  # per prompt, in order: pairs across skills
                 "wrapped_tok_s_median": statistics.median(r["wrapped_tok_s"] for r in results),
@@ -110,6 +122,7 @@ def measure_skills(model, folder: Path, sets: dict, new_tokens: int, label: str)
                 "identical": sum(r["identical"] for r in results) / len(results),
                 "acceptance": sum(r["accepted"] for r in results) / drafted if drafted else 0.0,
                 "drafted_per_token": drafted / sum(r["new_tokens"] for r in results),
+                "replayed_share": sum(r["replayed"] for r in results) / sum(r["new_tokens"] for r in results),
                 "layer_calls_per_token": statistics.mean(r["layer_calls_per_token"] for r in results),
                 "oracle_exit_layer": sum(oracle) / len(oracle),
             })
@@ -151,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--skills", type=Path, default=Path("runs/eval/full/skills"))
     parser.add_argument("--work", type=Path, default=Path("runs/bench_finetune"), help="where outputs go")
-    parser.add_argument("--prompts", type=int, default=30, help="exact-repeat prompts measured")
+    parser.add_argument("--prompts", type=int, default=30, help="practised prompts (as in the practice benchmark)")
     parser.add_argument("--test-prompts", type=int, default=None, help="prompts per test set (default: --prompts)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=ft.FinetuneConfig.steps, help="most exit-head steps")
@@ -160,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality-passages", type=int, default=70)
     parser.add_argument("--choice", type=int, default=100, help="choice questions")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--replay", choices=("on", "off", "both"), default="both",
+                        help="practised-sequence replay while measuring (default: both, on first)")
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
     args = parser.parse_args(argv)
     if not args.skills.is_dir():
@@ -170,36 +185,42 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = shortcut.load_model(args.model)
     args.work.mkdir(parents=True, exist_ok=True)
     skills = args.skills
-    sets = {
-        "exact repeats": [prompt_input_ids(tokenizer, r) for r in read_prompts(DATA / "prompts.jsonl", split="practice")[:n_test]],
-        "novel": [prompt_input_ids(tokenizer, r) for r in read_prompts(DATA / "prompts.jsonl", split="novel")[:n_test]],
-    }
+    records = prompt_sets(DATA / "prompts.jsonl", DATA / "near_duplicates.jsonl", n_practice=args.prompts, n_test=n_test)
+    sets = {name: [prompt_input_ids(tokenizer, r) for r in records[name]] for name in ("exact repeats", "near-duplicates", "novel")}
+    replays = {"on": [True], "off": [False], "both": [True, False]}[args.replay]
     print(f"model={args.model} greedy new_tokens={args.new_tokens} test prompts={n_test} threads={torch.get_num_threads()} "
           "(lossless; speed = tokens/s vs plain generate, same run)")
     print(_header())
-    rows = measure_skills(model, skills, sets, args.new_tokens, "practised")
+    rows = measure_skills(model, skills, sets, args.new_tokens, "practised", replays)
     cfg = ft.FinetuneConfig(max_new_tokens=args.new_tokens, steps=args.steps, seed=args.seed)
     summary, seconds = run_finetune(model, tokenizer, skills, args.work / "heads", cfg)
     print(ft.format_summary(summary), flush=True)
-    rows += measure_skills(model, args.work / "heads", sets, args.new_tokens, "consolidated")
+    rows += measure_skills(model, args.work / "heads", sets, args.new_tokens, "consolidated", replays)
 
     result = {"model": args.model, "skills": str(skills), "new_tokens": args.new_tokens, "test_prompts": n_test,
               "threads": torch.get_num_threads(), "rows": rows, "heads_summary": summary,
               "heads_seconds": seconds}
-    by = {(r["set"], r["skills"]): r for r in rows}
-    exact_b, exact_a = by["exact repeats", "practised"], by["exact repeats", "consolidated"]
-    novel_b, novel_a = by["novel", "practised"], by["novel", "consolidated"]
-    def paired(after: dict, before: dict) -> float:
+    by = {(r["set"], r["skills"], r["replay"]): r for r in rows}
+
+    def paired(name: str, replay: bool) -> float:
         """Median over prompts of each prompt's speed ratio after / before (same prompt,
         each against its own plain run): robust to prompts of different answer lengths."""
+        after, before = by[name, "consolidated", replay], by[name, "practised", replay]
         return statistics.median(a / b for a, b in zip(after["speed_ratios"], before["speed_ratios"]))
 
-    checks = [
-        ("exact repeats: speed after / before, per-prompt median (>= 1.2)", paired(exact_a, exact_b), 1.2),
-        ("exact repeats: oracle exit layer shallower by (>= 30%)",
-         1 - exact_a["oracle_exit_layer"] / exact_b["oracle_exit_layer"], 0.30),
-        ("novel: speed after / before, per-prompt median (>= 0.97, no slowdown)", paired(novel_a, novel_b), 0.97),
-        ("novel: speed after vs plain (>= 0.97)", novel_a["speed_ratio_median"], 0.97),
+    checks = []
+    for replay in replays:
+        tag = f"replay {'on' if replay else 'off'}"
+        exact_b, exact_a = by["exact repeats", "practised", replay], by["exact repeats", "consolidated", replay]
+        checks += [
+            (f"{tag}: exact repeats speed after / before (>= 1.2)", paired("exact repeats", replay), 1.2),
+            (f"{tag}: exact repeats oracle exit shallower (>= 30%)",
+             1 - exact_a["oracle_exit_layer"] / exact_b["oracle_exit_layer"], 0.30),
+            (f"{tag}: near-duplicates speed after / before (>= 1.0)", paired("near-duplicates", replay), 1.0),
+            (f"{tag}: novel speed after / before (>= 0.97)", paired("novel", replay), 0.97),
+            (f"{tag}: novel speed after vs plain (>= 0.97)", by["novel", "consolidated", replay]["speed_ratio_median"], 0.97),
+        ]
+    checks += [
         ("all: identical tokens (100%)", min(r["identical"] for r in rows), 1.0),
         ("heads run time in minutes (< 15)", -summary["seconds"] / 60, -15.0),
     ]
@@ -246,14 +267,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _header() -> str:
-    return (f"{'set':<15}{'skills':<14}{'speed x':>8}{'tok/s':>7}{'ident':>7}{'accept':>8}{'draft/tok':>10}"
-            f"{'layer calls/tok':>16}{'oracle exit':>12}")
+    return (f"{'set':<17}{'skills':<14}{'replay':>7}{'speed x':>8}{'tok/s':>7}{'ident':>7}{'accept':>8}{'draft/tok':>10}"
+            f"{'replayed':>9}{'layer calls/tok':>16}{'oracle exit':>12}")
 
 
 def _row(r: dict) -> str:
-    return (f"{r['set']:<15}{r['skills']:<14}{r['speed_ratio_median']:>8.2f}{r['wrapped_tok_s_median']:>7.1f}"
-            f"{100 * r['identical']:>6.0f}%{100 * r['acceptance']:>7.0f}%{r['drafted_per_token']:>10.2f}"
-            f"{r['layer_calls_per_token']:>16.1f}{r['oracle_exit_layer']:>12.2f}")
+    return (f"{r['set']:<17}{r['skills']:<14}{'on' if r['replay'] else 'off':>7}{r['speed_ratio_median']:>8.2f}"
+            f"{r['wrapped_tok_s_median']:>7.1f}{100 * r['identical']:>6.0f}%{100 * r['acceptance']:>7.0f}%"
+            f"{r['drafted_per_token']:>10.2f}{100 * r['replayed_share']:>8.0f}%{r['layer_calls_per_token']:>16.1f}"
+            f"{r['oracle_exit_layer']:>12.2f}")
 
 
 if __name__ == "__main__":
