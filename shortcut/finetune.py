@@ -622,6 +622,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"oracle exit layer {h['oracle_exit_layer_before']:.2f} -> {h['oracle_exit_layer_after']:.2f}; heads "
                  f"{fit['select_steps_run']} select + {fit['final_steps']} final steps in {fit['seconds']:.0f} s; "
                  f"loss {fit['loss_first']:.4f} -> {fit['loss_last']:.4f}")
+    if "practised_sequences" in summary:  # absent in summaries written before sequences were consolidated
+        lines.append(f"practised sequences (replayed by lossless drafts): {summary['practised_sequences']}")
     if "layerskip" in summary:
         ls = summary["layerskip"]
         lines.append(f"layerskip: {ls['steps']} LoRA steps, objective {ls['objective_before']:.4f} -> "
