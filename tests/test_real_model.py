@@ -93,9 +93,10 @@ def test_gemma3_270m_wrap_generate_identical():
         handle.remove()
 
 
-def test_practice_on_real_model_shrinks_path_with_identical_tokens(smollm2):
-    """3 prompts x 3 rounds: fewer layers per generated token in round 3 than round 1,
-    and the practised prompts still decode to exactly the plain model's tokens."""
+@pytest.fixture(scope="module")
+def practised_smollm2(smollm2, tmp_path_factory):
+    """SmolLM2 practised on 3 prompts x 3 rounds with a small observer, saved:
+    ``(rows of the rounds, skills folder, prompts)``."""
     from pathlib import Path
 
     from shortcut.data import read_jsonl, read_prompts
@@ -106,20 +107,59 @@ def test_practice_on_real_model_shrinks_path_with_identical_tokens(smollm2):
     prompts = [r["prompt"] for r in read_prompts(data / "prompts.jsonl", split="practice")[:3]]
     handle = shortcut.wrap(model, shortcut.ShortcutConfig(consolidate_every=0, fit_steps=100))
     try:
-        # A small observer is enough here: the test is about the path shrinking.
+        # A small observer is enough here: the tests are about the path shrinking.
         handle.train_observer(texts, tokenizer, max_tokens=4000, steps=100, d_sae=512, progress=False)
         rows = handle.practice(prompts, rounds=3, max_new_tokens=16, tokenizer=tokenizer, progress=False)
-        assert rows[0]["layer_calls_per_token"] > 29  # round 1: (nearly) every token runs all 30 layers
-        assert rows[2]["layer_calls_per_token"] < 0.8 * rows[0]["layer_calls_per_token"]
-        assert rows[2]["accepted"] > 0
+        folder = handle.save_pretrained(tmp_path_factory.mktemp("real") / "skills")
+    finally:
+        handle.remove()
+    return rows, folder, prompts
+
+
+def _assert_identical_and_drafting(model, tokenizer, folder, prompts):
+    handle = shortcut.load(model, folder)
+    try:
         handle.set_learning(False)
         for text in prompts:
             ids = _chat_ids(tokenizer, text)
             with handle.disabled():
                 ref = model.generate(**ids, max_new_tokens=16, do_sample=False)
             assert torch.equal(model.generate(**ids, max_new_tokens=16, do_sample=False), ref)
+        assert handle.draft_counters["accepted"] > 0
     finally:
         handle.remove()
+
+
+def test_practice_on_real_model_shrinks_path_with_identical_tokens(smollm2, practised_smollm2):
+    """3 prompts x 3 rounds: fewer layers per generated token in round 3 than round 1,
+    and the practised prompts still decode to exactly the plain model's tokens."""
+    rows, folder, prompts = practised_smollm2
+    assert rows[0]["layer_calls_per_token"] > 29  # round 1: (nearly) every token runs all 30 layers
+    assert rows[2]["layer_calls_per_token"] < 0.8 * rows[0]["layer_calls_per_token"]
+    assert rows[2]["accepted"] > 0
+    _assert_identical_and_drafting(*smollm2, folder, prompts)
+
+
+def test_consolidation_on_real_model(smollm2, practised_smollm2, tmp_path):
+    """``heads`` consolidation of those skills: the model's weights stay bit-identical,
+    the exit heads agree with the full model at least as often as after practice (and at
+    95% or more at every exit) on the replay, and the consolidated skills still decode the
+    model's own tokens."""
+    from shortcut import finetune as ft
+
+    model, tokenizer = smollm2
+    _, folder, prompts = practised_smollm2
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = ft.FinetuneConfig(max_new_tokens=16, steps=300, heldout=0.0, checkpoint_every=0)
+    summary = ft.finetune(model, folder, tmp_path / "out", tokenizer=tokenizer, config=cfg, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    heads = summary["heads"]
+    after, earlier = heads["agreement_after"], heads["agreement_before"]
+    assert min(after.values()) >= 0.95, after
+    assert sum(after.values()) >= sum(earlier.values()), (earlier, after)
+    assert heads["oracle_exit_layer_after"] <= heads["oracle_exit_layer_before"]
+    assert summary["practised_sequences"] >= len(prompts)
+    _assert_identical_and_drafting(model, tokenizer, tmp_path / "out", prompts)
 
 
 def test_eval_harness_smoke_on_real_model(tmp_path):
