@@ -113,6 +113,10 @@ class FinetuneConfig:
         lora_steps, lora_lr, lora_batch_size, lora_rank, lora_alpha: the LoRA adapter
             (level ``layerskip``); the batch counts sequences.
         lora_targets: ``"attention"`` (q/k/v/o projections) or ``"mlp"``.
+        lora_final_target: what the final layer learns while the adapter trains:
+            ``"base"``, the base model's own distribution (KL; the adapter then changes
+            what the early exits read, not what the model says), or ``"tokens"``, the
+            replayed greedy tokens and extra text (cross-entropy, LayerSkip's recipe).
         exit_scale: LayerSkip's ``e_scale``, the weight of early-exit losses.
         curriculum: ``"rotational"`` (one early exit per step, in turn) or
             ``"gradual"`` (exits enabled from the deepest to the shallowest).
@@ -134,12 +138,13 @@ class FinetuneConfig:
     heldout: float = 0.1
     eval_every: int = 100
     patience: int = 5
-    lora_steps: int = 200
+    lora_steps: int = 100
     lora_lr: float = 2e-4
     lora_batch_size: int = 4
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_targets: str = "attention"
+    lora_final_target: str = "base"
     exit_scale: float = 1.0
     curriculum: str = "rotational"
     layer_dropout: float = 0.1
@@ -154,6 +159,8 @@ class FinetuneConfig:
             raise ValueError(f"curriculum={self.curriculum!r} must be 'rotational' or 'gradual'")
         if self.lora_targets not in ("attention", "mlp"):
             raise ValueError(f"lora_targets={self.lora_targets!r} must be 'attention' or 'mlp'")
+        if self.lora_final_target not in ("base", "tokens"):
+            raise ValueError(f"lora_final_target={self.lora_final_target!r} must be 'base' or 'tokens'")
         if not 0.0 <= self.heldout < 0.5:
             raise ValueError(f"heldout={self.heldout} must be in [0, 0.5)")
         positive = ("max_new_tokens", "max_length", "steps", "batch_size", "eval_every", "lora_steps", "lora_batch_size", "lora_rank")
@@ -578,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-batch-size", type=int, default=d.lora_batch_size)
     p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="LoRA rank (alpha = 2 x rank)")
     p.add_argument("--lora-targets", choices=("attention", "mlp"), default=d.lora_targets)
+    p.add_argument("--lora-final-target", choices=("base", "tokens"), default=d.lora_final_target,
+                   help="final layer's target while the adapter trains: the base model's distribution (KL) "
+                        "or the replayed tokens (cross-entropy, LayerSkip's recipe)")
     p.add_argument("--exit-scale", type=float, default=d.exit_scale)
     p.add_argument("--curriculum", choices=("rotational", "gradual"), default=d.curriculum)
     p.add_argument("--layer-dropout", type=float, default=d.layer_dropout)
@@ -599,7 +609,8 @@ def _config(args: argparse.Namespace) -> FinetuneConfig:
         level=args.level, max_new_tokens=args.new_tokens, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         heldout=args.heldout, eval_every=args.eval_every, patience=args.patience, lora_steps=args.lora_steps,
         lora_lr=args.lora_lr, lora_batch_size=args.lora_batch_size, lora_rank=args.lora_rank,
-        lora_alpha=2 * args.lora_rank, lora_targets=args.lora_targets, exit_scale=args.exit_scale,
+        lora_alpha=2 * args.lora_rank, lora_targets=args.lora_targets,
+        lora_final_target=args.lora_final_target, exit_scale=args.exit_scale,
         curriculum=args.curriculum, layer_dropout=args.layer_dropout, seed=args.seed,
         checkpoint_every=args.checkpoint_every)
 

@@ -117,16 +117,33 @@ class ExitCapture:
             handle.remove()
 
 
+@torch.no_grad()
+def base_logits(peft_model: Any, batch: tuple) -> torch.Tensor:
+    """The base model's logits on ``batch`` (adapter off; call with layer dropout off)."""
+    ids, mask, _ = batch
+    with peft_model.disable_adapter():
+        return peft_model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+
+
 def objective(model: nn.Module, parts: ModelParts, capture: ExitCapture, batch: tuple, active: Sequence[int],
-              scale: float) -> torch.Tensor:
-    """The LayerSkip loss of one batch: weighted cross-entropy at the final layer and the
-    ``active`` early exits (read through the model's final norm and unembedding)."""
+              scale: float, base: torch.Tensor | None = None) -> torch.Tensor:
+    """The LayerSkip loss of one batch: weighted cross-entropy at the ``active`` early
+    exits (read through the model's final norm and unembedding) and at the final layer;
+    with ``base`` (the base model's logits on the batch) the final layer's term is the KL
+    divergence from the base model's distribution instead, at the same positions."""
     ids, mask, labels = batch
     capture.states.clear()
     out = model(input_ids=ids, attention_mask=mask, use_cache=False)
     weights = exit_weights(active, parts.num_layers, scale)
     flat = labels.reshape(-1)
-    loss = weights[parts.num_layers] * F.cross_entropy(out.logits.float().reshape(flat.shape[0], -1), flat, ignore_index=-100)
+    final = out.logits.float().reshape(flat.shape[0], -1)
+    if base is None:
+        final_loss = F.cross_entropy(final, flat, ignore_index=-100)
+    else:
+        keep = flat != -100
+        final_loss = F.kl_div(final[keep].log_softmax(-1), base.reshape(flat.shape[0], -1)[keep].log_softmax(-1),
+                              log_target=True, reduction="batchmean")
+    loss = weights[parts.num_layers] * final_loss
     for layer in active:
         logits = parts.unembed(parts.final_norm(capture.states[layer])).float()
         loss = loss + weights[layer] * F.cross_entropy(logits.reshape(flat.shape[0], -1), flat, ignore_index=-100)
@@ -185,26 +202,30 @@ def train_adapter(model: nn.Module, parts: ModelParts, exits: Sequence[int], exa
     capture = ExitCapture(parts, exits)
     try:
         runtime.install()
+        anchored = cfg.lora_final_target == "base"
+        probe_base = base_logits(peft_model, probe) if anchored else None
         with torch.no_grad():
-            before = float(objective(peft_model, parts, capture, probe, exits, cfg.exit_scale))
+            before = float(objective(peft_model, parts, capture, probe, exits, cfg.exit_scale, probe_base))
         optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=cfg.lora_lr, weight_decay=0.0)
         prepared, optimizer = accelerator.prepare(peft_model, optimizer)
 
         def loss_fn(step: int) -> torch.Tensor:
             index = batch_indices(len(examples), step, cfg.lora_batch_size, cfg.seed, accelerator).tolist()
+            batch = make_batch(examples, index, device)
+            base = base_logits(peft_model, batch) if anchored else None  # every layer, adapter off
             draw = torch.rand(parts.num_layers, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
             skip = frozenset(i for i, p in enumerate(rates) if float(draw[i]) < p)
             runtime.policy = FixedPlan(skip=skip, propagate_kv=False) if skip else None
             try:
                 active = active_exits(step, cfg.lora_steps, exits, cfg.curriculum)
-                return objective(prepared, parts, capture, make_batch(examples, index, device), active, cfg.exit_scale)
+                return objective(prepared, parts, capture, batch, active, cfg.exit_scale, base)
             finally:
                 runtime.policy = None
 
         state = train_loop("lora", accelerator, optimizer, loss_fn, steps=cfg.lora_steps, lr=cfg.lora_lr,
                            warmup=cfg.warmup, ckpt=ckpt, progress=progress)
         with torch.no_grad():
-            after = float(objective(peft_model, parts, capture, probe, exits, cfg.exit_scale))
+            after = float(objective(peft_model, parts, capture, probe, exits, cfg.exit_scale, probe_base))
     except BaseException:
         remove_adapter(peft_model)
         raise

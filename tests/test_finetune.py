@@ -254,3 +254,39 @@ def test_layerskip_schedule_helpers():
     assert rates[0] == 0.0 and abs(rates[-1] - 0.2) < 1e-9 and rates == sorted(rates)
     w = exit_weights([7, 19], 30, 1.0)
     assert abs(sum(w.values()) - 1) < 1e-9 and w[7] < w[19] < w[30]
+
+
+def test_layerskip_final_layer_anchored_to_the_base_distribution():
+    """With ``lora_final_target="base"`` the final layer's term is the KL divergence from
+    the base model's logits: zero while the adapter is still the identity (LoRA's B
+    starts at zero), and positive once the adapter moves the final distribution."""
+    from peft import LoraConfig, get_peft_model
+
+    from shortcut.arch import resolve
+    from shortcut.layerskip import ExitCapture, base_logits, exit_weights, make_batch, objective
+    from shortcut.replay import Example
+
+    model = make_tiny("llama")
+    parts = resolve(model)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    examples = [Example([5, 6, 7, 8, 9, 10, 11], 2), Example([12, 13, 14, 15, 16], 0)]
+    batch = make_batch(examples, [0, 1], "cpu")
+    capture = ExitCapture(parts, [1])
+    try:
+        base = base_logits(peft_model, batch)
+        with torch.no_grad():
+            exits_only = objective(peft_model, parts, capture, batch, [], 1.0, base)
+            assert float(exits_only) == pytest.approx(0.0, abs=1e-6)  # identity adapter: KL 0
+            anchored = objective(peft_model, parts, capture, batch, [1], 1.0, base)
+            tokens = objective(peft_model, parts, capture, batch, [1], 1.0)
+            w = exit_weights([1], parts.num_layers, 1.0)
+            # Same exit term in both; only the final term differs (KL 0 vs the token CE).
+            ce_final = (tokens - anchored) / w[parts.num_layers]
+            assert float(ce_final) > 0
+            for lora in (m for n, m in peft_model.named_modules() if n.endswith("lora_B.default")):
+                lora.weight.normal_(0, 0.5)
+            moved = objective(peft_model, parts, capture, batch, [], 1.0, base)
+        assert float(moved) > 1e-4
+    finally:
+        capture.remove()
+        peft_model.unload()
