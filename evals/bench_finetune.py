@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=ft.FinetuneConfig.steps, help="most exit-head steps")
     parser.add_argument("--layerskip", action="store_true", help="also train and assess the LoRA level")
     parser.add_argument("--lora-steps", type=int, default=ft.FinetuneConfig.lora_steps)
+    parser.add_argument("--lora-final-target", choices=("base", "tokens"), default=ft.FinetuneConfig.lora_final_target)
     parser.add_argument("--quality-passages", type=int, default=70)
     parser.add_argument("--choice", type=int, default=100, help="choice questions")
     parser.add_argument("--seed", type=int, default=0)
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         records = read_jsonl(DATA / "passages.jsonl", required=("text",))
         quality = [r["text"] for r in records if r.get("split") == "heldout"][:args.quality_passages]
         lcfg = ft.FinetuneConfig(level="layerskip", max_new_tokens=args.new_tokens, steps=args.steps,
-                                 lora_steps=args.lora_steps, seed=args.seed)
+                                 lora_steps=args.lora_steps, lora_final_target=args.lora_final_target, seed=args.seed)
         ls_summary, ls_seconds = run_finetune(model, tokenizer, skills, args.work / "layerskip", lcfg, quality)
         print(ft.format_summary(ls_summary), flush=True)
         choice = read_jsonl(DATA / "choice.jsonl")[:args.choice]
