@@ -21,7 +21,8 @@ trains much longer and more carefully. Two levels:
     A LoRA adapter (peft) on the attention (or MLP) projections is trained with the
     LayerSkip recipe (early-exit loss at the exit layers through the model's own final
     norm and unembedding, a rotational or gradual curriculum over the exits, layer
-    dropout rising with depth; see :mod:`shortcut.layerskip`) on the practised prompts
+    dropout rising with depth; the final layer kept on the base model's distribution;
+    see :mod:`shortcut.layerskip`) on the practised prompts
     with their greedy continuations plus any extra text; then the heads are consolidated
     on the adapted model as above. The adapter is saved in ``<output>/adapter/`` (peft
     ``save_pretrained``); ``shortcut.load(model, output)`` merges it into the model, so

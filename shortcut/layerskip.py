@@ -14,6 +14,12 @@ every decoder layer learns it, with the recipe's three parts:
 - layer dropout whose rate rises with depth, ``p_l = p_max * (exp(l ln 2 / (L-1)) - 1)``
   (whole batches step over a dropped layer, through :class:`shortcut.runtime.LayerRuntime`).
 
+One departure, by default (``lora_final_target="base"``): the final layer's term is the
+KL divergence from the base model's own distribution (adapter off, every layer) instead
+of the cross-entropy on the replayed greedy tokens, which sharpens the model on its own
+answers. On SmolLM2 (README) the recipe's cross-entropy cost +19.6% held-out perplexity
+at 200 steps; anchored, 100 steps cost +0.8%.
+
 Exit ``l`` means "after ``l`` layers" as everywhere in shortcut, i.e. LayerSkip's layer
 ``l - 1``. Training data: replayed prompts with the model's greedy continuations (loss on
 the continuation) and extra text (loss everywhere).
