@@ -21,7 +21,8 @@ written by ``shortcut-eval practice --out runs/eval/full``: 30 prompts x 5 round
 3. with ``--layerskip``, trains the LoRA adapter too and reports its quality cost:
    teacher-forced perplexity on the held-out passages (evals/data/passages.jsonl split
    "heldout") and log-likelihood choice accuracy (evals/data/choice.jsonl), base vs
-   adapted.
+   adapted; then measures the adapted skills' speed like the others (each prompt against
+   the adapted model's own plain generate: lossless means identical to the adapted model).
 
     python evals/bench_finetune.py                          # 30 + 30 test prompts
     python evals/bench_finetune.py --test-prompts 15        # faster
@@ -160,12 +161,10 @@ def choice_accuracy(model, tokenizer, records: list[dict]) -> float:
     return correct / len(records)
 
 
-def heads_benchmark(model, tokenizer, args: argparse.Namespace, n_test: int, result: dict) -> list:
+def heads_benchmark(model, tokenizer, args: argparse.Namespace, n_test: int, sets: dict, replays: list[bool],
+                    result: dict) -> list:
     """Steps 1-2 of the module doc: the practised skills, heads consolidation, the
     consolidated skills; rows and summary go into ``result``; returns the checks."""
-    records = prompt_sets(DATA / "prompts.jsonl", DATA / "near_duplicates.jsonl", n_practice=args.prompts, n_test=n_test)
-    sets = {name: [prompt_input_ids(tokenizer, r) for r in records[name]] for name in ("exact repeats", "near-duplicates", "novel")}
-    replays = {"on": [True], "off": [False], "both": [True, False]}[args.replay]
     print(f"model={args.model} greedy new_tokens={args.new_tokens} test prompts={n_test} threads={torch.get_num_threads()} "
           "(lossless; speed = tokens/s vs plain generate, same run)")
     print(_header())
@@ -236,9 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     skills = args.skills
     result = {"model": args.model, "skills": str(skills), "new_tokens": args.new_tokens, "test_prompts": n_test,
               "threads": torch.get_num_threads(), "rows": []}
+    records = prompt_sets(DATA / "prompts.jsonl", DATA / "near_duplicates.jsonl", n_practice=args.prompts, n_test=n_test)
+    sets = {name: [prompt_input_ids(tokenizer, r) for r in records[name]] for name in ("exact repeats", "near-duplicates", "novel")}
+    replays = {"on": [True], "off": [False], "both": [True, False]}[args.replay]
     checks: list = []
     if not args.quality_only:
-        checks = heads_benchmark(model, tokenizer, args, n_test, result)
+        checks = heads_benchmark(model, tokenizer, args, n_test, sets, replays, result)
 
     if args.layerskip:
         records = read_jsonl(DATA / "passages.jsonl", required=("text",))
@@ -263,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                    ("layerskip: choice accuracy change in points (>= -1)", 100 * (acc_adapted - acc_base), -1.0)]
         result.update(layerskip_summary=ls_summary, layerskip_seconds=ls_seconds, choice_accuracy_base=acc_base,
                       choice_accuracy_adapted=acc_adapted)
+        if not args.quality_only:  # speed of the adapted skills, each prompt against the adapted model's plain run
+            fresh, _ = shortcut.load_model(args.model)  # loading the folder merges the adapter into it
+            result["rows"] += measure_skills(fresh, args.work / "layerskip", sets, args.new_tokens, "layerskip", replays)
 
     if result["rows"]:
         print()
