@@ -53,9 +53,8 @@ import torch
 import shortcut
 from shortcut import finetune as ft
 from shortcut.data import prompt_input_ids, read_jsonl
-from shortcut.heads import collect_states
-
 from shortcut.evals.workload import prompt_sets
+from shortcut.heads import collect_states
 
 DATA = Path(__file__).parent / "data"
 
@@ -232,11 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     n_test = args.test_prompts or args.prompts
     model, tokenizer = shortcut.load_model(args.model)
     args.work.mkdir(parents=True, exist_ok=True)
-    skills = args.skills
-    result = {"model": args.model, "skills": str(skills), "new_tokens": args.new_tokens, "test_prompts": n_test,
+    result = {"model": args.model, "skills": str(args.skills), "new_tokens": args.new_tokens, "test_prompts": n_test,
               "threads": torch.get_num_threads(), "rows": []}
-    records = prompt_sets(DATA / "prompts.jsonl", DATA / "near_duplicates.jsonl", n_practice=args.prompts, n_test=n_test)
-    sets = {name: [prompt_input_ids(tokenizer, r) for r in records[name]] for name in ("exact repeats", "near-duplicates", "novel")}
+    prompts = prompt_sets(DATA / "prompts.jsonl", DATA / "near_duplicates.jsonl", n_practice=args.prompts, n_test=n_test)
+    sets = {name: [prompt_input_ids(tokenizer, r) for r in prompts[name]] for name in ("exact repeats", "near-duplicates", "novel")}
     replays = {"on": [True], "off": [False], "both": [True, False]}[args.replay]
     checks: list = []
     if not args.quality_only:
@@ -247,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         quality = [r["text"] for r in records if r.get("split") == "heldout"][:args.quality_passages]
         lcfg = ft.FinetuneConfig(level="layerskip", max_new_tokens=args.new_tokens, steps=args.steps,
                                  lora_steps=args.lora_steps, lora_final_target=args.lora_final_target, seed=args.seed)
-        ls_summary, ls_seconds = run_finetune(model, tokenizer, skills, args.work / "layerskip", lcfg, quality)
+        ls_summary, ls_seconds = run_finetune(model, tokenizer, args.skills, args.work / "layerskip", lcfg, quality)
         print(ft.format_summary(ls_summary), flush=True)
         choice = read_jsonl(DATA / "choice.jsonl")[:args.choice]
         acc_base = choice_accuracy(model, tokenizer, choice)
