@@ -2,8 +2,11 @@
 
 ``model.generate`` on a wrapped model with skills passes :func:`make_decoder`'s loop to
 transformers as ``custom_generate``: transformers still prepares the generation config,
-logits processors, stopping criteria and cache, and runs the prefill exactly as plain
-decoding does. Each step of the loop then
+logits processors, stopping criteria and cache, and the prefill runs as plain decoding
+runs it, except that where the prompt ends the way a practised sequence went on, what
+followed there (up to the sequence memory's agreement rule, not ``max_draft``) rides
+along in the prefill forward as a draft: an exact repeat's answer is verified by the
+forward that reads its prompt. Each step of the loop then
 
 1. drafts: where the text ends the way a practised sequence went on (the prompt and
    output of an earlier lossless call, ``shortcut/sequences.py``), the drafter proposes
@@ -267,7 +270,9 @@ class ShallowDrafter:
 
     def replay(self, input_ids: torch.Tensor, limit: int, stop_ids: frozenset[int]) -> torch.Tensor:
         """The continuation of a practised sequence that the text [1, T] ends like (no
-        layer runs); [1, 0] when there is none."""
+        layer runs); [1, 0] when there is none or no memory."""
+        if self.sequences is None:
+            return input_ids[:, :0]
         tokens, _ = self.sequences.continuation(input_ids[0].tolist(), limit)
         for i, token in enumerate(tokens):
             if token in stop_ids:  # nothing after the end is ever accepted
@@ -344,6 +349,37 @@ def choose_next(input_ids: torch.Tensor, logits: torch.Tensor, logits_processor:
     return input_ids, token, bool(stopping_criteria(input_ids, scores).all())
 
 
+def can_extend_prefill(generation_config: Any, model_kwargs: dict[str, Any]) -> bool:
+    """Whether the prefill forward can also verify a draft: the prompt is the only
+    per-token input besides its attention mask and positions, and it is not prefilled in
+    chunks."""
+    extendable = ("attention_mask", "position_ids")
+    per_token = [k for k, v in model_kwargs.items() if isinstance(v, torch.Tensor) and k not in extendable]
+    return not per_token and generation_config.prefill_chunk_size is None
+
+
+def prefill(model: nn.Module, input_ids: torch.Tensor, drafts: torch.Tensor, generation_config: Any,
+            model_kwargs: dict[str, Any]) -> torch.Tensor:
+    """Run the prompt [1, T] through the full model as plain decoding's prefill does,
+    with ``drafts`` [1, k] after it in the same forward (the prompt's replayed
+    continuation: an exact repeat verifies its answer with the forward that reads the
+    prompt). Returns the logits [1, k + 1, V] that pick the first k + 1 new tokens."""
+    k = drafts.shape[1]
+    if k:
+        model_kwargs = dict(model_kwargs)
+        mask = model_kwargs.get("attention_mask")
+        if mask is not None:
+            model_kwargs["attention_mask"] = torch.cat([mask, mask.new_ones(mask.shape[0], k)], dim=-1)
+        positions = model_kwargs.get("position_ids")
+        if positions is not None:
+            after = positions[:, -1:] + torch.arange(1, k + 1, device=positions.device)
+            model_kwargs["position_ids"] = torch.cat([positions, after], dim=-1)
+        if "logits_to_keep" in model_kwargs:
+            model_kwargs["logits_to_keep"] = k + 1
+        input_ids = torch.cat([input_ids, drafts], dim=-1)
+    return model._prefill(input_ids, generation_config, model_kwargs).logits[:, -(k + 1):]
+
+
 def make_decoder(drafter: ShallowDrafter, counters: dict[str, float]) -> Callable[..., torch.Tensor]:
     """The decoding loop handed to ``generate(custom_generate=...)`` (see the module doc)."""
 
@@ -358,9 +394,11 @@ def make_decoder(drafter: ShallowDrafter, counters: dict[str, float]) -> Callabl
         stop_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else [int(e) for e in eos])
         trail = drafter.step.trail
         trail.expect(0)
-        outputs = model._prefill(input_ids, generation_config, model_kwargs)
-        pending = outputs.logits[:, -1:]
-        drafts = input_ids[:, :0]
+        limit = generation_config.max_length - input_ids.shape[1] - 1
+        # Bounded by the memory's agreement rule, not max_draft: no layer runs to make it.
+        drafts = drafter.replay(input_ids, limit, stop_ids) if can_extend_prefill(generation_config, model_kwargs) \
+            else input_ids[:, :0]
+        pending = prefill(model, input_ids, drafts, generation_config, model_kwargs)
         while True:
             accepted, finished = 0, False
             for i in range(pending.shape[1]):

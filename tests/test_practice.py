@@ -318,6 +318,43 @@ def test_loaded_policy_uses_the_saved_threshold(tmp_path):
     assert policy.threshold == 0.7
 
 
+@pytest.mark.parametrize("kw", [dict(do_sample=False), dict(do_sample=True)])
+def test_practised_answer_is_verified_by_the_prefill(practised, kw):
+    """A prompt that agrees with a practised sequence for SHORT_MATCH tokens or more has
+    its answer drafted before the prefill, which verifies it: an exact repeat needs no
+    other forward, a practised answer that forks costs only the forwards after the fork,
+    and the output (greedy or seeded sampling) is the unwrapped model's."""
+    from shortcut.sequences import SHORT_MATCH, SequenceMemory
+
+    model, handle, _ = practised
+    prompt = torch.arange(20, 20 + SHORT_MATCH + 2).view(1, -1)
+    with handle.disabled():
+        torch.manual_seed(0)
+        ref = model.generate(input_ids=prompt, max_new_tokens=16, **kw)
+    answer = ref[0].tolist()
+    fork = prompt.shape[1] + 9  # the 10th new token
+    memory = handle.learner.sequences
+    handle.set_learning(False)
+    try:
+        for practised_seq, most_verifies in ((answer, 0), (answer[:fork] + [(answer[fork] + 1) % 96] + answer[fork + 1:], 6)):
+            handle.learner.sequences = SequenceMemory()
+            handle.learner.sequences.add(practised_seq)
+            before = dict(handle.draft_counters)
+            handle.stats.reset()
+            torch.manual_seed(0)
+            out = model.generate(input_ids=prompt, max_new_tokens=16, **kw)
+            delta = {k: v - before.get(k, 0.0) for k, v in handle.draft_counters.items()}
+            assert torch.equal(out, ref)
+            if not kw["do_sample"]:  # sampling may leave the practised answer anywhere
+                assert delta["verify_forwards"] + delta.get("full_path_steps", 0) <= most_verifies
+                assert delta["replay_accepted"] >= min(15, fork - prompt.shape[1])
+            runs = handle.stats.total.per_layer_runs
+            assert runs[0] == runs[-1]  # no draft ran a layer: the memory made them
+    finally:
+        handle.learner.sequences = memory
+        handle.set_learning(True)
+
+
 def test_unfamiliar_token_takes_full_path_once_and_is_learned(practised):
     """A token the policy does not know runs through every layer in the draft attempt
     itself: no layer runs twice, no verification forward, the lesson is still learned."""

@@ -134,7 +134,9 @@ def test_practice_on_real_model_shrinks_path_with_identical_tokens(smollm2, prac
     """3 prompts x 3 rounds: fewer layers per generated token in round 3 than round 1,
     and the practised prompts still decode to exactly the plain model's tokens."""
     rows, folder, prompts = practised_smollm2
-    assert rows[0]["layer_calls_per_token"] > 29  # round 1: (nearly) every token runs all 30 layers
+    # Round 1: (nearly) every token runs all 30 layers; only two-token probes of answers
+    # practised earlier in the round can save a step (accepted with the prefill's forward).
+    assert rows[0]["layer_calls_per_token"] > 27
     assert rows[2]["layer_calls_per_token"] < 0.8 * rows[0]["layer_calls_per_token"]
     assert rows[2]["accepted"] > 0
     _assert_identical_and_drafting(*smollm2, folder, prompts)
