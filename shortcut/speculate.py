@@ -395,7 +395,11 @@ def make_decoder(drafter: ShallowDrafter, counters: dict[str, float]) -> Callabl
         trail = drafter.step.trail
         trail.expect(0)
         limit = generation_config.max_length - input_ids.shape[1] - 1
-        # Bounded by the memory's agreement rule, not max_draft: no layer runs to make it.
+        # A greedy call replays the whole practised answer (bounded by the memory's
+        # agreement rule, not max_draft: no layer runs to make it); a sampled answer soon
+        # leaves the practised greedy one, so it risks no more than any draft does.
+        if do_sample:
+            limit = min(limit, drafter.max_draft)
         drafts = drafter.replay(input_ids, limit, stop_ids) if can_extend_prefill(generation_config, model_kwargs) \
             else input_ids[:, :0]
         pending = prefill(model, input_ids, drafts, generation_config, model_kwargs)
