@@ -261,6 +261,9 @@ def test_lossless_on_other_architectures(arch):
             with handle.disabled():
                 ref = model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False)
             assert torch.equal(model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False), ref)
+        # A practised answer in the prefill forward, longer than gemma3's sliding window (6):
+        # the rejected part after a fork is cropped from those layers too.
+        _check_prefill_replay(model, handle, dict(do_sample=False))
     finally:
         handle.remove()
 
@@ -324,9 +327,13 @@ def test_practised_answer_is_verified_by_the_prefill(practised, kw):
     its answer drafted before the prefill, which verifies it: an exact repeat needs no
     other forward, a practised answer that forks costs only the forwards after the fork,
     and the output (greedy or seeded sampling) is the unwrapped model's."""
+    model, handle, _ = practised
+    _check_prefill_replay(model, handle, kw)
+
+
+def _check_prefill_replay(model, handle, kw):
     from shortcut.sequences import SHORT_MATCH, SequenceMemory
 
-    model, handle, _ = practised
     prompt = torch.arange(20, 20 + SHORT_MATCH + 2).view(1, -1)
     with handle.disabled():
         torch.manual_seed(0)
