@@ -46,10 +46,11 @@ class ShortcutConfig:
             prompts committed 4.8% wrong tokens against a 1% target (README). ``False``
             lets the bars alone decide.
         max_draft: most tokens one lossless draft may propose before verification; the
-            draft length adapts below it. In greedy calls a practised answer replayed
-            with the prompt's prefill is bounded by the sequence memory's agreement rule
-            instead (it costs no layer to make, and the prompt's forward verifies it). 32 rather than 16: exact repeats 3.09x instead
-            of 2.64x plain on SmolLM2 (with the length carried across calls; README).
+            draft length adapts below it. 32 rather than 16: exact repeats 3.09x instead
+            of 2.64x plain on SmolLM2 (with the length carried across calls; README). In
+            greedy calls a practised answer replayed with the prompt's prefill is bounded
+            by the sequence memory's agreement rule instead (it costs no layer to make,
+            and the prompt's forward verifies it).
         draft_confidence: a draft stops where the exit head's confidence falls below this.
         replay_sequences: lossless drafts first try the practised sequences (prompt and
             output of each lossless call made while learning): where the text ends the

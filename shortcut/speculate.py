@@ -4,8 +4,8 @@
 transformers as ``custom_generate``: transformers still prepares the generation config,
 logits processors, stopping criteria and cache, and the prefill runs as plain decoding
 runs it, except that where the prompt ends the way a practised sequence went on, what
-followed there (up to the sequence memory's agreement rule, not ``max_draft``) rides
-along in the prefill forward as a draft: an exact repeat's answer is verified by the
+followed there (in a greedy call up to the sequence memory's agreement rule, not
+``max_draft``) rides along in the prefill forward as a draft: an exact repeat's answer is verified by the
 forward that reads its prompt. Each step of the loop then
 
 1. drafts: where the text ends the way a practised sequence went on (the prompt and
