@@ -331,6 +331,32 @@ def test_practised_answer_is_verified_by_the_prefill(practised, kw):
     _check_prefill_replay(model, handle, kw)
 
 
+def test_prefill_replay_with_a_left_padded_prompt(practised):
+    """A single prompt with left padding: the prefill still carries and verifies the
+    replayed answer (mask and positions extended) and the output is the unwrapped model's."""
+    from shortcut.sequences import SHORT_MATCH, SequenceMemory
+
+    model, handle, _ = practised
+    prompt = torch.arange(20, 20 + SHORT_MATCH + 2).view(1, -1)
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), prompt], dim=-1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(prompt)], dim=-1)
+    with handle.disabled():
+        ref = model.generate(input_ids=padded, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    memory = handle.learner.sequences
+    handle.set_learning(False)
+    try:
+        handle.learner.sequences = SequenceMemory()
+        handle.learner.sequences.add(prompt[0].tolist() + ref[0, padded.shape[1]:].tolist())
+        before = dict(handle.draft_counters)
+        out = model.generate(input_ids=padded, attention_mask=mask, max_new_tokens=16, do_sample=False)
+        delta = {k: v - before.get(k, 0.0) for k, v in handle.draft_counters.items()}
+    finally:
+        handle.learner.sequences = memory
+        handle.set_learning(True)
+    assert torch.equal(out, ref)
+    assert delta["replay_accepted"] == 15 and delta.get("verify_forwards", 0) == 0
+
+
 def _check_prefill_replay(model, handle, kw):
     from shortcut.sequences import SHORT_MATCH, SequenceMemory
 
