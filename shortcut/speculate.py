@@ -4,8 +4,8 @@
 transformers as ``custom_generate``: transformers still prepares the generation config,
 logits processors, stopping criteria and cache, and the prefill runs as plain decoding
 runs it, except that where the prompt ends the way a practised sequence went on, what
-followed there (in a greedy call up to the sequence memory's agreement rule, not
-``max_draft``) rides along in the prefill forward as a draft: an exact repeat's answer is verified by the
+followed there rides along in the prefill forward as a draft
+(:meth:`ShallowDrafter.prompt_draft`): an exact repeat's answer is verified by the
 forward that reads its prompt. Each step of the loop then
 
 1. drafts: where the text ends the way a practised sequence went on (the prompt and
@@ -211,10 +211,9 @@ class ShallowDrafter:
             self._skip -= 1
             self.counters["draft_paused"] += 1
             return input_ids[:, :0]
-        if self.sequences is not None:
-            replay = self.replay(input_ids, min(limit, self.max_draft), stop_ids)
-            if replay.shape[1]:
-                return replay
+        replay = self.replay(input_ids, min(limit, self.max_draft), stop_ids)
+        if replay.shape[1]:
+            return replay
         budget = min(limit, self.num_draft)
         if self.heads.shortlist.numel() == 0:
             return input_ids[:, :0]
@@ -267,6 +266,14 @@ class ShallowDrafter:
             crop_to(cache, lengths)
         self.counters["drafted"] += len(drafted)
         return torch.cat(drafted, dim=-1) if drafted else input_ids[:, :0]
+
+    def prompt_draft(self, input_ids: torch.Tensor, limit: int, stop_ids: frozenset[int],
+                     sampled: bool) -> torch.Tensor:
+        """The draft the prefill forward carries after the prompt [1, T]: its practised
+        continuation. A greedy call replays the whole practised answer (bounded by the
+        memory's agreement rule, not ``max_draft``: no layer runs to make it); a sampled
+        answer soon leaves the practised greedy one, so it risks no more than any draft."""
+        return self.replay(input_ids, min(limit, self.max_draft) if sampled else limit, stop_ids)
 
     def replay(self, input_ids: torch.Tensor, limit: int, stop_ids: frozenset[int]) -> torch.Tensor:
         """The continuation of a practised sequence that the text [1, T] ends like (no
@@ -395,13 +402,8 @@ def make_decoder(drafter: ShallowDrafter, counters: dict[str, float]) -> Callabl
         trail = drafter.step.trail
         trail.expect(0)
         limit = generation_config.max_length - input_ids.shape[1] - 1
-        # A greedy call replays the whole practised answer (bounded by the memory's
-        # agreement rule, not max_draft: no layer runs to make it); a sampled answer soon
-        # leaves the practised greedy one, so it risks no more than any draft does.
-        if do_sample:
-            limit = min(limit, drafter.max_draft)
-        drafts = drafter.replay(input_ids, limit, stop_ids) if can_extend_prefill(generation_config, model_kwargs) \
-            else input_ids[:, :0]
+        drafts = drafter.prompt_draft(input_ids, limit, stop_ids, do_sample) \
+            if can_extend_prefill(generation_config, model_kwargs) else input_ids[:, :0]
         pending = prefill(model, input_ids, drafts, generation_config, model_kwargs)
         while True:
             accepted, finished = 0, False
