@@ -210,7 +210,7 @@ class Shortcut:
                 output = original(*args, custom_generate=make_decoder(drafter, self.draft_counters), **kwargs)
             finally:
                 self._draft_length = drafter.num_draft
-            if learner.enabled:  # lossless output is the full model's: a sequence later calls may replay
+            if learner.enabled and drafter.plain_greedy:  # the full model's greedy answer: later calls may replay it
                 learner.sequences.add(output[0].tolist())
             return output
         finally:

@@ -53,9 +53,11 @@ class ShortcutConfig:
             and the prompt's forward verifies it).
         draft_confidence: a draft stops where the exit head's confidence falls below this.
         replay_sequences: lossless drafts first try the practised sequences (prompt and
-            output of each lossless call made while learning): where the text ends the
-            way one went on, what followed is drafted without running any layer
-            (``shortcut/sequences.py``). ``False`` drafts with the shallow path only.
+            output of each plain greedy lossless call made while learning): where the
+            text ends the way one went on, what followed is drafted without running any
+            layer (``shortcut/sequences.py``). In fast mode a plain greedy call whose
+            prompt was practised commits its practised answer with no layer at all.
+            ``False`` drafts and commits with the shallow path only.
         policy_threshold: exit where the policy predicts at least this agreement.
         consolidate_every: re-fit heads and policy after this many newly practised
             tokens during ordinary use (0: only at the end of ``practice`` rounds).

@@ -197,6 +197,7 @@ class ShallowDrafter:
         # Logits [1, 1, V] of the newest token when draft() ran it on the full path (its
         # first token was unfamiliar): the decoding loop then needs no verification.
         self.full_logits: torch.Tensor | None = None
+        self.plain_greedy = False  # whether the latest call's output is the model's plain greedy answer
 
     @torch.no_grad()
     def draft(self, input_ids: torch.Tensor, cache: Any, limit: int, stop_ids: frozenset[int] = frozenset()) -> torch.Tensor:
@@ -356,6 +357,15 @@ def choose_next(input_ids: torch.Tensor, logits: torch.Tensor, logits_processor:
     return input_ids, token, bool(stopping_criteria(input_ids, scores).all())
 
 
+def plain_greedy(generation_config: Any, logits_processor: Any, model_kwargs: dict[str, Any]) -> bool:
+    """Whether a call's tokens are the model's plain greedy answer to its prompt: no
+    sampling, no logits processor (repetition penalty, minimum length, ...), no padding.
+    Only such answers are a function of the prompt alone (what practised sequences keep,
+    and what fast mode may commit)."""
+    mask = model_kwargs.get("attention_mask")
+    return not generation_config.do_sample and len(logits_processor) == 0 and (mask is None or bool(mask.all()))
+
+
 def can_extend_prefill(generation_config: Any, model_kwargs: dict[str, Any]) -> bool:
     """Whether the prefill forward can also verify a draft: the prompt is the only
     per-token input besides its attention mask and positions, and it is not prefilled in
@@ -395,6 +405,7 @@ def make_decoder(drafter: ShallowDrafter, counters: dict[str, float]) -> Callabl
                            stopping_criteria: Any, generation_config: Any, synced_gpus: bool = False,
                            streamer: Any = None, **model_kwargs: Any) -> torch.Tensor:
         do_sample = bool(generation_config.do_sample)
+        drafter.plain_greedy = plain_greedy(generation_config, logits_processor, model_kwargs)
         cache = model_kwargs["cache"]
         cache.activate_past_recording()  # sliding-window layers must be able to roll back
         eos = generation_config.eos_token_id

@@ -40,7 +40,8 @@ def test_practice_writes_documented_outputs(practice_run):
         assert any(m.startswith("early-exit E=") for s, m in methods if s == test_set)
     assert [r["round"] for r in result["rounds"] if r["method"] == "shortcut lossless"] == [1, 2]
     for row in result["tests"] + result["rounds"]:
-        assert row["flops_rel"] > 0
+        # fast mode commits an exact repeat's practised answer: no layer runs after the prefill
+        assert row["flops_rel"] >= 0 if row["method"] == "shortcut fast" else row["flops_rel"] > 0, row
         if row["method"] in ("plain", "shortcut lossless") or row["method"].startswith(("early-exit", "prompt")):
             assert row["identical"] == 1.0, row  # every lossless method emits the model's own tokens
     assert result["early_exit_sweep"]["best"] in (1, 2)

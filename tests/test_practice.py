@@ -496,9 +496,11 @@ def test_fast_mode_does_not_commit_where_a_practised_sequence_goes_on_otherwise(
     vetoes = controller.vetoes
     try:
         for k in range(max(SHORT_MATCH, len(prompt) + 1), len(seq)):
-            # A practised sequence that forks from the model's answer at position k.
+            # A practised sequence that forks from the model's answer at position k. It
+            # begins with another token: one that begins with the prompt itself is taken
+            # for the prompt's practised answer and replayed outright.
             handle.learner.sequences = SequenceMemory()
-            handle.learner.sequences.add(seq[:k] + [(seq[k] + 1) % 96] + seq[k + 1:])
+            handle.learner.sequences.add([(seq[0] + 1) % 96] + seq[1:k] + [(seq[k] + 1) % 96] + seq[k + 1:])
             before = controller.vetoes
             out = model.generate(input_ids=PROMPTS[0], max_new_tokens=16, do_sample=False)[0].tolist()
             if controller.vetoes > before and out[:k] == seq[:k]:
@@ -531,12 +533,11 @@ def test_fast_mode_commits_only_on_prompts_practised_verbatim(practised):
         assert torch.equal(model.generate(input_ids=reworded, max_new_tokens=16, do_sample=False), ref)
         assert controller.lossless_calls == calls + 1 and controller.exits == exits and controller.committed == []
         model.generate(input_ids=PROMPTS[0], max_new_tokens=16, do_sample=False)
-        assert controller.lossless_calls == calls + 1 and controller.exits > exits  # practised: commits
+        assert controller.lossless_calls == calls + 1 and controller.committed  # practised: commits
         handle.config.fast_practised_prompts_only = False
         controller.recalibrate(controller.calibrated_for)  # audits of the call above moved the bars
-        exits = controller.exits
         model.generate(input_ids=reworded, max_new_tokens=16, do_sample=False)
-        assert controller.lossless_calls == calls + 1 and controller.exits > exits
+        assert controller.lossless_calls == calls + 1 and controller.committed
     finally:
         handle.config.mode, handle.config.fast_practised_prompts_only = "lossless", True
         controller.min_confidence = controller.base_confidence = saved
@@ -546,3 +547,75 @@ def test_fast_mode_commits_only_on_prompts_practised_verbatim(practised):
     assert not handle.learner.was_practised(reworded[0].tolist())
     handle.learner.consolidate(steps=1)
     assert handle.learner.was_practised(reworded[0].tolist())
+
+
+def test_fast_mode_commits_the_practised_answer_with_no_layer(practised):
+    """A plain greedy call whose prompt was practised commits its practised answer (the
+    full model's own greedy tokens) without running any layer after the prefill; where
+    the call goes on past that answer, the next token catches the replayed ones up and
+    audits them, and the output stays the full model's."""
+    from shortcut.sequences import SequenceMemory
+
+    model, handle, _ = practised
+    prompt = PROMPTS[0]
+    with handle.disabled():
+        ref = model.generate(input_ids=prompt, max_new_tokens=24, do_sample=False)
+    controller, saved = handle.fast, (handle.fast.min_confidence, handle.fast.base_confidence, handle.fast.audit_fraction)
+    memory = handle.learner.sequences
+    handle.learner.sequences = SequenceMemory()  # as if practised once, for 16 tokens
+    handle.learner.sequences.add(ref[0, :prompt.shape[1] + 16].tolist())
+    # Heads that never commit: every token not replayed is the full path's.
+    controller.min_confidence = controller.base_confidence = 1.01
+    handle.config.mode = "fast"
+    handle.set_learning(False)
+    try:
+        controller.audit_fraction = 0.0
+        handle.stats.reset()
+        replayed, audits = controller.replayed, controller.audits
+        out = model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False)  # as practised
+        assert torch.equal(out, ref[:, :out.shape[1]])
+        assert controller.replayed - replayed == 15  # all but the prefill's token
+        assert handle.stats.total.per_layer_runs == [prompt.shape[1]] * 4  # the prefill alone
+        assert controller.audits == audits
+
+        controller.audit_fraction = 1.0
+        errors, replayed = controller.errors, controller.replayed
+        out = model.generate(input_ids=prompt, max_new_tokens=24, do_sample=False)  # longer than practised
+        assert torch.equal(out, ref)
+        assert controller.replayed - replayed == 15
+        assert controller.audits - audits >= 15 and controller.errors == errors
+
+        # Even where the heads would commit, the token after the answer takes the full
+        # path first: the replayed tokens hold keys/values in no layer.
+        controller.min_confidence = controller.base_confidence = 0.0
+        controller.audit_fraction, catch_ups = 0.0, controller.catch_ups
+        out = model.generate(input_ids=prompt, max_new_tokens=24, do_sample=False)
+        end = prompt.shape[1] + 16
+        assert controller.catch_ups > catch_ups and end not in controller.committed
+        assert torch.equal(out[:, :end + 1], ref[:, :end + 1])
+
+        # Sampling or a logits processor: the practised answer is not this call's answer.
+        replayed = controller.replayed
+        torch.manual_seed(0)
+        model.generate(input_ids=prompt, max_new_tokens=16, do_sample=True)
+        model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False, repetition_penalty=1.5)
+        assert controller.replayed == replayed
+    finally:
+        handle.learner.sequences = memory
+        handle.config.mode = "lossless"
+        controller.min_confidence, controller.base_confidence, controller.audit_fraction = saved
+        handle.set_learning(True)
+
+
+def test_only_plain_greedy_answers_become_practised_sequences(practised):
+    model, handle, _ = practised
+    memory = handle.learner.sequences
+    prompt = torch.tensor([[50, 51, 52, 53]])
+    held = len(memory)
+    torch.manual_seed(0)
+    model.generate(input_ids=prompt, max_new_tokens=6, do_sample=True)
+    model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, repetition_penalty=1.5)
+    model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, attention_mask=torch.tensor([[0, 1, 1, 1]]))
+    assert len(memory) == held
+    out = model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False)
+    assert len(memory) == held + 1 and memory.sequences[-1] == out[0].tolist()

@@ -39,3 +39,18 @@ def test_capacity_drops_the_oldest_sequences():
     assert memory.add([1, 2, 3, 4, 5, 6])  # forgotten, so new again
     with pytest.raises(ValueError, match="capacity=0"):
         SequenceMemory(capacity=0)
+
+
+def test_answer_needs_a_sequence_that_begins_with_the_whole_prompt():
+    memory = SequenceMemory()
+    prompt = [5, 6, 7, 8]
+    memory.add(prompt + [40, 41])
+    memory.add(prompt + [40, 41, 42, 43])  # the same answer, practised longer
+    memory.add([9] + prompt[1:] + [60, 61, 62])  # ends like the prompt, begins otherwise
+    assert memory.answer(prompt, limit=10) == [40, 41, 42, 43]  # the longest
+    assert memory.answer(prompt, limit=3) == [40, 41, 42]
+    assert memory.answer(prompt + [40], limit=10) == [41, 42, 43]  # a prompt may end inside an answer
+    assert memory.answer([1] + prompt, limit=10) == []  # more text before it: not the same prompt
+    assert memory.answer([0] + prompt[1:], limit=10) == []
+    assert memory.answer(prompt + [40, 41, 42, 43], limit=10) == []  # nothing followed it
+    assert memory.answer(prompt, limit=0) == []
