@@ -164,7 +164,8 @@ def generate(method: Method, ids: torch.Tensor, new_tokens: int) -> dict[str, An
         cost = decode_only(shortcut_cost(system.sizes, stats, counters), system.sizes, ids.shape[1])
     return {"output": out, "seconds": seconds, "new_tokens": new, "cost": cost,
             "drafted": counters.get("drafted", 0.0), "accepted": counters.get("accepted", 0.0),
-            "replayed": counters.get("replay_accepted", 0.0),
+            # tokens from practised sequences: accepted lossless drafts, committed fast-mode answers
+            "replayed": counters.get("replay_accepted", 0.0) + counters.get("replay_committed", 0.0),
             "learn_seconds": (learner.stats.learn_seconds - learn_before) if learner else 0.0}
 
 
@@ -222,7 +223,7 @@ def summarise(rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         "agreement": sum(r["agreed_tokens"] for r in rows) / max(tokens, 1),
         "acceptance": sum(r["accepted"] for r in rows) / drafted if drafted else None,
         "drafted_per_token": drafted / max(tokens, 1),
-        # generated tokens that were accepted drafts replayed from practised sequences
+        # generated tokens that came from practised sequences (accepted drafts, committed answers)
         "replayed_share": sum(r.get("replayed", 0.0) for r in rows) / max(tokens, 1),
         "learn_seconds": sum(r["learn_seconds"] for r in rows),
     }

@@ -252,6 +252,7 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
             following = following and generated <= len(answer) and int(token) == answer[generated - 1]
             if following and generated < len(answer):  # pending: the answer names the next token
                 controller.replayed += 1
+                counters["replay_committed"] += 1
                 shallow_top.append(answer[generated])
                 controller.committed.append(input_ids.shape[1])
                 logits = torch.full((1, vocab), float("-inf"))

@@ -44,6 +44,8 @@ def test_practice_writes_documented_outputs(practice_run):
         assert row["flops_rel"] >= 0 if row["method"] == "shortcut fast" else row["flops_rel"] > 0, row
         if row["method"] in ("plain", "shortcut lossless") or row["method"].startswith(("early-exit", "prompt")):
             assert row["identical"] == 1.0, row  # every lossless method emits the model's own tokens
+    fast = next(r for r in result["tests"] if (r["set"], r["method"]) == ("exact repeats", "shortcut fast"))
+    assert fast["replayed_share"] > 0 and fast["identical"] == 1.0  # practised answers committed, no layer run
     assert result["early_exit_sweep"]["best"] in (1, 2)
     png = (practice_run / "practice_curve.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

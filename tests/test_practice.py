@@ -572,9 +572,11 @@ def test_fast_mode_commits_the_practised_answer_with_no_layer(practised):
         controller.audit_fraction = 0.0
         handle.stats.reset()
         replayed, audits = controller.replayed, controller.audits
+        counted = handle.draft_counters["replay_committed"]
         out = model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False)  # as practised
         assert torch.equal(out, ref[:, :out.shape[1]])
         assert controller.replayed - replayed == 15  # all but the prefill's token
+        assert handle.draft_counters["replay_committed"] - counted == 15
         assert handle.stats.total.per_layer_runs == [prompt.shape[1]] * 4  # the prefill alone
         assert controller.audits == audits
 
