@@ -261,6 +261,15 @@ def test_lossless_on_other_architectures(arch):
             with handle.disabled():
                 ref = model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False)
             assert torch.equal(model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False), ref)
+        # Fast mode commits a practised answer longer than gemma3's sliding window (6) and
+        # catches it up where the call goes on past it: still the model's own tokens.
+        handle.config.mode = "fast"
+        handle.fast.min_confidence = handle.fast.base_confidence = 1.01  # the heads never commit
+        with handle.disabled():
+            ref = model.generate(input_ids=PROMPTS[0], max_new_tokens=24, do_sample=False)
+        assert torch.equal(model.generate(input_ids=PROMPTS[0], max_new_tokens=24, do_sample=False), ref)
+        assert handle.fast.replayed == 15 and handle.fast.catch_ups == 1
+        handle.config.mode = "lossless"
         # A practised answer in the prefill forward, longer than gemma3's sliding window (6):
         # the rejected part after a fork is cropped from those layers too.
         _check_prefill_replay(model, handle, dict(do_sample=False))
