@@ -11,8 +11,8 @@ from .api import Shortcut, load, wrap
 from .arch import ArchSpec, UnsupportedArchitectureError, register_architecture, registered_model_types
 from .config import ShortcutConfig
 from .models import load_model
-from .runtime import FixedPlan, LayerPolicy
-from .skills import SkillsMismatchError
+from .decode.runtime import FixedPlan, LayerPolicy
+from .skills.folder import SkillsMismatchError
 
 __all__ = [
     "ArchSpec",

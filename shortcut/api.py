@@ -14,16 +14,16 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from . import skills
+from .skills import folder as skills
 from .arch import ModelParts, resolve
 from .config import ShortcutConfig
-from .fast import FastController, FastStep, make_fast_decoder
-from .heads import ExitHeads
-from .observe import Observer
-from .policy import ExitPolicy
-from .practice import Learner
-from .runtime import FixedPlan, LayerPolicy, LayerRuntime, Stats
-from .speculate import ShallowDrafter, Trail, make_decoder, unsupported_options
+from .decode.fast import FastController, FastStep, make_fast_decoder
+from .policy.heads import ExitHeads
+from .observe.observer import Observer
+from .policy.exits import ExitPolicy
+from .learn.practice import Learner
+from .decode.runtime import FixedPlan, LayerPolicy, LayerRuntime, Stats
+from .decode.lossless import ShallowDrafter, Trail, make_decoder, unsupported_options
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class Shortcut:
         """Train a sae-lens TopK SAE on this model's own residual stream at
         ``config.observer_layers[0]`` over ``texts``, measure it on a held-out slice,
         and attach it as the observer. ``train_kwargs`` go to :func:`observe.train_sae`."""
-        from .observe import DEFAULT_MAX_TOKENS, collect_activations, sae_quality, train_sae
+        from .observe.observer import DEFAULT_MAX_TOKENS, collect_activations, sae_quality, train_sae
 
         self._check_live()
         layer = self.config.observer_layers[0]
@@ -221,7 +221,7 @@ class Shortcut:
         """Practise ``prompts`` (strings, with ``tokenizer``, or token-id tensors
         [1, T]) for ``rounds`` rounds of greedy generation, consolidating after each
         round. Returns one row of figures per round."""
-        from .practice import run_rounds
+        from .learn.practice import run_rounds
 
         self._check_live()
         if self.learner is None:

@@ -15,9 +15,9 @@ from typing import Callable
 
 import torch
 
-from .data import DataFileError, packaged_data, prompt_input_ids, read_jsonl, read_prompts
+from .data import DEFAULT_PASSAGES, DataFileError, prompt_input_ids, read_jsonl, read_prompts
 
-DEFAULT_CORPUS = packaged_data("passages.jsonl")
+DEFAULT_CORPUS = DEFAULT_PASSAGES
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -83,11 +83,11 @@ def _practice(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     """Show what a skills folder learned."""
-    from .inspect import describe
+    from .skills.summary import describe
 
     print(describe(Path(args.skills), top=args.top))
     if args.timing:
-        from .inspect import observer_decode_share
+        from .skills.summary import observer_decode_share
 
         t = observer_decode_share(Path(args.skills), args.model)
         print(f"  observer share of decode time on {args.model}: {100 * t['share']:.1f}% "
@@ -98,7 +98,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     """Merge the practice of several skills folders made on the same base model."""
-    from .merge import merge_skills
+    from .skills.merge import merge_skills
 
     folder = merge_skills([Path(p) for p in args.skills], Path(args.output), overwrite=args.overwrite)
     print(f"merged {len(args.skills)} skills folders into {folder}")

@@ -9,14 +9,11 @@ from typing import Any
 import torch
 
 
-def packaged_data(name: str) -> Path:
-    """A file of the committed data (``evals/data/<name>``) wherever it is installed:
-    the repository's ``evals`` folder ships as the ``shortcut.evals`` package."""
-    from importlib.util import find_spec
-
-    spec = find_spec("shortcut.evals")
-    folders = list(spec.submodule_search_locations or []) if spec else []
-    return Path(folders[0] if folders else Path(__file__).resolve().parent.parent / "evals") / "data" / name
+CORPUS = Path(__file__).resolve().parent / "corpus"
+DEFAULT_PASSAGES = CORPUS / "passages.jsonl"
+"""Real English prose (Wikipedia and OpenWebText passages, split ``train`` / ``heldout``)
+shipped with the library: the default text for training an observer and for measuring
+consolidation quality. Sources and licences: ``shortcut_eval/data/README.md``."""
 
 
 class DataFileError(ValueError):

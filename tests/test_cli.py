@@ -8,7 +8,7 @@ import pytest
 
 from shortcut import cli
 
-TINY_DATA = Path(__file__).resolve().parent.parent / "evals" / "data" / "tiny"
+TINY_DATA = Path(__file__).resolve().parent.parent / "shortcut_eval" / "data" / "tiny"
 
 
 def _practice(model_dir, out, *extra):

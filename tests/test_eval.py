@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -9,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from shortcut.evals import cli
+from shortcut_eval import cli
 
-TINY = Path(__file__).resolve().parent.parent / "evals" / "data" / "tiny"
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "shortcut_eval" / "data" / "tiny"
 FAST_PRACTICE = ["--prompts", str(TINY / "prompts.jsonl"), "--near", str(TINY / "near_duplicates.jsonl"),
                  "--corpus", str(TINY / "passages.jsonl"), "--sae-steps", "10", "--practice-prompts", "3",
                  "--test-prompts", "2", "--max-new-tokens", "6", "--sweep-prompts", "1", "--early-exit", "1", "2",
@@ -145,7 +147,10 @@ def test_fresh_skills_take_observer_and_exit_layers(tiny_model_dir, tmp_path, ca
 
 
 def test_bench_verify_times_every_width(tiny_model_dir, capsys):
-    from shortcut.evals import bench_verify
+    # benchmarks/ is a folder of scripts, not a package of the wheel
+    spec = importlib.util.spec_from_file_location("bench_verify", ROOT / "benchmarks" / "bench_verify.py")
+    bench_verify = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_verify)
 
     relative = bench_verify.main(["--model", str(tiny_model_dir), "--repeats", "1"])
     assert list(relative) == list(bench_verify.WIDTHS) and relative[1] == 1.0

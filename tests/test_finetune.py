@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 import shortcut
-from shortcut import finetune as ft
+from shortcut.finetune import consolidate as ft
 from shortcut.data import prompt_input_ids
-from shortcut.skills import SkillsMismatchError
-from shortcut.training import Checkpoints
+from shortcut.skills.folder import SkillsMismatchError
+from shortcut.finetune.training import Checkpoints
 
 from .conftest import make_tiny
 from .test_practice import PROMPTS, _observer
@@ -246,7 +246,7 @@ def test_mismatched_skills_raise_before_training(skills_dir, tmp_path):
 
 
 def test_layerskip_schedule_helpers():
-    from shortcut.layerskip import active_exits, dropout_rates, exit_weights
+    from shortcut.finetune.layerskip import active_exits, dropout_rates, exit_weights
 
     assert [active_exits(s, 8, [7, 11, 15], "rotational") for s in range(4)] == [[7], [11], [15], [7]]
     assert active_exits(0, 9, [7, 11, 15], "gradual") == [15] and active_exits(8, 9, [7, 11, 15], "gradual") == [7, 11, 15]
@@ -263,8 +263,8 @@ def test_layerskip_final_layer_anchored_to_the_base_distribution():
     from peft import LoraConfig, get_peft_model
 
     from shortcut.arch import resolve
-    from shortcut.layerskip import ExitCapture, base_logits, exit_weights, make_batch, objective
-    from shortcut.replay import Example
+    from shortcut.finetune.layerskip import ExitCapture, base_logits, exit_weights, make_batch, objective
+    from shortcut.finetune.replay import Example
 
     model = make_tiny("llama")
     parts = resolve(model)

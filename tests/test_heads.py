@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shortcut.arch import resolve
-from shortcut.heads import ExitHeads, collect_states
+from shortcut.policy.heads import ExitHeads, collect_states
 from tests.conftest import ARCHS, VOCAB, make_tiny
 
 LAYERS = [1, 2, 3]
@@ -205,7 +205,7 @@ def one_thread():
 def test_real_head_beats_logit_lens_on_practised_answer(smollm2, one_thread):
     model, tok = smollm2
     parts = resolve(model)
-    rows = [json.loads(line) for line in (Path(__file__).parents[1] / "evals/data/prompts.jsonl").open()]
+    rows = [json.loads(line) for line in (Path(__file__).parents[1] / "shortcut_eval/data/prompts.jsonl").open()]
     prompt = next(r["prompt"] for r in rows if r["split"] == "practice")
     ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=False)

@@ -17,8 +17,8 @@ import lm_eval  # a test dependency (pyproject [test])
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import sanitize_list
-from shortcut.plugins.integrations import lm_eval_model
-from shortcut.plugins.integrations.lm_eval_model import TASKS_DIR, ShortcutLM, load_jsonl
+from shortcut_eval import lm_eval_model
+from shortcut_eval.lm_eval_model import TASKS_DIR, ShortcutLM, load_jsonl
 
 TASKS = ["shortcut_socialiqa", "shortcut_trivia"]
 LIMIT = 4  # documents per task: 12 log-likelihood requests, 4 generations
@@ -92,7 +92,7 @@ def test_lossless_scores_equal_hf(hf_run, tiny_model_dir, skills_dir):
 
 
 def test_cli_model_shortcut_equals_model_hf(hf_run, tiny_model_dir, skills_dir, tmp_path):
-    """``python -m shortcut.plugins.integrations.lm_eval_model --model shortcut ...`` in-process: lm-eval's
+    """``python -m shortcut_eval.lm_eval_model --model shortcut ...`` in-process: lm-eval's
     CLI with the packaged tasks; its written results and samples match the ``hf`` run."""
     lm_eval_model.main(["--model", "shortcut", "--model_args",
                         f"pretrained={tiny_model_dir},skills={skills_dir},mode=lossless",

@@ -12,7 +12,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from shortcut.observe import (
+from shortcut.data import DEFAULT_PASSAGES
+from shortcut.observe.observer import (
     OBSERVER_META_FILENAME,
     Observer,
     Signature,
@@ -269,7 +270,7 @@ def _real_texts() -> tuple[list[str], list[str]]:
     """Real English (train, held-out): the evals passages if present, else stdlib docstrings."""
     from pathlib import Path
 
-    p = Path(__file__).resolve().parents[1] / "evals" / "data" / "passages.jsonl"
+    p = DEFAULT_PASSAGES
     if p.exists():
         rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
         train = [r["text"] for r in rows if r.get("split", "train") != "heldout"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shortcut.observe import Signature
-from shortcut.policy import ExitPolicy
+from shortcut.observe.observer import Signature
+from shortcut.policy.exits import ExitPolicy
 
 
 def _sig(features: list[int], d_sae: int = 64, k: int = 4) -> Signature:

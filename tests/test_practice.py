@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import shortcut
-from shortcut.observe import Observer, collect_activations, train_sae
+from shortcut.observe.observer import Observer, collect_activations, train_sae
 
 from .conftest import make_tiny
 
@@ -305,7 +305,7 @@ def test_fast_mode_commits_exits_and_audits():
 def test_loaded_policy_uses_the_saved_threshold(tmp_path):
     """The policy's exit threshold is not a learned tensor: it must come back from the
     saved config, not from ExitPolicy's default."""
-    from shortcut import skills
+    from shortcut.skills import folder as skills
 
     model = make_tiny("llama")
     config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2], policy_threshold=0.55)
@@ -343,7 +343,7 @@ def test_practised_answer_is_verified_by_the_prefill(practised, kw):
 def test_prefill_replay_with_a_left_padded_prompt(practised):
     """A single prompt with left padding: the prefill still carries and verifies the
     replayed answer (mask and positions extended) and the output is the unwrapped model's."""
-    from shortcut.sequences import SHORT_MATCH, SequenceMemory
+    from shortcut.learn.sequences import SHORT_MATCH, SequenceMemory
 
     model, handle, _ = practised
     prompt = torch.arange(20, 20 + SHORT_MATCH + 2).view(1, -1)
@@ -367,7 +367,7 @@ def test_prefill_replay_with_a_left_padded_prompt(practised):
 
 
 def _check_prefill_replay(model, handle, kw):
-    from shortcut.sequences import SHORT_MATCH, SequenceMemory
+    from shortcut.learn.sequences import SHORT_MATCH, SequenceMemory
 
     prompt = torch.arange(20, 20 + SHORT_MATCH + 2).view(1, -1)
     with handle.disabled():
@@ -456,7 +456,7 @@ def test_fast_mode_full_path_tokens_see_the_full_models_cache():
 
 def test_fast_calibration_settles_at_the_target_error_rate():
     """One error raises both bars a step; (1 - target) / target agreements undo it."""
-    from shortcut.fast import CONFIDENCE_STEP, FAMILIARITY_STEP, FastController
+    from shortcut.decode.fast import CONFIDENCE_STEP, FAMILIARITY_STEP, FastController
 
     controller = FastController(min_confidence=0.3, min_familiarity=0.9, target_error_rate=0.01,
                                 audit_fraction=0.0, seed=0)
@@ -492,7 +492,7 @@ def test_fast_mode_does_not_commit_where_a_practised_sequence_goes_on_otherwise(
     """Where the text agrees with a practised sequence for SHORT_MATCH tokens or more, a
     confident head that names another token than the sequence's next one does not
     commit: the full path decides (practised answers that fork)."""
-    from shortcut.sequences import SHORT_MATCH, SequenceMemory
+    from shortcut.learn.sequences import SHORT_MATCH, SequenceMemory
 
     model, handle, _ = practised
     prompt = PROMPTS[0][0].tolist()
@@ -563,7 +563,7 @@ def test_fast_mode_commits_the_practised_answer_with_no_layer(practised):
     full model's own greedy tokens) without running any layer after the prefill; where
     the call goes on past that answer, the next token catches the replayed ones up and
     audits them, and the output stays the full model's."""
-    from shortcut.sequences import SequenceMemory
+    from shortcut.learn.sequences import SequenceMemory
 
     model, handle, _ = practised
     prompt = PROMPTS[0]

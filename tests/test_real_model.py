@@ -99,11 +99,11 @@ def practised_smollm2(smollm2, tmp_path_factory):
     ``(rows of the rounds, skills folder, prompts)``."""
     from pathlib import Path
 
-    from shortcut.data import read_jsonl, read_prompts
+    from shortcut.data import DEFAULT_PASSAGES, read_jsonl, read_prompts
 
     model, tokenizer = smollm2
-    data = Path(__file__).resolve().parent.parent / "evals" / "data"
-    texts = [r["text"] for r in read_jsonl(data / "passages.jsonl") if r.get("split") == "train"][:40]
+    data = Path(__file__).resolve().parent.parent / "shortcut_eval" / "data"
+    texts = [r["text"] for r in read_jsonl(DEFAULT_PASSAGES) if r.get("split") == "train"][:40]
     prompts = [r["prompt"] for r in read_prompts(data / "prompts.jsonl", split="practice")[:3]]
     handle = shortcut.wrap(model, shortcut.ShortcutConfig(consolidate_every=0, fit_steps=100))
     try:
@@ -147,7 +147,7 @@ def test_consolidation_on_real_model(smollm2, practised_smollm2, tmp_path):
     the exit heads agree with the full model at least as often as after practice (and at
     95% or more at every exit) on the replay, and the consolidated skills still decode the
     model's own tokens."""
-    from shortcut import finetune as ft
+    from shortcut.finetune import consolidate as ft
 
     model, tokenizer = smollm2
     _, folder, prompts = practised_smollm2
@@ -173,7 +173,7 @@ def test_eval_harness_smoke_on_real_model(tmp_path):
     after 2 rounds, 0.38 after 3)."""
     import json
 
-    from shortcut.evals import cli
+    from shortcut_eval import cli
 
     out = tmp_path / "eval"
     assert cli.main(["practice", "--practice-prompts", "2", "--test-prompts", "2", "--rounds", "3",

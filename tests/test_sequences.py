@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shortcut.sequences import DRAFT_PER_MATCH, KEY, PROBE, SHORT_MATCH, SequenceMemory
+from shortcut.learn.sequences import DRAFT_PER_MATCH, KEY, PROBE, SHORT_MATCH, SequenceMemory
 
 
 def test_continuation_follows_the_longest_agreement_and_is_bounded_by_it():

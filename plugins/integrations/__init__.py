@@ -1,1 +1,0 @@
-"""Integrations with other tools (not architectures; not imported when a model is wrapped)."""

@@ -1,0 +1,304 @@
+"""Fast mode: shallow paths commit, a bounded error rate is measured and kept.
+
+Each decoding step runs the token through the layers up to the observer; the policy
+reads its SAE signature and picks an exit layer (a familiar situation) or the full
+path. At the exit the head scores the practised shortlist, and the token it names is
+committed when the head is confident (at least ``min_confidence``). A committed token
+runs no deeper layer and writes no deeper keys/values: it is *pending*.
+
+The next token that needs the full path (unfamiliar, unsure, or wanting an exit deeper
+than a pending token's) first catches up: the cache is cropped to the last exact
+position and one batched full forward runs over the pending tokens and the new one.
+So every full-path token attends to the full model's keys and values, and the
+deviations from the full model are exactly the committed tokens that differed. (An
+earlier design propagated keys/values from the exit state, CALM-style; from layer 3 of
+30 that polluted the cache so much that 40% of later full-path tokens changed.) The
+catch-up forward also tells, for free, which pending tokens the full model would have
+picked: every comparison is an audit. Pending tokens at the end of a call are the
+saving; a seeded random ``audit_fraction`` of calls catches up at the end too, so the
+error rate is measured even where nothing needed the full path.
+
+Audits calibrate two bars: the head's confidence and the signature's familiarity
+(cosine similarity to the nearest practised signature; the policy's own bar is the
+floor). Each error raises both a step, each agreement lowers them by
+``target_error_rate / (1 - target_error_rate)`` of a step, so they settle where about
+that share of audited tokens differ. Why both: on practised answers the heads are right
+at ~99.5% of positions, but one wrong token moves the text off the practised
+trajectory, where the shallow signature still looks familiar and the heads would keep
+committing memorised tokens. The wrong first token is usually one the head is unsure of
+(confidence); on text that only resembles the practised one, the wrong heads are
+confident and the signatures a little less familiar. And once a catch-up shows that a
+committed token differed, the text has left the practised trajectory: the rest of that
+call takes the full path.
+
+Forks: practised answers can share their start and part at a detail the shallow path
+cannot see (two trivia answers "The 1982 ..." and "The 1997 ..." part at a digit). Where
+the text agrees with a practised sequence (``shortcut/sequences.py``) for ``SHORT_MATCH``
+tokens or more and the head names another token than the one that followed there, the
+token takes the full path (``vetoes``). On SmolLM2 exact repeats this took agreement
+from 98.0% to 100% (README).
+
+Practised answers: in a plain greedy call (no sampling, no logits processor, no padding)
+whose prompt begins a practised sequence exactly, the sequence's continuation is the
+full model's own greedy answer to that prompt (``shortcut/sequences.py`` keeps only
+those), so it is committed token by token with no layer at all: the top rung of the
+skill ladder. Those tokens are pending in every layer; where the answer ends before the
+call does, the next token catches up (one batched full forward, which audits them).
+
+Which calls commit at all: only those whose prompt was practised verbatim (in the replay
+log before the heads' latest re-fit; ``ShortcutConfig.fast_practised_prompts_only``).
+Every deep layer reads every prompt token, so a reworded prompt (another opening, one
+changed detail) moves the answer in ways the shallow path cannot see: on SmolLM2
+near-duplicate prompts committed 4.8% of tokens wrong at bars that keep exact repeats
+at 0.12 of plain FLOPs, and no bar on the layer-2/3 signals separated them (the wrong
+heads are confident, their signatures familiar). Other calls decode losslessly with the
+same skills (``lossless_calls``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..policy.heads import ExitHeads
+from ..learn.sequences import SHORT_MATCH, SequenceMemory
+from .lossless import DraftStep, Trail, choose_next, crop_all, full_logits, plain_greedy
+
+
+CONFIDENCE_STEP = 0.05  # how far one audited error raises the confidence bar
+MAX_CONFIDENCE = 0.99  # above this a head hardly ever commits; errors there are not about confidence
+FAMILIARITY_STEP = 0.01  # how far one audited error raises the familiarity bar
+MAX_FAMILIARITY = 0.999  # exact repeats sit at ~1.0: they keep committing
+
+
+class FastController:
+    """Fast mode's two bars, audit statistics and calibration, kept across generate
+    calls."""
+
+    def __init__(self, *, min_confidence: float, target_error_rate: float, audit_fraction: float,
+                 seed: int, min_familiarity: float = 0.0) -> None:
+        self.base_confidence = min_confidence
+        self.min_confidence = min_confidence
+        self.base_familiarity = min_familiarity
+        self.min_familiarity = min_familiarity
+        self.target_error_rate = target_error_rate
+        self.audit_fraction = audit_fraction
+        self.generator = torch.Generator().manual_seed(seed)
+        self.audits = 0
+        self.errors = 0
+        self.exits = 0
+        self.unsure = 0
+        self.full_steps = 0
+        self.catch_ups = 0
+        self.lossless_calls = 0  # calls decoded losslessly (prompt not practised verbatim)
+        self.vetoes = 0  # confident heads overruled by a practised sequence that goes on otherwise
+        self.replayed = 0  # tokens committed from the prompt's practised answer (no layer ran)
+        self.committed: list[int] = []  # positions (in the returned ids) of the latest call's committed tokens
+        self.calibrated_for = 0  # the skills' consolidation count the bars were measured on
+
+    def recalibrate(self, consolidations: int) -> None:
+        """Start the bars again from their floors for re-fitted skills: audits of the
+        earlier heads say nothing about the new ones (errors of a first practice round
+        would otherwise keep the bars high for hundreds of audits). Counts are kept."""
+        self.min_confidence, self.min_familiarity = self.base_confidence, self.base_familiarity
+        self.calibrated_for = consolidations
+
+    @property
+    def error_rate(self) -> float:
+        """Measured fraction of audited committed tokens that differed from the full path's."""
+        return self.errors / self.audits if self.audits else 0.0
+
+    def audit_now(self) -> bool:
+        return bool(torch.rand((), generator=self.generator) < self.audit_fraction)
+
+    def record_audit(self, agreed: bool) -> None:
+        """Count one audited token and move both bars (head confidence, signature
+        familiarity): up a step on an error, down by ``target / (1 - target)`` of a step
+        on an agreement, so that they settle where about ``target_error_rate`` of audited
+        tokens differ. Confidence catches the unsure heads of practised text; familiarity
+        the confidently wrong heads on text that only resembles it."""
+        self.audits += 1
+        self.errors += int(not agreed)
+        if not agreed:
+            self.min_confidence = min(MAX_CONFIDENCE, self.min_confidence + CONFIDENCE_STEP)
+            self.min_familiarity = min(MAX_FAMILIARITY, self.min_familiarity + FAMILIARITY_STEP)
+        else:
+            share = self.target_error_rate / (1.0 - self.target_error_rate)
+            self.min_confidence = max(self.base_confidence, self.min_confidence - share * CONFIDENCE_STEP)
+            self.min_familiarity = max(self.base_familiarity, self.min_familiarity - share * FAMILIARITY_STEP)
+
+    def report(self) -> dict[str, float]:
+        return {"exits": self.exits, "replayed": self.replayed, "unsure": self.unsure, "vetoes": self.vetoes,
+                "full_steps": self.full_steps,
+                "catch_ups": self.catch_ups, "lossless_calls": self.lossless_calls, "audits": self.audits,
+                "audit_errors": self.errors, "measured_error_rate": self.error_rate, "min_confidence": self.min_confidence,
+                "min_familiarity": self.min_familiarity}
+
+
+class FastStep(DraftStep):
+    """Layer policy of one fast-mode token: run through the observer layer, decide, and
+    at the exit keep the head's shortlist logits if it is confident. A token that needs
+    the full path continues through every layer in the same forward when nothing is
+    pending (``unfamiliar_runs_full``), and stops otherwise (the loop catches up)."""
+
+    def __init__(self, observer: Any, policy: Any, heads: ExitHeads, controller: FastController,
+                 trail: Trail, sequences: SequenceMemory | None = None) -> None:
+        super().__init__(observer, policy, trail)
+        self.heads = heads
+        self.controller = controller
+        self.sequences = sequences
+        self.checked_layer: int | None = None  # exit whose head was asked this step
+        self.shortlist_logits: torch.Tensor | None = None  # [1, S] of a committed exit
+        self.expected: int | None = None  # the practised sequences' next token here, if they know it
+
+    def begin(self, input_ids: torch.Tensor | None) -> None:
+        super().begin(input_ids)
+        self.checked_layer, self.shortlist_logits = None, None
+
+    def should_run(self, layer_idx: int, hidden: torch.Tensor) -> bool:
+        run = super().should_run(layer_idx, hidden)
+        if (layer_idx == self.signature_layer and self.exit_layer is not None
+                and self.decision.familiarity < self.controller.min_familiarity):
+            self.exit_layer = None  # familiar enough to draft, not to commit
+            return self.unfamiliar_runs_full
+        if layer_idx == self.exit_layer:
+            self.checked_layer = layer_idx
+            logits = self.heads.shortlist_logits(layer_idx, hidden[:, -1])
+            if float(torch.softmax(logits.float(), dim=-1).max()) < self.controller.min_confidence:
+                self.exit_layer = None  # unsure: the full path, as for an unfamiliar token
+                return self.unfamiliar_runs_full
+            if self.expected is not None and int(self.heads.shortlist[logits.argmax(-1)]) != self.expected:
+                self.controller.vetoes += 1
+                self.exit_layer = None  # a fork between practised answers: the full path decides
+                return self.unfamiliar_runs_full
+            self.shortlist_logits = logits
+        return run
+
+    def expect(self, input_ids: torch.Tensor) -> None:
+        """Before feeding the newest token of ``input_ids`` [1, T]: the token that followed
+        this text in a practised sequence that agrees with at least ``SHORT_MATCH`` tokens
+        of it, or ``None``."""
+        self.expected = None
+        if self.sequences is not None:
+            tokens, agreement = self.sequences.continuation(input_ids[0].tolist(), 1)
+            if tokens and agreement >= SHORT_MATCH:
+                self.expected = tokens[0]
+
+
+def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
+                      counters: dict[str, float]) -> Callable[..., torch.Tensor]:
+    """The fast-mode decoding loop for ``generate(custom_generate=...)``."""
+    heads = step.heads
+
+    @torch.no_grad()
+    def fast_decode(model: nn.Module, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
+                    generation_config: Any, synced_gpus: bool = False, streamer: Any = None,
+                    **model_kwargs: Any) -> torch.Tensor:
+        base = getattr(model, model.base_model_prefix)
+        cache = model_kwargs["cache"]
+        cache.activate_past_recording()  # catching up crops pending tokens
+        step.trail.expect(0)
+        outputs = model._prefill(input_ids, generation_config, model_kwargs)
+        logits = outputs.logits[:, -1]
+        vocab = logits.shape[-1]
+        exact = input_ids.shape[1]  # every layer's cache is the full model's up to here
+        prompt_length = input_ids.shape[1]
+        # The practised answer to exactly this prompt (the full model's own greedy tokens,
+        # see sequences.py) is committed with no layer at all while the text follows it.
+        answer: list[int] = []
+        if step.sequences is not None and plain_greedy(generation_config, logits_processor, model_kwargs):
+            answer = step.sequences.answer(input_ids[0].tolist(), generation_config.max_length - prompt_length)
+        following = bool(answer)
+        unfed = False  # pending replayed tokens have keys/values in no layer
+        controller.committed = []
+        shallow_top: list[int] = []  # the head's greedy token after each pending position
+        # A committed token the full model would not have picked moved the text off the
+        # practised trajectory: the rest of the call takes the full path.
+        off_track = False
+
+        def catch_up(ids: torch.Tensor) -> torch.Tensor:
+            """Full forward over the pending tokens and the newest one; audits the pending
+            ones; returns the logits after the newest token."""
+            nonlocal off_track
+            controller.catch_ups += 1
+            crop_all(cache, exact)
+            positions = torch.arange(exact, ids.shape[1], device=ids.device).unsqueeze(0)
+            step.trail.expect(exact)
+            out = model(input_ids=ids[:, exact:], cache=cache, use_cache=True, position_ids=positions).logits
+            for i, top in enumerate(shallow_top):
+                agreed = top == int(out[0, i].argmax())
+                controller.record_audit(agreed)
+                if not agreed:  # later pending tokens followed the error: not independent samples
+                    off_track = True
+                    break
+            shallow_top.clear()
+            return out[:, -1]
+
+        while True:
+            input_ids, token, finished = choose_next(input_ids, logits, logits_processor, stopping_criteria,
+                                                     bool(generation_config.do_sample), streamer)
+            if finished:
+                break
+            newest = input_ids.shape[1] - 1
+            if off_track:
+                controller.full_steps += 1
+                logits = model(input_ids=token, cache=cache, use_cache=True,
+                               position_ids=torch.tensor([[newest]])).logits[:, -1]
+                exact = input_ids.shape[1]
+                continue
+            generated = input_ids.shape[1] - prompt_length
+            following = following and generated <= len(answer) and int(token) == answer[generated - 1]
+            if following and generated < len(answer):  # pending: the answer names the next token
+                controller.replayed += 1
+                counters["replay_committed"] += 1
+                shallow_top.append(answer[generated])
+                controller.committed.append(input_ids.shape[1])
+                logits = torch.full((1, vocab), float("-inf"))
+                logits[0, answer[generated]] = 0.0
+                unfed = True
+                continue
+            if unfed:  # no layer holds the replayed tokens' keys/values: catch up first
+                controller.full_steps += 1
+                logits = catch_up(input_ids)
+                exact, unfed = input_ids.shape[1], False
+                continue
+            if not shallow_top:  # nothing pending: any exit is fine, the full path goes on
+                step.ceiling = None
+            step.unfamiliar_runs_full = not shallow_top
+            step.position = newest
+            step.expect(input_ids)
+            previous, runtime.policy = runtime.policy, step
+            try:
+                hidden = base(input_ids=token, cache=cache, use_cache=True,
+                              position_ids=torch.tensor([[newest]])).last_hidden_state
+            finally:
+                runtime.policy = previous
+            counters["observer_encodes"] += 1
+            if step.checked_layer is not None:
+                counters["head_params"] += heads.head_cost(step.checked_layer)["shortlist"]
+            if step.exit_layer is not None:  # committed: pending until something catches up
+                controller.exits += 1
+                counters[f"exit_{step.exit_layer}"] += 1
+                if step.ceiling is None:  # later exits must not need layers this one skipped
+                    step.ceiling = step.exit_layer
+                shallow_top.append(int(heads.shortlist[step.shortlist_logits.argmax(-1)]))
+                controller.committed.append(input_ids.shape[1])  # where the next token lands
+                logits = torch.full((1, vocab), float("-inf"))
+                logits[:, heads.shortlist] = step.shortlist_logits.float()
+                continue
+            controller.full_steps += 1
+            controller.unsure += int(step.checked_layer is not None)
+            if shallow_top:
+                logits = catch_up(input_ids)
+            else:  # nothing pending: the forward already ran every layer
+                logits = full_logits(model, hidden[:, -1])
+            exact = input_ids.shape[1]
+        if shallow_top and controller.audit_now():
+            catch_up(input_ids[:, :-1])  # the last token was never fed
+        if streamer is not None:
+            streamer.end()
+        return input_ids
+
+    return fast_decode

@@ -1,0 +1,92 @@
+"""``shortcut merge``: several workers' practice on one base model, added up.
+
+Policies merge by evidence (see ExitPolicy.merge); exit-head translators are averaged,
+weighted by the tokens each worker practised; shortlists and replay logs (prompts and
+practised sequences) are united.
+All inputs must share the base model and the very same observer (identical SAE
+weights): signatures of different SAEs do not mean the same thing. Folders holding a
+LoRA adapter (``shortcut-finetune --level layerskip``) are refused: their heads and
+policy belong to the adapted model, and adapters do not average; merge the practised
+folders first, then consolidate the merged one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..policy.exits import ExitPolicy
+from ..learn.sequences import SequenceMemory
+from .folder import HEADS_FILE, POLICY_FILE, REPLAY_LOG, read_manifest, write_atomically, write_manifest
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def merge_skills(folders: list[Path], output: Path, *, overwrite: bool = False) -> Path:
+    """Merge the skills ``folders`` into ``output`` (written atomically).
+
+    Raises:
+        ValueError: fewer than two folders, another base model or observer, a folder
+            without learned skills, or a folder holding a LoRA adapter.
+    """
+    if len(folders) < 2:
+        raise ValueError(f"merge needs at least two skills folders, got {len(folders)}")
+    manifests = [read_manifest(f) for f in folders]
+    for folder, manifest in zip(folders, manifests):
+        adapter = manifest.get("contents", {}).get("adapter")
+        if adapter:
+            raise ValueError(
+                f"{folder} holds a LoRA adapter ({adapter}/, from shortcut-finetune --level layerskip): "
+                "its heads and policy belong to the adapted model, and adapters cannot be merged by averaging; "
+                "merge the practised folders (before consolidation) and run shortcut-finetune on the result")
+    base = manifests[0]["base_model"]
+    for folder, manifest in zip(folders[1:], manifests[1:]):
+        if manifest["base_model"] != base:
+            raise ValueError(f"{folder} was learned on another base model than {folders[0]}")
+    if any("observer" not in m.get("contents", {}) for m in manifests):
+        raise ValueError("every folder to merge must hold learned skills (an observer, heads and a policy)")
+    observer_rel = manifests[0]["contents"]["observer"]
+    weights = [f / m["contents"]["observer"] / "sae_weights.safetensors" for f, m in zip(folders, manifests)]
+    if len({_digest(w) for w in weights}) != 1:
+        raise ValueError("the folders use different observers (SAE weights differ): their signatures do not mix")
+
+    policies, heads_states, practised, sequences = [], [], [], SequenceMemory()  # it drops duplicates
+    for folder in folders:
+        state = load_file(str(folder / POLICY_FILE))
+        policy = ExitPolicy([int(x) for x in state["exit_layers"].tolist()], state["weights"].shape[1])
+        policy.load_state_dict(state)
+        policies.append(policy)
+        heads_states.append(load_file(str(folder / HEADS_FILE)))
+        log = json.loads((folder / REPLAY_LOG).read_text()) if (folder / REPLAY_LOG).is_file() else {}
+        practised.extend(log.get("prompts", []))
+        sequences.extend(log.get("sequences", []))
+    tokens = torch.tensor([float(p.trials.max()) for p in policies])
+    share = tokens / tokens.sum() if tokens.sum() > 0 else torch.full_like(tokens, 1 / len(tokens))
+    merged_heads = {}
+    for key in heads_states[0]:
+        if key == "shortlist":
+            merged_heads[key] = torch.unique(torch.cat([s[key] for s in heads_states]))
+        else:
+            if any(key not in s or s[key].shape != heads_states[0][key].shape for s in heads_states):
+                raise ValueError(f"exit heads differ in shape at {key}; were the exit layers the same?")
+            merged_heads[key] = sum(w * s[key] for w, s in zip(share.tolist(), heads_states))
+    merged_policy = policies[0]
+    for other in policies[1:]:
+        merged_policy.merge(other)
+
+    def fill(tmp: Path) -> None:
+        shutil.copytree(folders[0] / observer_rel, tmp / observer_rel)
+        shutil.copy(folders[0] / "config.json", tmp / "config.json")
+        save_file({k: v.contiguous() for k, v in merged_heads.items()}, str(tmp / HEADS_FILE))
+        save_file({k: v.contiguous() for k, v in merged_policy.state_dict().items()}, str(tmp / POLICY_FILE))
+        (tmp / REPLAY_LOG).write_text(json.dumps({"prompts": practised, "sequences": sequences.sequences}) + "\n")
+        write_manifest(tmp, base, dict(manifests[0]["contents"], merged_from=[str(f) for f in folders]))
+
+    return write_atomically(output, fill, overwrite=overwrite)

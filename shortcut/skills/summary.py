@@ -1,0 +1,110 @@
+"""``shortcut inspect``: what a skills folder learned, read from its files alone (no model),
+and optionally the observer's share of decode time measured on the base model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .folder import read_manifest
+
+
+def describe(folder: Path, *, top: int = 10) -> str:
+    """A human-readable report of the skills in ``folder``."""
+    manifest = read_manifest(folder)
+    base = manifest["base_model"]
+    contents = manifest.get("contents", {})
+    config = json.loads((folder / contents.get("config", "config.json")).read_text())
+    lines = [
+        f"skills folder {folder}",
+        f"  base model: {base['model_type']}, {base['num_layers']} layers, width {base['hidden_size']}, "
+        f"weights sha256 {base['weights_sha256'][:12]}",
+        f"  mode {config['mode']}, observer layers {config['observer_layers']}, exit layers {config['exit_layers']}",
+    ]
+    if "observer" not in contents:
+        lines.append("  nothing learned yet (config only)")
+        return "\n".join(lines)
+    meta_path = folder / contents["observer"] / "shortcut_observer.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    quality = meta.get("quality") or {}
+    if quality:
+        width = quality.get("d_sae")
+        lines.append(
+            f"  observer: {int(width) if width is not None else '?'} features, held-out variance explained "
+            f"{quality.get('fve', float('nan')):.3f}, mean L0 {quality.get('l0', float('nan')):.1f}, "
+            f"dead {100 * quality.get('dead_fraction', float('nan')):.1f}%"
+        )
+    policy = load_file(str(folder / contents["policy"]))
+    heads = load_file(str(folder / contents["heads"]))
+    layers = policy["exit_layers"].tolist()
+    trials, agreements = policy["trials"], policy["agreements"]
+    bias = torch.sigmoid(policy["bias"])
+    lines.append(f"  practised tokens seen: {int(trials.max()) if len(trials) else 0}; "
+                 f"shortlist {heads['shortlist'].numel()} tokens")
+    decisions = policy.get("decisions", torch.zeros(len(layers) + 1))
+    total = float(decisions.sum())
+    chosen = [f"{100 * float(d) / total:.1f}%" if total else "-" for d in decisions]
+    lines.append(f"  decode-time decisions: {int(total)} (share of each exit below; full path {chosen[-1]})")
+    lines.append(f"  {'exit after':>10}{'chosen':>8}{'head agrees':>13}{'base rate':>11}{'features > 0':>14}")
+    for i, layer in enumerate(layers):
+        rate = float(agreements[i] / trials[i]) if trials[i] > 0 else 0.0
+        positive = int((policy["weights"][i] > 0).sum())
+        lines.append(f"  {layer:>10}{chosen[i]:>8}{100 * rate:>12.1f}%{100 * float(bias[i]):>10.1f}%{positive:>14}")
+    weights = policy["weights"][0]
+    strongest = torch.topk(weights, min(top, weights.numel()))
+    counts = policy["feature_counts"]
+    lines.append(f"  SAE features most associated with the shallowest exit (layer {layers[0]}):")
+    lines.append("    " + ", ".join(f"#{int(f)} (w={float(w):.2f}, seen {int(counts[f])}x)"
+                                   for w, f in zip(strongest.values, strongest.indices) if w > 0) or "    none yet")
+    log = folder / contents.get("replay_log", "replay_log.json")
+    if log.is_file():
+        replay = json.loads(log.read_text())
+        sequences = replay.get("sequences", [])
+        lines.append(f"  replay log: {len(replay['prompts'])} practised prompts, {len(sequences)} practised sequences "
+                     f"({sum(len(s) for s in sequences)} tokens) that lossless drafts replay")
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    lines.append(f"  size on disk: {size / 1e6:.1f} MB")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def observer_decode_share(folder: Path, model_name: str, *, steps: int = 32, seed: int = 0) -> dict[str, float]:
+    """Measure, on the base model, the observer's share of decode time: the median time of
+    one SAE encode of a token's residual state over the median time of one single-token
+    decode step (full path, with cache), timed back to back in this process."""
+    import statistics
+    import time
+
+    import shortcut
+
+    model, _ = shortcut.load_model(model_name)
+    handle = shortcut.load(model, folder)
+    try:
+        observer = handle.observer
+        if observer is None:
+            raise ValueError(f"{folder} holds no observer: nothing to time")
+        generator = torch.Generator().manual_seed(seed)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        ids = torch.randint(0, vocab, (1, 16), generator=generator)
+        state = torch.randn(1, observer.d_model, generator=generator)
+        from transformers import DynamicCache
+
+        with handle.disabled():
+            cache = DynamicCache(config=model.config)
+            token = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            step_times, encode_times = [], []
+            for _ in range(steps):
+                start = time.perf_counter()
+                out = model(input_ids=token, cache=cache, use_cache=True)
+                step_times.append(time.perf_counter() - start)
+                token = out.logits[:, -1:].argmax(-1)
+                start = time.perf_counter()
+                observer.encode(state)
+                encode_times.append(time.perf_counter() - start)
+        step, encode = statistics.median(step_times), statistics.median(encode_times)
+        return {"decode_step_ms": 1e3 * step, "observer_encode_ms": 1e3 * encode, "share": encode / step}
+    finally:
+        handle.remove()

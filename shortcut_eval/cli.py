@@ -1,0 +1,222 @@
+"""``shortcut-eval``: practice curves, quality guards and peers on real data.
+
+Tasks:
+  practice   a prompt stream practised for N rounds, then exact repeats, near-duplicates
+             and novel prompts, beside plain generate, assistant_early_exit (best of a
+             sweep), prompt lookup decoding and the oracle exit bound
+  agreement  teacher-forced next-token agreement and perplexity against the unwrapped
+             model on text passages
+  choice     multiple-choice accuracy by log-likelihood, wrapped against unwrapped
+
+Every run writes ``results.json`` (every raw number and the environment), ``report.md``
+and, for practice, ``practice_curve.png`` into ``--out`` (default
+``runs/eval/<task>-<time>``); the folder appears only when the run finished.
+
+    shortcut-eval practice --quick                 # < 10 min on a laptop CPU
+    shortcut-eval practice                         # the full benchmark (30 prompts, 5 rounds, 64 tokens)
+    shortcut-eval practice --skills A --compare B --rounds 0   # two skills folders, same test sets
+    shortcut-eval agreement --skills A --mode fast
+    shortcut-eval choice --skills A
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from shortcut.data import DEFAULT_PASSAGES, DataFileError, read_jsonl
+
+from . import report
+from . import tasks
+from .peers import default_early_exits
+from .workload import DATA, DTYPES, load_system, prompt_sets
+
+TASKS = ("practice", "agreement", "choice")
+QUICK = {  # option: (quick, full)
+    "practice_prompts": (8, 30), "test_prompts": (6, 30), "rounds": (3, 5), "max_new_tokens": (32, 64),
+    "sweep_prompts": (1, 3), "limit": (12, None),
+}
+
+
+class UsageError(ValueError):
+    """Options that contradict each other."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shortcut-eval", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("task", choices=TASKS, help="what to measure")
+    parser.add_argument("--model", default="smollm2", help="alias (smollm2, gemma3-270m), local folder, .gguf or hub id")
+    parser.add_argument("--skills", default=None, help="skills folder to start from (default: fresh skills)")
+    parser.add_argument("--compare", default=None, help="a second skills folder measured beside --skills")
+    parser.add_argument("--mode", choices=("lossless", "fast", "both"), default="lossless")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="a small run (< 10 min here) that still shows a curve")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/eval/<task>-<time>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    practice = parser.add_argument_group("practice")
+    practice.add_argument("--prompts", type=Path, default=DATA / "prompts.jsonl",
+                          help="JSONL with 'prompt' or 'messages'; 'split' practice/novel")
+    practice.add_argument("--near", type=Path, default=None,
+                          help="near-duplicates JSONL ('of' = a practised id); default: the committed set "
+                               "when --prompts is the committed file")
+    practice.add_argument("--practice-prompts", type=int, default=None, help="prompts practised (quick 8, full 30)")
+    practice.add_argument("--test-prompts", type=int, default=None, help="prompts per test set (quick 6, full 30)")
+    practice.add_argument("--rounds", type=int, default=None, help="practice rounds (quick 3, full 5)")
+    practice.add_argument("--max-new-tokens", type=int, default=None, help="quick 32, full 64")
+    practice.add_argument("--early-exit", type=int, nargs="*", default=None,
+                          help="assistant_early_exit layers to sweep (default: 1/4, 1/2, 3/4 of the depth; none: off)")
+    practice.add_argument("--sweep-prompts", type=int, default=None, help="prompts for the early-exit sweep")
+    practice.add_argument("--lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens (0: off)")
+    practice.add_argument("--corpus", type=Path, default=DEFAULT_PASSAGES,
+                          help="JSONL of {'text'} for a fresh observer")
+    practice.add_argument("--sae-steps", type=int, default=1500, help="training steps of a fresh observer")
+    practice.add_argument("--observer-layer", type=int, default=None,
+                          help="observer layer of fresh skills (default: the config's, n_layers // 12)")
+    practice.add_argument("--exit-layers", type=int, nargs="+", default=None,
+                          help="candidate exits of fresh skills, above the observer (default: the config's)")
+    quality = parser.add_argument_group("agreement and choice")
+    quality.add_argument("--passages", type=Path, default=DEFAULT_PASSAGES,
+                         help="JSONL of {'text'} (split 'heldout' used when present)")
+    quality.add_argument("--data", type=Path, default=DATA / "choice.jsonl",
+                         help="JSONL of {'question', 'choices', 'answer'}")
+    quality.add_argument("--limit", type=int, default=None, help="at most this many passages/questions (quick 12)")
+    quality.add_argument("--max-length", type=int, default=256, help="tokens per passage")
+    return parser
+
+
+def _resolve(args: argparse.Namespace) -> None:
+    """Fill quick/full defaults and reject contradictions before anything slow runs."""
+    for name, (quick, full) in QUICK.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    for name in ("practice_prompts", "test_prompts", "max_new_tokens", "sweep_prompts", "limit", "max_length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {value} must be at least 1")
+    if args.rounds < 0:
+        raise UsageError(f"--rounds {args.rounds} must be 0 or more")
+    if args.compare and not args.skills:
+        raise UsageError("--compare needs --skills: it measures a second skills folder beside the first")
+    if args.task == "practice" and args.rounds == 0 and not args.skills:
+        raise UsageError("--rounds 0 needs --skills: fresh skills have learned nothing to measure")
+    if (args.observer_layer is not None or args.exit_layers) and args.skills:
+        raise UsageError("--observer-layer/--exit-layers shape fresh skills; a --skills folder brings its own")
+    if args.task != "practice" and not args.skills:
+        raise UsageError(f"{args.task} measures learned skills: give --skills DIR (see shortcut practice)")
+    args.auto_early_exit = args.early_exit is None  # filled from the model depth once it is loaded
+    if args.near is None and args.prompts.resolve() == (DATA / "prompts.jsonl").resolve():
+        args.near = DATA / "near_duplicates.jsonl"
+
+
+def _check_skills(folder: str | None) -> None:
+    from shortcut.skills.folder import read_manifest
+
+    if folder is not None:
+        read_manifest(Path(folder))
+
+
+def _output_folder(args: argparse.Namespace) -> Path:
+    out = args.out or Path("runs") / "eval" / f"{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"--out {out} already holds files; pass --overwrite to replace them")
+    return out
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> dict:
+    """Load, measure, report; returns the result dict that ``results.json`` holds."""
+    _resolve(args)
+    out = _output_folder(args)
+    _check_skills(args.skills)
+    _check_skills(args.compare)
+    if args.task == "practice":
+        sets = prompt_sets(args.prompts, args.near, n_practice=args.practice_prompts, n_test=args.test_prompts)
+    elif args.task == "agreement":
+        records = read_jsonl(args.passages, required=("text",))
+        records = [r for r in records if r.get("split") == "heldout"] or records
+        data = records[: args.limit]
+    else:
+        data = read_jsonl(args.data, required=("question", "choices", "answer"))[: args.limit]
+        for number, item in enumerate(data, start=1):
+            if not isinstance(item["choices"], list) or not 0 <= int(item["answer"]) < len(item["choices"]):
+                raise DataFileError(f"{args.data}, record {number}: 'answer' must index into 'choices'")
+
+    started = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        result = _measure(args, argv, sets if args.task == "practice" else data, tmp, started)
+        report.write(result, tmp)
+        if out.exists():
+            if any(out.iterdir()) and not args.overwrite:
+                raise FileExistsError(f"--out {out} appeared during the run; pass --overwrite to replace it")
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"\nreport: {out / 'report.md'}  raw numbers: {out / 'results.json'}"
+          + (f"  skills: {out / 'skills'}" if args.task == "practice" else ""))
+    return result
+
+
+def _measure(args: argparse.Namespace, argv: list[str], data, folder: Path, started: float) -> dict:
+    log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
+    common = {"dtype": args.dtype, "seed": args.seed, "corpus": args.corpus, "sae_steps": args.sae_steps,
+              "progress": not args.quiet, "observer_layer": args.observer_layer, "exit_layers": args.exit_layers}
+    systems = [load_system(Path(args.skills).name if args.skills else "fresh", args.model, skills=args.skills, **common)]
+    if args.compare:
+        systems.append(load_system(Path(args.compare).name, args.model, skills=args.compare, **common))
+        if systems[1].label == systems[0].label:
+            systems[1].label += " (2)"
+    if args.auto_early_exit:
+        args.early_exit = default_early_exits(systems[0].handle.num_layers)
+    try:
+        if args.task == "practice":
+            body = tasks.practice(args, systems, data, log)
+            for system in systems:  # what was practised, for agreement/choice/finetune runs
+                system.handle.save_pretrained(folder / ("skills" if len(systems) == 1 else f"skills-{system.label}"))
+        elif args.task == "agreement":
+            body = tasks.agreement(args, systems, data, log)
+        else:
+            body = tasks.choice(args, systems, data, log)
+    finally:
+        for system in systems:
+            system.handle.remove()
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    if args.task == "practice":
+        settings["practice_prompts"] = len(data["practice"])
+        settings["test_sets"] = {k: len(v) for k, v in data.items() if k != "practice"}
+    result = {"task": args.task, "command": "shortcut-eval " + " ".join(argv), "settings": settings,
+              "environment": report.environment(args.seed),
+              "observer_train_seconds": {s.label: s.observer_seconds for s in systems},
+              **body, "seconds": time.perf_counter() - started}
+    print()
+    if result.get("rounds"):
+        print(report.table(result["rounds"]))
+        print()
+    print(report.table(result["tests"]))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        run(args, argv)
+    except (DataFileError, FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
+        print(f"shortcut-eval {args.task}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""What an evaluation runs on: the wrapped model with its skills ("a system"), the prompt
+sets, and one timed, counted generation per method.
+
+Methods are measured side by side on the same prompt in the same process, in rotating
+order, so every speed figure is a ratio to plain ``generate`` from one pair. Compute per
+generated token (parameter bytes read, FLOPs) is counted by the runtime for everything
+that runs through the model's layers (shortcut's drafts and verification, and the
+peers' own forwards under :meth:`shortcut.Shortcut.reference`), relative to plain
+decoding; see ``shortcut/accounting.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import shortcut
+from shortcut.decode.accounting import ParamSizes, decode_only, plain_cost, shortcut_cost, stats_delta
+from shortcut.data import DataFileError, prompt_input_ids, read_jsonl, read_prompts
+from shortcut.models import cache_root
+
+DATA = Path(__file__).resolve().parent / "data"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class System:
+    """One wrapped model under evaluation."""
+
+    label: str
+    model: Any
+    tokenizer: Any
+    handle: Any
+    sizes: ParamSizes
+    observer_seconds: float = 0.0
+
+
+@dataclass
+class Method:
+    """A way to generate: ``plain`` (untouched model), ``shortcut`` (the wrapped model in
+    ``mode``) or ``peer`` (the model's own ``generate`` with ``options``)."""
+
+    name: str
+    kind: str
+    system: System
+    mode: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def load_system(label: str, model_name: str, *, dtype: str, skills: str | None, seed: int,
+                corpus: Path, sae_steps: int, progress: bool, observer_layer: int | None = None,
+                exit_layers: list[int] | None = None) -> System:
+    """Load ``model_name`` and wrap it: with the skills folder ``skills``, or fresh with
+    an observer (at ``observer_layer``, default the config's; trained once on ``corpus`` and
+    cached per model fingerprint and layer) and exits at ``exit_layers``."""
+    model, tokenizer = shortcut.load_model(model_name, dtype=DTYPES[dtype])
+    observer_seconds = 0.0
+    if skills:
+        handle = shortcut.load(model, skills)
+        if handle.learner is None:
+            raise ValueError(f"skills folder {skills} holds a config only; practise first (shortcut practice)")
+    else:
+        shape = {"observer_layers": [observer_layer]} if observer_layer is not None else {}
+        if exit_layers:
+            shape["exit_layers"] = list(exit_layers)
+        handle = shortcut.wrap(model, shortcut.ShortcutConfig(seed=seed, consolidate_every=0, **shape))
+        observer_seconds = _default_observer(handle, tokenizer, corpus, sae_steps, progress)
+    handle.set_learning(False)
+    return System(label, model, tokenizer, handle, ParamSizes.of(handle), observer_seconds)
+
+
+def _default_observer(handle: Any, tokenizer: Any, corpus: Path, steps: int, progress: bool) -> float:
+    """Attach the model's default observer; returns the seconds spent training it (0 if
+    cached). The cache key names everything the observer depends on: the model's weights,
+    the layer, the corpus's bytes and the training settings."""
+    from shortcut.observe.observer import DEFAULT_D_SAE, DEFAULT_K, DEFAULT_MAX_TOKENS, load_observer, save_observer
+
+    layer = handle.config.observer_layers[0]
+    corpus_hash = hashlib.sha256(corpus.read_bytes()).hexdigest()[:8]
+    key = (f"{handle.fingerprint['weights_sha256'][:12]}-L{layer}-{steps}-{corpus_hash}"
+           f"-w{DEFAULT_D_SAE}-k{DEFAULT_K}-n{DEFAULT_MAX_TOKENS}")
+    folder = cache_root() / "observers" / key
+    width = handle.parts.unembed.weight.shape[1]
+    if folder.is_dir():
+        handle.attach_observer(load_observer(folder, d_model=width, n_layers=handle.num_layers,
+                                             expected_fingerprint=handle.fingerprint))
+        return 0.0
+    records = read_jsonl(corpus, required=("text",))
+    texts = [r["text"] for r in records if r.get("split", "train") == "train"] or [r["text"] for r in records]
+    start = time.perf_counter()
+    observer = handle.train_observer(texts, tokenizer, steps=steps, progress=progress)
+    seconds = time.perf_counter() - start
+    save_observer(observer.sae, folder, layer=observer.layer, fingerprint=handle.fingerprint,
+                  quality=observer.quality)
+    return seconds
+
+
+def prompt_sets(prompts: Path, near: Path | None, *, n_practice: int, n_test: int) -> dict[str, list[dict]]:
+    """The practice stream and the three test sets.
+
+    ``prompts`` records carry ``split`` = ``practice`` / ``novel``; a file without splits
+    is cut in two (first ``n_practice`` practised, the rest novel). Near-duplicates
+    (records with ``of`` = a practised prompt's ``id``) come from ``near`` when given.
+    """
+    records = read_prompts(prompts)
+    if any("split" in r for r in records):
+        practice = read_prompts(prompts, split="practice")
+        novel = [r for r in records if r.get("split") == "novel"]
+    else:
+        practice, novel = records[:n_practice], records[n_practice:]
+    practice = practice[:n_practice]
+    for number, record in enumerate(practice, start=1):
+        record.setdefault("id", f"{prompts.name}#{number}")
+    sets = {"practice": practice, "exact repeats": practice[:n_test], "novel": novel[:n_test]}
+    if near is not None:
+        by_origin = {r["of"]: r for r in read_jsonl(near, required=("of", "prompt"))}
+        sets["near-duplicates"] = [by_origin[r["id"]] for r in practice if r["id"] in by_origin][:n_test]
+        if not sets["near-duplicates"]:
+            raise DataFileError(f"{near}: no record's 'of' names a practised prompt id of {prompts}")
+    if not sets["novel"]:
+        raise DataFileError(f"{prompts}: no novel prompts left after the {len(practice)} practised ones")
+    return {name: sets[name] for name in ("practice", "exact repeats", "near-duplicates", "novel") if name in sets}
+
+
+def input_ids(system: System, record: dict) -> torch.Tensor:
+    return prompt_input_ids(system.tokenizer, record)
+
+
+def generate(method: Method, ids: torch.Tensor, new_tokens: int) -> dict[str, Any]:
+    """One timed greedy generation with ``method``; compute counted for the decode phase."""
+    system = method.system
+    handle, model = system.handle, system.model
+    gen = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
+    stats_before, counters_before = handle.stats.total.as_dict(), dict(handle.draft_counters)
+    learner = handle.learner
+    learn_before = learner.stats.learn_seconds if learner else 0.0
+    start = time.perf_counter()
+    if method.kind == "plain":
+        with handle.disabled():
+            out = model.generate(**gen)
+    elif method.kind == "shortcut":
+        mode, handle.config.mode = handle.config.mode, method.mode
+        try:
+            out = model.generate(**gen)
+        finally:
+            handle.config.mode = mode  # the skills keep the mode they were made with
+    else:
+        with handle.reference():
+            out = model.generate(**gen, **method.options)
+    seconds = time.perf_counter() - start
+    new = int(out.shape[1] - ids.shape[1])
+    if method.kind == "plain":
+        cost = plain_cost(system.sizes, ids.shape[1], new)
+        counters: dict[str, float] = {}
+    else:
+        stats = stats_delta(handle.stats.total.as_dict(), stats_before)
+        counters = {k: v - counters_before.get(k, 0.0) for k, v in handle.draft_counters.items()}
+        cost = decode_only(shortcut_cost(system.sizes, stats, counters), system.sizes, ids.shape[1])
+    return {"output": out, "seconds": seconds, "new_tokens": new, "cost": cost,
+            "drafted": counters.get("drafted", 0.0), "accepted": counters.get("accepted", 0.0),
+            # tokens from practised sequences: accepted lossless drafts, committed fast-mode answers
+            "replayed": counters.get("replay_accepted", 0.0) + counters.get("replay_committed", 0.0),
+            "learn_seconds": (learner.stats.learn_seconds - learn_before) if learner else 0.0}
+
+
+@torch.no_grad()
+def teacher_forced_agreement(system: System, prompt_len: int, out: torch.Tensor) -> int:
+    """How many generated tokens equal the full model's greedy choice after the same prefix."""
+    if out.shape[1] <= prompt_len:
+        return 0
+    with system.handle.disabled():
+        full = system.model(input_ids=out).logits[0, prompt_len - 1:-1].argmax(-1)
+    return int((full == out[0, prompt_len:]).sum())
+
+
+def measure_prompt(methods: list[Method], plain: Method, record: dict, new_tokens: int, rotation: int,
+                   ) -> dict[str, dict[str, Any]]:
+    """Run ``plain`` and every method on one prompt in rotating order; one row per method
+    with its ratios to this prompt's plain run."""
+    ids = input_ids(plain.system, record)
+    order = [plain, *methods]
+    shift = rotation % len(order)
+    order = order[shift:] + order[:shift]
+    runs = {m.name: generate(m, ids, new_tokens) for m in order}
+    base = runs[plain.name]
+    reference = plain_cost(plain.system.sizes, ids.shape[1], base["new_tokens"])
+    rows = {}
+    for method in [plain, *methods]:
+        run = runs[method.name]
+        agree = (run["new_tokens"] if method.kind == "plain"
+                 else teacher_forced_agreement(method.system, ids.shape[1], run["output"]))
+        rows[method.name] = {
+            "prompt_id": record.get("id"), "prompt_tokens": int(ids.shape[1]), "new_tokens": run["new_tokens"],
+            "seconds": run["seconds"], "tokens_per_second": run["new_tokens"] / run["seconds"],
+            "speed_ratio": base["seconds"] / run["seconds"],
+            "bytes_rel": run["cost"]["bytes"] / reference["bytes"], "flops_rel": run["cost"]["flops"] / reference["flops"],
+            "identical": bool(torch.equal(run["output"], base["output"])), "agreed_tokens": agree,
+            "drafted": run["drafted"], "accepted": run["accepted"], "replayed": run["replayed"],
+            "learn_seconds": run["learn_seconds"],
+            "output_ids": run["output"][0, ids.shape[1]:].tolist(),
+        }
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """Medians of the per-prompt ratios and totals of the counts."""
+    tokens = sum(r["new_tokens"] for r in rows)
+    drafted = sum(r["drafted"] for r in rows)
+    summary = {
+        "prompts": len(rows),
+        "tokens": tokens,
+        "speed_ratio": statistics.median(r["speed_ratio"] for r in rows),
+        "tokens_per_second": statistics.median(r["tokens_per_second"] for r in rows),
+        "bytes_rel": statistics.median(r["bytes_rel"] for r in rows),
+        "flops_rel": statistics.median(r["flops_rel"] for r in rows),
+        "identical": sum(r["identical"] for r in rows) / len(rows),
+        "agreement": sum(r["agreed_tokens"] for r in rows) / max(tokens, 1),
+        "acceptance": sum(r["accepted"] for r in rows) / drafted if drafted else None,
+        "drafted_per_token": drafted / max(tokens, 1),
+        # generated tokens that came from practised sequences (accepted drafts, committed answers)
+        "replayed_share": sum(r.get("replayed", 0.0) for r in rows) / max(tokens, 1),
+        "learn_seconds": sum(r["learn_seconds"] for r in rows),
+    }
+    summary.update(extra)
+    return summary
