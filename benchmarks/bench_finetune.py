@@ -11,7 +11,7 @@ written by ``shortcut-eval practice --out runs/eval/full``: 30 prompts x 5 round
    tokens drafted from practised sequences, and the oracle exit layer (per generated
    token, the shallowest exit layer whose exit head names the full model's token; the
    full depth where none does);
-2. runs heads consolidation (``shortcut.finetune.finetune``, default settings) and
+2. runs heads consolidation (``shortcut.finetune.consolidate.finetune``, default settings) and
    measures the consolidated skills the same way.
 
    Each skills folder is measured with practised-sequence replay on (the default) and,

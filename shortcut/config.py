@@ -55,7 +55,7 @@ class ShortcutConfig:
         replay_sequences: lossless drafts first try the practised sequences (prompt and
             output of each plain greedy lossless call made while learning): where the
             text ends the way one went on, what followed is drafted without running any
-            layer (``shortcut/sequences.py``). In fast mode a plain greedy call whose
+            layer (``shortcut/learn/sequences.py``). In fast mode a plain greedy call whose
             prompt was practised commits its practised answer with no layer at all.
             ``False`` drafts and commits with the shallow path only.
         policy_threshold: exit where the policy predicts at least this agreement.

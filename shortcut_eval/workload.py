@@ -6,7 +6,7 @@ order, so every speed figure is a ratio to plain ``generate`` from one pair. Com
 generated token (parameter bytes read, FLOPs) is counted by the runtime for everything
 that runs through the model's layers (shortcut's drafts and verification, and the
 peers' own forwards under :meth:`shortcut.Shortcut.reference`), relative to plain
-decoding; see ``shortcut/accounting.py``.
+decoding; see ``shortcut/decode/accounting.py``.
 """
 
 from __future__ import annotations

