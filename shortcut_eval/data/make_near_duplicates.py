@@ -26,7 +26,7 @@ hashed with SHA-512 by :mod:`random`, so the result does not depend on
 
 Pure standard library.  Usage::
 
-    python evals/data/make_near_duplicates.py [prompts.jsonl [near_duplicates.jsonl]]
+    python shortcut_eval/data/make_near_duplicates.py [prompts.jsonl [near_duplicates.jsonl]]
 """
 
 from __future__ import annotations
