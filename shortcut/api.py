@@ -21,7 +21,7 @@ from .decode.fast import FastController, FastStep, make_fast_decoder
 from .policy.heads import ExitHeads
 from .observe.observer import Observer
 from .policy.exits import ExitPolicy
-from .learn.practice import Learner
+from .learn.practice import Experience, Learner
 from .decode.runtime import FixedPlan, LayerPolicy, LayerRuntime, Stats
 from .decode.lossless import ShallowDrafter, Trail, make_decoder, unsupported_options
 
@@ -36,6 +36,14 @@ class Shortcut:
     The model keeps its own API (``model(...)``, ``model.generate(...)``); the handle
     holds what shortcut adds: the policy that decides which layers run, the compute
     statistics, and saving of what was learned.
+
+    What the model practised (:attr:`experience`: the replay log of prompts and the
+    practised sequences that lossless drafts replay) is kept from ``wrap()`` on, with
+    no setup: while learning, every plain greedy lossless ``generate`` call adds its
+    answer, and later calls that repeat it draft it back for the full model to verify.
+    The observer-dependent skills (SAE observer, exit heads, policy: the shallow path)
+    come with :meth:`attach_observer` or :meth:`train_observer` and share that
+    experience.
     """
 
     def __init__(self, model: PreTrainedModel, parts: ModelParts, config: ShortcutConfig) -> None:
@@ -45,7 +53,8 @@ class Shortcut:
         self.fingerprint = skills.fingerprint(model, parts)
         self._runtime = LayerRuntime(model, parts)
         self._removed = False
-        self.learner: Learner | None = None
+        self.experience = Experience()  # replay log and practised sequences, observer or not
+        self.learner: Learner | None = None  # the observer-dependent skills, once attached
         # Draft accounting of lossless generation (forwards, drafted/accepted tokens, ...).
         self.draft_counters: defaultdict[str, float] = defaultdict(float)
         self._draft_length: int | None = None  # lossless draft length reached by the latest call
@@ -119,7 +128,9 @@ class Shortcut:
                         policy: ExitPolicy | None = None) -> None:
         """Give the handle its SAE observer (and, when loading, learned heads and
         policy). From then on full-path forwards of batch 1 are practice (while
-        ``config.learn``), and lossless ``generate`` drafts with what was learned."""
+        ``config.learn``), and lossless ``generate`` drafts with the shallow path too.
+        The replay log and practised sequences learned so far are kept; the new heads
+        count as fitted on none of the log (fast mode commits only after a re-fit)."""
         self._check_live()
         width = self.parts.unembed.weight.shape[1]
         if observer.d_model != width:
@@ -135,7 +146,8 @@ class Shortcut:
             self.learner.uninstall()
         self.learner = Learner(self.model, self.parts, observer, heads, policy,
                                consolidate_every=self.config.consolidate_every, fit_steps=self.config.fit_steps,
-                               seed=self.config.seed)
+                               seed=self.config.seed, experience=self.experience)
+        self.experience.fitted_log = 0
         self.learner.enabled = self.config.learn
         self.fast = FastController(min_confidence=self.config.fast_confidence,
                                    min_familiarity=policy.min_familiarity,
@@ -170,18 +182,22 @@ class Shortcut:
             self.learner.enabled = enabled
 
     def _generate(self, original: Any, *args: Any, **kwargs: Any) -> Any:
-        """``model.generate`` with the learned shallow paths: lossless drafting with full-path
-        verification, or fast mode's committed exits (see speculate.py and fast.py)."""
-        learner = self.learner
-        if (self._removed or self._runtime.bypass or self._reference or learner is None
-                or self._runtime.policy is not None):
+        """``model.generate`` with what was practised: lossless drafting (practised
+        sequences replayed, and the shallow path once an observer is attached) with
+        full-path verification, or fast mode's committed exits.
+
+        Fast mode needs the observer's skills to commit anything; without an observer it
+        decodes losslessly (replaying practised answers, verified), so its output is the
+        unwrapped model's."""
+        if self._removed or self._runtime.bypass or self._reference or self._runtime.policy is not None:
             return original(*args, **kwargs)
+        learner, experience = self.learner, self.experience
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         prompt = input_ids[0].tolist() if isinstance(input_ids, torch.Tensor) and input_ids.shape[0] == 1 else None
-        commit = self.config.mode == "fast" and (  # asked before this call is logged
+        commit = learner is not None and self.config.mode == "fast" and (  # asked before this call is logged
             not self.config.fast_practised_prompts_only or (prompt is not None and learner.was_practised(prompt)))
-        if learner.enabled and prompt is not None:
-            learner.practised.append(prompt)  # the replay log consolidation reads
+        if self.config.learn and prompt is not None:
+            experience.practised.append(prompt)  # the replay log consolidation reads
         bad = unsupported_options(self.model, kwargs, input_ids)
         if bad:
             message = ", ".join(bad)
@@ -189,43 +205,48 @@ class Shortcut:
                 self._warned.add(message)
                 logger.warning("shortcut: %s mode cannot honour %s; using the full path", self.config.mode, message)
             return original(*args, **kwargs)
-        trail = Trail(learner.observer, learner.policy, self.parts.layers[learner.signature_layer], self.draft_counters)
+        sequences = experience.sequences if self.config.replay_sequences else None
+        trail = None
+        if learner is not None:
+            trail = Trail(learner.observer, learner.policy, self.parts.layers[learner.signature_layer],
+                          self.draft_counters)
         try:
             if commit:
                 if self.fast.calibrated_for != learner.stats.consolidations:
                     self.fast.recalibrate(learner.stats.consolidations)
-                step = FastStep(learner.observer, learner.policy, learner.heads, self.fast, trail,
-                                sequences=learner.sequences if self.config.replay_sequences else None)
+                step = FastStep(learner.observer, learner.policy, learner.heads, self.fast, trail, sequences=sequences)
                 decoder = make_fast_decoder(self._runtime, step, self.fast, self.draft_counters)
                 return original(*args, custom_generate=decoder, **kwargs)
-            if self.config.mode == "fast":
+            if self.config.mode == "fast" and self.fast is not None:
                 self.fast.lossless_calls += 1  # a prompt never practised verbatim: verify, do not commit
                 self.fast.committed = []
-            drafter = ShallowDrafter(self.model, self._runtime, learner.observer, learner.heads, learner.policy, trail,
+            # Without an observer the drafter replays practised sequences only.
+            observer, heads, policy = (learner.observer, learner.heads, learner.policy) if learner else (None,) * 3
+            drafter = ShallowDrafter(self.model, self._runtime, observer, heads, policy, trail,
                                      max_draft=self.config.max_draft, min_confidence=self.config.draft_confidence,
-                                     counters=self.draft_counters, on_full_path=learner.learn_recorded,
-                                     num_draft=self._draft_length,
-                                     sequences=learner.sequences if self.config.replay_sequences else None)
+                                     counters=self.draft_counters,
+                                     on_full_path=learner.learn_recorded if learner else None,
+                                     num_draft=self._draft_length, sequences=sequences)
             try:
                 output = original(*args, custom_generate=make_decoder(drafter, self.draft_counters), **kwargs)
             finally:
                 self._draft_length = drafter.num_draft
-            if learner.enabled and drafter.plain_greedy:  # the full model's greedy answer: later calls may replay it
-                learner.sequences.add(output[0].tolist())
+            if self.config.learn and drafter.plain_greedy:  # the full model's greedy answer: later calls may replay it
+                experience.sequences.add(output[0].tolist())
             return output
         finally:
-            trail.close()
+            if trail is not None:
+                trail.close()
 
     def practice(self, prompts: list[Any], *, rounds: int = 1, max_new_tokens: int = 64,
                  tokenizer: Any = None, shuffle: bool = True, progress: bool = True) -> list[dict[str, Any]]:
         """Practise ``prompts`` (strings, with ``tokenizer``, or token-id tensors
-        [1, T]) for ``rounds`` rounds of greedy generation, consolidating after each
-        round. Returns one row of figures per round."""
+        [1, T]) for ``rounds`` rounds of greedy generation, consolidating the observer's
+        skills after each round (without an observer, practice fills the practised
+        sequences only). Returns one row of figures per round."""
         from .learn.practice import run_rounds
 
         self._check_live()
-        if self.learner is None:
-            raise RuntimeError("practice needs an observer: attach_observer(...) or train_observer(...) first")
         return run_rounds(self, prompts, rounds=rounds, max_new_tokens=max_new_tokens, tokenizer=tokenizer,
                           shuffle=shuffle, progress=progress)
 
@@ -247,13 +268,17 @@ class Shortcut:
 
     # -- persistence ----------------------------------------------------------------
     def save_pretrained(self, folder: str | Path, *, overwrite: bool = True) -> Path:
-        """Write config and learned skills to ``folder`` (safetensors + json)."""
+        """Write config and everything learned to ``folder`` (safetensors + json): the
+        replay log and practised sequences always, the observer, exit heads and policy
+        when an observer is attached. :func:`load` resumes from it."""
 
         def fill(tmp: Path) -> None:
             self.config.save(tmp / "config.json")
             contents = {"config": "config.json"}
             if self.learner is not None:
                 contents.update(skills.save_learned(tmp, self.learner, self.fingerprint))
+            else:
+                contents.update(skills.save_replay_log(tmp, self.experience))
             skills.write_manifest(tmp, self.fingerprint, contents)
 
         return skills.write_atomically(folder, fill, overwrite=overwrite)
@@ -293,6 +318,12 @@ def wrap(model: PreTrainedModel, config: ShortcutConfig | None = None) -> Shortc
 
     With no learned policy the wrapped model computes exactly what the model computed
     before (bit-identical logits); ``handle.remove()`` restores it completely.
+
+    It practises from the first call: while ``config.learn``, every plain greedy
+    lossless ``generate`` call adds its answer to the practised sequences, and later
+    calls whose text goes the way a practised one went draft it back, verified by the
+    full model (same tokens as unwrapped, greedy or seeded sampling). An observer
+    (:meth:`Shortcut.train_observer`) adds the shallow path on top.
 
     Raises:
         TypeError: ``model`` is not a causal LM.
@@ -335,9 +366,12 @@ def load(model: PreTrainedModel, folder: str | Path) -> Shortcut:
         if learned is not None:
             observer, heads, policy, practised, sequences = learned
             handle.attach_observer(observer, heads=heads, policy=policy)
-            handle.learner.practised.extend(practised)
-            handle.learner.sequences.extend(sequences)
-            handle.learner.fitted_log = len(practised)  # saved skills: heads fitted on their log
+        else:  # practised sequences only (no observer yet)
+            practised, sequences = skills.load_replay_log(folder, manifest)
+        handle.experience.practised.extend(practised)
+        handle.experience.sequences.extend(sequences)
+        if learned is not None:
+            handle.experience.fitted_log = len(practised)  # saved skills: heads fitted on their log
     except BaseException:
         handle.remove()
         raise

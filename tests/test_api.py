@@ -135,7 +135,7 @@ def test_save_and_load_roundtrip_and_refuse_other_model(tmp_path):
     handle = shortcut.wrap(model, ShortcutConfig(mode="fast", observer_layers=[1]))
     folder = handle.save_pretrained(tmp_path / "skills")
     handle.remove()
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "shortcut.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "replay_log.json", "shortcut.json"]
     loaded = shortcut.load(model, folder)
     assert loaded.config == handle.config
     loaded.remove()

@@ -168,10 +168,16 @@ class DraftStep:
 
 
 class ShallowDrafter:
-    """Drafts tokens with the shallow path of the model itself."""
+    """Drafts tokens with the shallow path of the model itself, and replays practised
+    sequences.
 
-    def __init__(self, model: nn.Module, runtime: Any, observer: Observer, heads: ExitHeads,
-                 policy: ExitPolicy, trail: Trail, *, max_draft: int, min_confidence: float,
+    Without an observer (``observer``, ``heads``, ``policy`` and ``trail`` all ``None``)
+    it drafts from the practised ``sequences`` only: a wrapped model replays what it
+    practised before any observer was trained.
+    """
+
+    def __init__(self, model: nn.Module, runtime: Any, observer: Observer | None, heads: ExitHeads | None,
+                 policy: ExitPolicy | None, trail: Trail | None, *, max_draft: int, min_confidence: float,
                  counters: dict[str, float], on_full_path: Callable[[torch.Tensor], None] | None = None,
                  num_draft: int | None = None, sequences: SequenceMemory | None = None) -> None:
         self.base = getattr(model, model.base_model_prefix)
@@ -179,7 +185,9 @@ class ShallowDrafter:
         self.on_full_path = on_full_path  # gets the logits of a token that took the full path
         self.runtime = runtime
         self.heads = heads
-        self.step = DraftStep(observer, policy, trail, heads=heads, min_confidence=min_confidence)
+        self.trail = trail
+        self.step = None if observer is None else DraftStep(observer, policy, trail, heads=heads,
+                                                            min_confidence=min_confidence)
         self.max_draft = max_draft
         # Doubles while every drafted token is accepted; the caller carries it from one
         # generate call to the next (a practised workload keeps its long drafts).
@@ -216,7 +224,7 @@ class ShallowDrafter:
         if replay.shape[1]:
             return replay
         budget = min(limit, self.num_draft)
-        if self.heads.shortlist.numel() == 0:
+        if self.step is None or self.heads.shortlist.numel() == 0:
             return input_ids[:, :0]
         lengths = layer_lengths(cache)
         drafted: list[torch.Tensor] = []
@@ -410,8 +418,9 @@ def make_decoder(drafter: ShallowDrafter, counters: dict[str, float]) -> Callabl
         cache.activate_past_recording()  # sliding-window layers must be able to roll back
         eos = generation_config.eos_token_id
         stop_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else [int(e) for e in eos])
-        trail = drafter.step.trail
-        trail.expect(0)
+        trail = drafter.trail  # None without an observer: nothing to encode
+        if trail is not None:
+            trail.expect(0)
         limit = generation_config.max_length - input_ids.shape[1] - 1
         drafts = drafter.prompt_draft(input_ids, limit, stop_ids, do_sample) \
             if can_extend_prefill(generation_config, model_kwargs) else input_ids[:, :0]
@@ -429,7 +438,8 @@ def make_decoder(drafter: ShallowDrafter, counters: dict[str, float]) -> Callabl
             # The cache may hold only tokens before the newest one.
             valid = input_ids.shape[1] - 1
             crop_all(cache, valid)
-            trail.truncate(valid)
+            if trail is not None:
+                trail.truncate(valid)
             if finished:
                 break
             limit = generation_config.max_length - input_ids.shape[1] - 1
@@ -439,7 +449,8 @@ def make_decoder(drafter: ShallowDrafter, counters: dict[str, float]) -> Callabl
                 continue
             verify = torch.cat([input_ids[:, -1:], drafts], dim=-1)
             counters["verify_forwards"] += 1
-            trail.expect(valid)
+            if trail is not None:
+                trail.expect(valid)
             pending = model(input_ids=verify, cache=cache, use_cache=True).logits
         if streamer is not None:
             streamer.end()

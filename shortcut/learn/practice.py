@@ -73,6 +73,36 @@ class ReplayBuffer:
         return states, final, sig, tokens
 
 
+class Experience:
+    """What a wrapped model practised, with or without an observer: the replay log
+    (token ids of the prompt of every generate call made while learning; a prompt
+    practised in 3 rounds is there 3 times) and the practised sequences (prompt and
+    output of every plain greedy lossless call, which lossless drafts replay).
+
+    The handle owns it from ``wrap()`` on; a :class:`Learner` attached later shares it,
+    so what was practised before the observer came is kept.
+    """
+
+    def __init__(self) -> None:
+        self.practised: list[list[int]] = []
+        self.sequences = SequenceMemory()
+        # How many log entries the exit heads had been fitted on at their latest
+        # consolidation (0 without heads: no prompt counts as practised for fast mode).
+        self.fitted_log = 0
+        self._practised_keys: set[tuple[int, ...]] = set()  # the log's first _keyed entries, as a set
+        self._keyed = 0
+
+    def was_practised(self, prompt: list[int]) -> bool:
+        """Whether a generate call with exactly this prompt (token ids) is in the replay
+        log, and was already there when the heads were last re-fitted."""
+        fitted = min(self.fitted_log, len(self.practised))
+        if self._keyed > fitted:  # the log was replaced or cut: start again
+            self._practised_keys, self._keyed = set(), 0
+        self._practised_keys.update(tuple(ids) for ids in self.practised[self._keyed:fitted])
+        self._keyed = fitted
+        return tuple(prompt) in self._practised_keys
+
+
 @dataclass
 class LearnStats:
     """What practice cost and saw."""
@@ -98,11 +128,13 @@ class Learner:
         policy: the exit policy over the same layers.
         consolidate_every: re-fit after this many newly learned tokens (0: only when asked).
         fit_steps: optimiser steps of each head re-fit.
+        experience: the replay log and practised sequences to share (the handle's);
+            a new, empty one by default.
     """
 
     def __init__(self, model: nn.Module, parts: ModelParts, observer: Observer, heads: ExitHeads,
                  policy: ExitPolicy, *, consolidate_every: int = 0, fit_steps: int = 300,
-                 replay_capacity: int = 16384, seed: int = 0) -> None:
+                 replay_capacity: int = 16384, seed: int = 0, experience: Experience | None = None) -> None:
         if list(heads.layers) != policy.exit_layers:
             raise ValueError(f"heads at {list(heads.layers)} but policy over {policy.exit_layers}")
         self.model, self.parts = model, parts
@@ -115,29 +147,40 @@ class Learner:
         self.fit_steps = fit_steps
         self.seed = seed
         self.enabled = True
-        # Token ids of the prompt of every generate call made while learning (the replay
-        # log the consolidation script reads; a prompt practised in 3 rounds is there 3 times).
-        self.practised: list[list[int]] = []
-        # Prompt + output of every lossless generate call made while learning (deduplicated).
-        self.sequences = SequenceMemory()
-        # How many log entries the heads had been fitted on at the latest consolidation.
-        self.fitted_log = 0
-        self._practised_keys: set[tuple[int, ...]] = set()  # the log's first _keyed entries, as a set
-        self._keyed = 0
+        # The replay log and practised sequences, shared with the handle that owns them.
+        self.experience = experience if experience is not None else Experience()
         self._since_consolidation = 0
         self._recorded: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
         self._gate: Any = None
 
+    # The replay log and the practised sequences live in ``experience`` (see there).
+    @property
+    def practised(self) -> list[list[int]]:
+        return self.experience.practised
+
+    @practised.setter
+    def practised(self, value: list[list[int]]) -> None:
+        self.experience.practised = value
+
+    @property
+    def sequences(self) -> SequenceMemory:
+        return self.experience.sequences
+
+    @sequences.setter
+    def sequences(self, value: SequenceMemory) -> None:
+        self.experience.sequences = value
+
+    @property
+    def fitted_log(self) -> int:
+        return self.experience.fitted_log
+
+    @fitted_log.setter
+    def fitted_log(self, value: int) -> None:
+        self.experience.fitted_log = value
+
     def was_practised(self, prompt: list[int]) -> bool:
-        """Whether a generate call with exactly this prompt (token ids) is in the replay
-        log, and was already there when the heads were last re-fitted."""
-        fitted = min(self.fitted_log, len(self.practised))
-        if self._keyed > fitted:  # the log was replaced or cut: start again
-            self._practised_keys, self._keyed = set(), 0
-        self._practised_keys.update(tuple(ids) for ids in self.practised[self._keyed:fitted])
-        self._keyed = fitted
-        return tuple(prompt) in self._practised_keys
+        return self.experience.was_practised(prompt)
 
     # -- hooks --------------------------------------------------------------------
     def install(self, gate: Any) -> None:
@@ -267,13 +310,14 @@ def run_rounds(handle: Any, prompts: list[Any], *, rounds: int, max_new_tokens: 
             raise ValueError("text prompts need a tokenizer: practice(prompts, tokenizer=...)")
         else:
             inputs.append(prompt_input_ids(tokenizer, prompt))
-    learner: Learner = handle.learner
+    learner: Learner | None = handle.learner  # None: the practised sequences are all there is to learn
     generator = torch.Generator().manual_seed(handle.config.seed)
     rows = []
     for round_index in range(rounds):
         order = torch.randperm(len(inputs), generator=generator).tolist() if shuffle else list(range(len(inputs)))
         counters = dict(handle.draft_counters)
-        calls_before, learn_before = handle.stats.total.layer_calls, learner.stats.learn_seconds
+        calls_before = handle.stats.total.layer_calls
+        learn_before = learner.stats.learn_seconds if learner else 0.0
         generated, start = 0, time.perf_counter()
         for index in tqdm(order, desc=f"practice round {round_index + 1}/{rounds}", disable=not progress, leave=False):
             ids = inputs[index]
@@ -281,7 +325,7 @@ def run_rounds(handle: Any, prompts: list[Any], *, rounds: int, max_new_tokens: 
                                         max_new_tokens=max_new_tokens, do_sample=False)
             generated += out.shape[1] - ids.shape[1]
         seconds = time.perf_counter() - start
-        fit = learner.consolidate()
+        fit = learner.consolidate() if learner else {}
         delta = {k: handle.draft_counters[k] - counters.get(k, 0.0) for k in handle.draft_counters}
         rows.append({
             "round": round_index + 1,
@@ -296,7 +340,7 @@ def run_rounds(handle: Any, prompts: list[Any], *, rounds: int, max_new_tokens: 
             "accepted": int(delta.get("accepted", 0)),
             "acceptance": delta.get("accepted", 0) / delta["drafted"] if delta.get("drafted") else 0.0,
             "replayed": int(delta.get("replay_accepted", 0)),  # accepted tokens from practised sequences
-            "learn_seconds": learner.stats.learn_seconds - learn_before,
+            "learn_seconds": (learner.stats.learn_seconds if learner else 0.0) - learn_before,
             "consolidate_seconds": fit.get("seconds", 0.0),
             "head_agreement": fit.get("agreement", {}),
         })

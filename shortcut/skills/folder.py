@@ -148,9 +148,31 @@ def save_learned(folder: Path, learner: Any, fingerprint_: dict[str, Any]) -> di
     save_observer(observer.sae, folder / rel, layer=observer.layer, fingerprint=fingerprint_, quality=observer.quality)
     save_file({k: v.contiguous() for k, v in learner.heads.state_dict().items()}, str(folder / HEADS_FILE))
     save_file({k: v.contiguous() for k, v in learner.policy.state_dict().items()}, str(folder / POLICY_FILE))
-    (folder / REPLAY_LOG).write_text(json.dumps({"prompts": learner.practised,
-                                                  "sequences": learner.sequences.sequences}) + "\n")
-    return {"observer": rel, "heads": HEADS_FILE, "policy": POLICY_FILE, "replay_log": REPLAY_LOG}
+    return {"observer": rel, "heads": HEADS_FILE, "policy": POLICY_FILE, **save_replay_log(folder, learner.experience)}
+
+
+def save_replay_log(folder: Path, experience: Any) -> dict[str, Any]:
+    """Write the replay log (practised prompts) and practised sequences of
+    ``experience`` (:class:`shortcut.learn.practice.Experience`) into ``folder``; all a
+    handle without an observer has learned."""
+    (folder / REPLAY_LOG).write_text(json.dumps({"prompts": experience.practised,
+                                                  "sequences": experience.sequences.sequences}) + "\n")
+    return {"replay_log": REPLAY_LOG}
+
+
+def load_replay_log(folder: Path, manifest: dict[str, Any]) -> tuple[list[list[int]], list[list[int]]]:
+    """The practised prompts and sequences :func:`save_replay_log` wrote (empty lists
+    when the folder has no replay log)."""
+    path = folder / manifest.get("contents", {}).get("replay_log", REPLAY_LOG)
+    if not path.is_file():
+        return [], []
+    try:
+        log = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is corrupted: {err}") from err
+    if not isinstance(log, dict):
+        raise ValueError(f"{path} must hold a json object with 'prompts' and 'sequences', got {type(log).__name__}")
+    return log.get("prompts", []), log.get("sequences", [])
 
 
 def load_config(folder: Path, manifest: dict[str, Any]) -> ShortcutConfig:
@@ -189,6 +211,5 @@ def load_learned(folder: Path, manifest: dict[str, Any], parts: ModelParts, fing
     policy = ExitPolicy([int(x) for x in policy_state["exit_layers"].tolist()], observer.d_sae,
                         threshold=config.policy_threshold)
     policy.load_state_dict(policy_state)
-    log_path = folder / contents.get("replay_log", REPLAY_LOG)
-    log = json.loads(log_path.read_text()) if log_path.is_file() else {}
-    return observer, heads, policy, log.get("prompts", []), log.get("sequences", [])
+    prompts, sequences = load_replay_log(folder, manifest)
+    return observer, heads, policy, prompts, sequences

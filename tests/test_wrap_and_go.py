@@ -1,0 +1,155 @@
+"""A freshly wrapped model, no observer: it practises from the first call (practised
+sequences replayed as drafts, verified by the full model), and what it practised
+persists."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import shortcut
+from shortcut.observe.observer import Observer, collect_activations, train_sae
+
+from .conftest import make_tiny
+
+PROMPTS = [torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([[9, 10, 11]]), torch.tensor([[30, 31, 4, 40]])]
+NEW = 16
+
+
+def _reference(model, handle, prompt, **kw):
+    with handle.disabled():
+        torch.manual_seed(3)
+        return model.generate(input_ids=prompt, max_new_tokens=NEW, **kw)
+
+
+def _delta(handle, before):
+    return {k: v - before.get(k, 0.0) for k, v in handle.draft_counters.items()}
+
+
+@pytest.fixture
+def fresh():
+    model = make_tiny("llama")
+    handle = shortcut.wrap(model)
+    yield model, handle
+    handle.remove()
+
+
+def test_fresh_handle_replays_its_own_answers_without_an_observer(fresh):
+    model, handle = fresh
+    assert handle.learner is None
+    for prompt in PROMPTS:  # first pass: nothing practised yet, plain decoding
+        before = dict(handle.draft_counters)
+        assert torch.equal(model.generate(input_ids=prompt, max_new_tokens=NEW, do_sample=False),
+                           _reference(model, handle, prompt, do_sample=False))
+        assert _delta(handle, before).get("replay_accepted", 0) == 0
+    assert len(handle.experience.sequences) == len(PROMPTS)
+    assert handle.experience.practised == [p[0].tolist() for p in PROMPTS]
+
+    prompt = PROMPTS[0]
+    ref = _reference(model, handle, prompt, do_sample=False)
+    handle.stats.reset()
+    before = dict(handle.draft_counters)
+    out = model.generate(input_ids=prompt, max_new_tokens=NEW, do_sample=False)
+    delta = _delta(handle, before)
+    assert torch.equal(out, ref)
+    new = ref.shape[1] - prompt.shape[1]
+    # Every token after the prefill's came from the memory or was a verification's own
+    # next token, and no layer ran to draft: every layer saw the same tokens.
+    assert delta["replay_accepted"] + delta["verify_forwards"] == new - 1
+    assert delta["verify_forwards"] <= 4
+    runs = handle.stats.total.per_layer_runs
+    assert runs == [runs[0]] * len(runs)
+
+
+@pytest.mark.parametrize("kw", [dict(do_sample=False), dict(do_sample=True, top_k=5, temperature=0.7)])
+@pytest.mark.parametrize("mode", ["lossless", "fast"])
+def test_memory_only_output_is_the_unwrapped_models(kw, mode):
+    """Greedy and seeded sampling, in both modes: fast mode without an observer decodes
+    losslessly (it has no shallow path to commit with)."""
+    model = make_tiny("llama")
+    handle = shortcut.wrap(model, shortcut.ShortcutConfig(mode=mode))
+    try:
+        for _ in range(2):
+            for prompt in PROMPTS:
+                torch.manual_seed(3)
+                out = model.generate(input_ids=prompt, max_new_tokens=NEW, **kw)
+                assert torch.equal(out, _reference(model, handle, prompt, **kw)), (mode, kw, prompt)
+        assert handle.draft_counters["replay_accepted"] > 0 or kw["do_sample"]
+    finally:
+        handle.remove()
+
+
+def test_learning_off_adds_nothing(fresh):
+    model, handle = fresh
+    handle.set_learning(False)
+    model.generate(input_ids=PROMPTS[0], max_new_tokens=NEW, do_sample=False)
+    assert len(handle.experience.sequences) == 0 and handle.experience.practised == []
+
+
+def test_practice_without_an_observer_fills_the_memory(fresh):
+    _, handle = fresh
+    rows = handle.practice(PROMPTS, rounds=2, max_new_tokens=NEW, progress=False)
+    assert rows[0]["replayed"] == 0 < rows[1]["replayed"]
+    assert rows[1]["consolidate_seconds"] == 0.0 and rows[1]["head_agreement"] == {}
+
+
+def _observer(model) -> Observer:
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 96, (40,), generator=g) for _ in range(20)]
+    acts = collect_activations(model, shortcut.arch.resolve(model).layers[0], seqs, max_tokens=600, progress=False)
+    return Observer(train_sae(acts, d_sae=128, k=8, steps=40, batch_size=64, progress=False), 0)
+
+
+def test_attach_observer_keeps_what_was_practised():
+    model = make_tiny("llama")
+    handle = shortcut.wrap(model, shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2], mode="fast"))
+    try:
+        for prompt in PROMPTS:
+            model.generate(input_ids=prompt, max_new_tokens=NEW, do_sample=False)
+        sequences = list(handle.experience.sequences.sequences)
+        handle.attach_observer(_observer(model))
+        assert handle.learner.sequences is handle.experience.sequences
+        assert handle.learner.sequences.sequences == sequences
+        assert handle.learner.practised == [p[0].tolist() for p in PROMPTS]
+        # Fresh heads were fitted on none of the log: fast mode does not commit yet.
+        assert not handle.learner.was_practised(PROMPTS[0][0].tolist())
+        before = dict(handle.draft_counters)
+        out = model.generate(input_ids=PROMPTS[0], max_new_tokens=NEW, do_sample=False)
+        assert torch.equal(out, _reference(model, handle, PROMPTS[0], do_sample=False))
+        assert _delta(handle, before)["replay_accepted"] > 0
+        assert handle.fast.lossless_calls == 1
+    finally:
+        handle.remove()
+
+
+def test_memory_only_save_load_round_trip_replays_on_the_first_call(fresh, tmp_path):
+    model, handle = fresh
+    for prompt in PROMPTS:
+        model.generate(input_ids=prompt, max_new_tokens=NEW, do_sample=False)
+    folder = handle.save_pretrained(tmp_path / "skills")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "replay_log.json", "shortcut.json"]
+    assert json.loads((folder / "shortcut.json").read_text())["contents"]["replay_log"] == "replay_log.json"
+
+    other = make_tiny("llama")  # same seed: same weights, a second process's model
+    loaded = shortcut.load(other, folder)
+    try:
+        assert loaded.learner is None
+        assert loaded.experience.practised == handle.experience.practised
+        assert loaded.experience.sequences.sequences == handle.experience.sequences.sequences
+        ref = _reference(other, loaded, PROMPTS[1], do_sample=False)
+        out = other.generate(input_ids=PROMPTS[1], max_new_tokens=NEW, do_sample=False)
+        assert torch.equal(out, ref)
+        assert loaded.draft_counters["replay_accepted"] > 0
+    finally:
+        loaded.remove()
+
+
+def test_corrupted_replay_log_is_refused(fresh, tmp_path):
+    model, handle = fresh
+    model.generate(input_ids=PROMPTS[0], max_new_tokens=NEW, do_sample=False)
+    folder = handle.save_pretrained(tmp_path / "skills")
+    (folder / "replay_log.json").write_text("[1, 2")
+    with pytest.raises(ValueError, match="replay_log.json is corrupted"):
+        shortcut.load(make_tiny("llama"), folder)
