@@ -11,6 +11,7 @@ import torch
 
 import shortcut
 from shortcut.observe.observer import Observer, collect_activations, train_sae
+from shortcut.skills.summary import describe
 
 from .conftest import make_tiny
 
@@ -131,6 +132,8 @@ def test_memory_only_save_load_round_trip_replays_on_the_first_call(fresh, tmp_p
     folder = handle.save_pretrained(tmp_path / "skills")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "replay_log.json", "shortcut.json"]
     assert json.loads((folder / "shortcut.json").read_text())["contents"]["replay_log"] == "replay_log.json"
+    summary = describe(folder)
+    assert "no observer yet" in summary and "3 practised prompts, 3 practised sequences" in summary
 
     other = make_tiny("llama")  # same seed: same weights, a second process's model
     loaded = shortcut.load(other, folder)

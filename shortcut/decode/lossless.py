@@ -1,6 +1,6 @@
 """Lossless mode: the shallow path drafts, the full path verifies.
 
-``model.generate`` on a wrapped model with skills passes :func:`make_decoder`'s loop to
+``model.generate`` on a wrapped model passes :func:`make_decoder`'s loop to
 transformers as ``custom_generate``: transformers still prepares the generation config,
 logits processors, stopping criteria and cache, and the prefill runs as plain decoding
 runs it, except that where the prompt ends the way a practised sequence went on, what
@@ -10,7 +10,8 @@ forward that reads its prompt. Each step of the loop then
 
 1. drafts: where the text ends the way a practised sequence went on (the prompt and
    output of an earlier lossless call, ``shortcut/sequences.py``), the drafter proposes
-   what followed there and runs no layer at all. Otherwise
+   what followed there and runs no layer at all (all a wrapped model without an
+   observer drafts). Otherwise, once an observer is attached,
    :class:`ShallowDrafter` feeds the last token through the model's own layers
    up to the observer, asks the policy for an exit layer from the SAE signature, runs
    up to that layer and lets the exit head name the next token (scored on the practised

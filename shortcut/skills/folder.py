@@ -183,7 +183,8 @@ def load_config(folder: Path, manifest: dict[str, Any]) -> ShortcutConfig:
 
 def load_learned(folder: Path, manifest: dict[str, Any], parts: ModelParts, fingerprint_: dict[str, Any],
                  config: ShortcutConfig | None = None):
-    """Read what :func:`save_learned` wrote; ``None`` when the folder holds config only.
+    """Read what :func:`save_learned` wrote; ``None`` when the folder holds no observer
+    (config, perhaps a replay log: :func:`load_replay_log` reads that).
 
     The policy's settings that are not learned tensors (its exit threshold) come from
     ``config``, by default the folder's own ``config.json``."""

@@ -12,6 +12,16 @@ from safetensors.torch import load_file
 from .folder import read_manifest
 
 
+def _replay_log_line(folder: Path, contents: dict) -> str:
+    log = folder / contents.get("replay_log", "replay_log.json")
+    if not log.is_file():
+        return ""
+    replay = json.loads(log.read_text())
+    sequences = replay.get("sequences", [])
+    return (f"  replay log: {len(replay['prompts'])} practised prompts, {len(sequences)} practised sequences "
+            f"({sum(len(s) for s in sequences)} tokens) that lossless drafts replay")
+
+
 def describe(folder: Path, *, top: int = 10) -> str:
     """A human-readable report of the skills in ``folder``."""
     manifest = read_manifest(folder)
@@ -25,7 +35,8 @@ def describe(folder: Path, *, top: int = 10) -> str:
         f"  mode {config['mode']}, observer layers {config['observer_layers']}, exit layers {config['exit_layers']}",
     ]
     if "observer" not in contents:
-        lines.append("  nothing learned yet (config only)")
+        log = _replay_log_line(folder, contents)
+        lines.append(f"  no observer yet (no shallow path);{log[1:]}" if log else "  nothing learned yet (config only)")
         return "\n".join(lines)
     meta_path = folder / contents["observer"] / "shortcut_observer.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
@@ -59,12 +70,9 @@ def describe(folder: Path, *, top: int = 10) -> str:
     lines.append(f"  SAE features most associated with the shallowest exit (layer {layers[0]}):")
     lines.append("    " + ", ".join(f"#{int(f)} (w={float(w):.2f}, seen {int(counts[f])}x)"
                                    for w, f in zip(strongest.values, strongest.indices) if w > 0) or "    none yet")
-    log = folder / contents.get("replay_log", "replay_log.json")
-    if log.is_file():
-        replay = json.loads(log.read_text())
-        sequences = replay.get("sequences", [])
-        lines.append(f"  replay log: {len(replay['prompts'])} practised prompts, {len(sequences)} practised sequences "
-                     f"({sum(len(s) for s in sequences)} tokens) that lossless drafts replay")
+    log = _replay_log_line(folder, contents)
+    if log:
+        lines.append(log)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     lines.append(f"  size on disk: {size / 1e6:.1f} MB")
     return "\n".join(lines)
