@@ -19,6 +19,7 @@ from .arch import ModelParts, resolve
 from .config import ShortcutConfig
 from .decode.fast import FastController, FastStep, make_fast_decoder
 from .policy.heads import ExitHeads
+from .observe.auto import AutoObserver
 from .observe.observer import Observer
 from .policy.exits import ExitPolicy
 from .learn.practice import Experience, Learner
@@ -55,6 +56,7 @@ class Shortcut:
         self._removed = False
         self.experience = Experience()  # replay log and practised sequences, observer or not
         self.learner: Learner | None = None  # the observer-dependent skills, once attached
+        self.auto_observer: AutoObserver | None = None  # trains the observer from traffic until one is attached
         # Draft accounting of lossless generation (forwards, drafted/accepted tokens, ...).
         self.draft_counters: defaultdict[str, float] = defaultdict(float)
         self._draft_length: int | None = None  # lossless draft length reached by the latest call
@@ -142,6 +144,9 @@ class Shortcut:
             raise ValueError(f"no exit layer in {self.config.exit_layers} lies above observer layer {observer.layer}")
         heads = heads or ExitHeads(self.parts, exits)
         policy = policy or ExitPolicy(exits, observer.d_sae, threshold=self.config.policy_threshold)
+        if self.auto_observer is not None:  # an observer is here: stop collecting for one
+            self.auto_observer.uninstall()
+            self.auto_observer = None
         if self.learner is not None:
             self.learner.uninstall()
         self.learner = Learner(self.model, self.parts, observer, heads, policy,
@@ -191,6 +196,14 @@ class Shortcut:
         unwrapped model's."""
         if self._removed or self._runtime.bypass or self._reference or self._runtime.policy is not None:
             return original(*args, **kwargs)
+        auto = self.auto_observer
+        if auto is not None and (trained := auto.take()) is not None:  # trained in the background
+            # New heads draw their initial weights: from a seeded stream of their own, not
+            # from the caller's, which this call may be about to sample with.
+            with torch.random.fork_rng():
+                torch.manual_seed(self.config.seed)
+                self.attach_observer(trained)
+            auto = None
         learner, experience = self.learner, self.experience
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         prompt = input_ids[0].tolist() if isinstance(input_ids, torch.Tensor) and input_ids.shape[0] == 1 else None
@@ -206,6 +219,9 @@ class Shortcut:
                 logger.warning("shortcut: %s mode cannot honour %s; using the full path", self.config.mode, message)
             return original(*args, **kwargs)
         sequences = experience.sequences if self.config.replay_sequences else None
+        collect = auto is not None and self.config.learn and prompt is not None
+        if collect:
+            auto.begin_call(prompt)
         trail = None
         if learner is not None:
             trail = Trail(learner.observer, learner.policy, self.parts.layers[learner.signature_layer],
@@ -237,6 +253,8 @@ class Shortcut:
         finally:
             if trail is not None:
                 trail.close()
+            if collect:
+                auto.end_call(self.config.seed)
 
     def practice(self, prompts: list[Any], *, rounds: int = 1, max_new_tokens: int = 64,
                  tokenizer: Any = None, shuffle: bool = True, progress: bool = True) -> list[dict[str, Any]]:
@@ -256,6 +274,8 @@ class Shortcut:
         if not self._removed:
             if self.learner is not None:
                 self.learner.uninstall()
+            if self.auto_observer is not None:
+                self.auto_observer.uninstall()
             self.model.__dict__.pop("generate", None)
             self._runtime.uninstall()
             _HANDLES.pop(self.model, None)
@@ -313,7 +333,8 @@ def _check_model(model: object) -> None:
         )
 
 
-def wrap(model: PreTrainedModel, config: ShortcutConfig | None = None) -> Shortcut:
+def wrap(model: PreTrainedModel, config: ShortcutConfig | None = None, *,
+         observer: Observer | AutoObserver | str | Path | bool | None = "auto") -> Shortcut:
     """Attach shortcut to ``model`` in place and return its handle.
 
     With no learned policy the wrapped model computes exactly what the model computed
@@ -323,7 +344,15 @@ def wrap(model: PreTrainedModel, config: ShortcutConfig | None = None) -> Shortc
     lossless ``generate`` call adds its answer to the practised sequences, and later
     calls whose text goes the way a practised one went draft it back, verified by the
     full model (same tokens as unwrapped, greedy or seeded sampling). An observer
-    (:meth:`Shortcut.train_observer`) adds the shallow path on top.
+    adds the shallow path on top; ``observer`` says where it comes from:
+
+    - ``"auto"`` (default): trained from the model's own traffic in the background
+      once enough tokens were seen (:mod:`shortcut.observe.auto`; pass an
+      :class:`~shortcut.observe.auto.AutoObserver` to set how many and how it trains);
+    - ``None`` or ``False``: none (practised sequences only, until
+      :meth:`Shortcut.attach_observer` or :meth:`Shortcut.train_observer`);
+    - an :class:`~shortcut.observe.observer.Observer`: attached at once;
+    - a skills folder (``str`` or ``Path``) saved for this base model: its observer.
 
     Raises:
         TypeError: ``model`` is not a causal LM.
@@ -331,6 +360,11 @@ def wrap(model: PreTrainedModel, config: ShortcutConfig | None = None) -> Shortc
         UnsupportedArchitectureError: no plugin knows the model's ``model_type``.
         RuntimeError: the model is already wrapped.
     """
+    if not (observer is None or isinstance(observer, (bool, str, Path, Observer, AutoObserver))):
+        raise TypeError(f"observer must be 'auto', None, False, an Observer, an AutoObserver or a skills folder "
+                        f"path; got {type(observer).__name__}")
+    if observer is True:
+        raise ValueError("observer=True is ambiguous: pass 'auto' to train one from traffic, or an Observer")
     _check_model(model)
     parts = resolve(model)
     config = (config or ShortcutConfig()).resolved(parts.num_layers)
@@ -339,7 +373,34 @@ def wrap(model: PreTrainedModel, config: ShortcutConfig | None = None) -> Shortc
     original_generate = model.generate
     model.generate = functools.update_wrapper(functools.partial(handle._generate, original_generate), original_generate)
     _HANDLES[model] = handle
+    try:
+        if observer == "auto":
+            observer = AutoObserver()
+        if isinstance(observer, AutoObserver):
+            layer = config.observer_layers[0]
+            observer.install(parts.layers[layer], layer)
+            handle.auto_observer = observer
+        elif isinstance(observer, (str, Path)):
+            handle.attach_observer(_folder_observer(Path(observer), handle))
+        elif isinstance(observer, Observer):
+            handle.attach_observer(observer)
+    except BaseException:
+        handle.remove()
+        raise
     return handle
+
+
+def _folder_observer(folder: Path, handle: Shortcut) -> Observer:
+    """The observer saved in the skills folder ``folder`` for this handle's base model."""
+    from .observe.observer import load_observer
+
+    manifest = skills.read_manifest(folder)
+    skills.check_fingerprint(manifest["base_model"], handle.fingerprint, folder)
+    rel = manifest.get("contents", {}).get("observer")
+    if rel is None:
+        raise ValueError(f"skills folder {folder} holds no observer (its manifest lists no 'observer')")
+    return load_observer(folder / rel, d_model=int(handle.parts.unembed.weight.shape[1]),
+                         n_layers=handle.num_layers, expected_fingerprint=handle.fingerprint)
 
 
 def load(model: PreTrainedModel, folder: str | Path) -> Shortcut:

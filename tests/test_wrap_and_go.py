@@ -5,11 +5,13 @@ persists."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
 
 import shortcut
+from shortcut.observe.auto import AutoObserver
 from shortcut.observe.observer import Observer, collect_activations, train_sae
 from shortcut.skills.summary import describe
 
@@ -156,3 +158,81 @@ def test_corrupted_replay_log_is_refused(fresh, tmp_path):
     (folder / "replay_log.json").write_text("[1, 2")
     with pytest.raises(ValueError, match="replay_log.json is corrupted"):
         shortcut.load(make_tiny("llama"), folder)
+
+
+def _distinct_prompts(n: int, length: int = 8) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, 96, (1, length), generator=g) for _ in range(n)]
+
+
+def test_observer_trains_itself_from_traffic_and_attaches(caplog):
+    """Residuals of new prompts' full forwards fill the buffer; the call that fills it
+    starts a background training; the next call attaches the observer. Outputs and the
+    global random state stay as without shortcut throughout."""
+    model = make_tiny("llama")
+    auto = AutoObserver(min_tokens=60, d_sae=64, k=4, steps=20, batch_size=32)
+    handle = shortcut.wrap(model, shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2]), observer=auto)
+    try:
+        prompts = _distinct_prompts(5)
+        model.generate(input_ids=prompts[0], max_new_tokens=NEW, do_sample=False)
+        collected = auto.tokens
+        assert 0 < collected <= prompts[0].shape[1] - 1 + NEW  # the prompt's first position is left out
+        model.generate(input_ids=prompts[0], max_new_tokens=NEW, do_sample=False)
+        assert auto.tokens == collected  # a repeated prompt adds nothing
+        def sampled_as_unwrapped(prompt):
+            torch.manual_seed(5)
+            out = model.generate(input_ids=prompt, max_new_tokens=NEW, do_sample=True)
+            after = torch.rand(4)  # the global random state the call left behind
+            with handle.disabled():
+                torch.manual_seed(5)
+                assert torch.equal(out, model.generate(input_ids=prompt, max_new_tokens=NEW, do_sample=True))
+                assert torch.equal(after, torch.rand(4))
+
+        for prompt in prompts[1:3]:
+            sampled_as_unwrapped(prompt)
+        assert auto.tokens == 60 and (auto.training or auto.observer is not None)  # the third call filled it
+        assert handle.learner is None  # attached at the start of the next call
+        assert auto.wait(120) and auto.error is None
+        with caplog.at_level(logging.INFO, logger="shortcut.observe.auto"):
+            sampled_as_unwrapped(prompts[3])  # attaches: new heads must not move the caller's random stream
+        assert handle.observer is not None and handle.auto_observer is None
+        assert handle.observer.layer == 0 and handle.observer.d_sae == 64
+        assert "from the model's own traffic: 60 tokens" in caplog.text and "variance explained" in caplog.text
+        out = model.generate(input_ids=prompts[4], max_new_tokens=NEW, do_sample=False)
+        assert torch.equal(out, _reference(model, handle, prompts[4], do_sample=False))
+        assert handle.learner.stats.tokens_learned > 0  # the shallow path learns from then on
+        assert len(handle.experience.sequences) == 2  # the greedy calls' answers were kept
+    finally:
+        handle.remove()
+
+
+def test_wrap_observer_argument(tmp_path):
+    model = make_tiny("llama")
+    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2])
+    handle = shortcut.wrap(model, config)
+    assert isinstance(handle.auto_observer, AutoObserver) and handle.learner is None  # "auto" by default
+    handle.remove()
+    handle = shortcut.wrap(model, config, observer=None)
+    assert handle.auto_observer is None and handle.learner is None
+    folder = handle.save_pretrained(tmp_path / "memory")
+    handle.remove()
+    observer = _observer(model)
+    handle = shortcut.wrap(model, config, observer=observer)
+    assert handle.observer is observer and handle.auto_observer is None
+    saved = handle.save_pretrained(tmp_path / "skills")
+    handle.remove()
+    handle = shortcut.wrap(model, config, observer=str(saved))
+    probe = torch.randn(3, 64)
+    assert torch.equal(handle.observer.encode(probe).indices, observer.encode(probe).indices)
+    handle.remove()
+    with pytest.raises(ValueError, match="holds no observer"):
+        shortcut.wrap(model, config, observer=folder)
+    with pytest.raises(shortcut.SkillsMismatchError):
+        shortcut.wrap(make_tiny("llama", seed=1), config, observer=saved)
+    with pytest.raises(ValueError, match="ambiguous"):
+        shortcut.wrap(model, config, observer=True)
+    with pytest.raises(TypeError, match="observer must be"):
+        shortcut.wrap(model, config, observer=3)
+    with pytest.raises(ValueError, match="min_tokens=5"):
+        AutoObserver(min_tokens=5)
+    assert not any("forward" in m.__dict__ for m in model.modules())  # failed wraps left nothing behind

@@ -87,6 +87,7 @@ __all__ = [
     "Signature",
     "collect_activations",
     "load_observer",
+    "prepare_sae_training",
     "sae_quality",
     "save_observer",
     "train_sae",
@@ -410,6 +411,8 @@ def train_sae(
 ) -> TopKTrainingSAE:
     """Train a TopK SAE on residual vectors with sae-lens's ``SAETrainer``.
 
+    Same as ``prepare_sae_training(activations, ...)()``.
+
     Offline (no wandb, no hub). Activations are scaled so their mean norm is
     sqrt(d_in) (sae-lens ``expected_average_only_in``); the trainer folds the scale
     into the weights at the end, so the returned SAE (and the saved inference model)
@@ -442,6 +445,35 @@ def train_sae(
     Raises:
         ValueError: activations not 2-D, empty or not finite, or bad hyper-parameters.
     """
+    return prepare_sae_training(
+        activations, d_sae=d_sae, k=k, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+        progress=progress, aux_loss_coefficient=aux_loss_coefficient, dead_feature_window=dead_feature_window,
+        warmup_fraction=warmup_fraction, decay_fraction=decay_fraction,
+        init_b_dec_from_mean=init_b_dec_from_mean, metadata=metadata)()
+
+
+def prepare_sae_training(
+    activations: torch.Tensor,
+    *,
+    d_sae: int = DEFAULT_D_SAE,
+    k: int = DEFAULT_K,
+    steps: int = DEFAULT_STEPS,
+    lr: float = DEFAULT_LR,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+    progress: bool = True,
+    aux_loss_coefficient: float = DEFAULT_AUX_LOSS_COEFFICIENT,
+    dead_feature_window: int = DEFAULT_DEAD_FEATURE_WINDOW,
+    warmup_fraction: float = DEFAULT_WARMUP_FRACTION,
+    decay_fraction: float = DEFAULT_DECAY_FRACTION,
+    init_b_dec_from_mean: bool = True,
+    metadata: Mapping[str, Any] | None = None,
+) -> Callable[[], TopKTrainingSAE]:
+    """:func:`train_sae` in two steps: this call checks the arguments and builds the
+    seeded SAE and its trainer (the only part that uses the global random generator,
+    whose state it restores); the returned function runs the training and returns the
+    SAE. That function touches no global random state, so it may run in a background
+    thread while the main thread samples with its own seeds."""
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.saes.sae import SAEMetadata
@@ -469,7 +501,6 @@ def train_sae(
     if warmup + decay >= steps:
         warmup, decay = 0, 0
 
-    t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         cfg = TopKTrainingSAEConfig(
@@ -512,14 +543,19 @@ def train_sae(
         # Set the scale ourselves (over all data) so fit() skips its estimate and
         # folds exactly this factor into the weights at the end.
         trainer.activation_scaler.scaling_factor = scale
+
+    def fit() -> TopKTrainingSAE:
+        t0 = time.perf_counter()
         with _quiet_trainer_tqdm(progress):
-            sae = trainer.fit()
-    sae.eval()
-    logger.info(
-        "trained TopK SAE d_in=%d d_sae=%d k=%d on %d vectors: %d steps in %.1f s",
-        d_in, d_sae, k, n, steps, time.perf_counter() - t0,
-    )
-    return sae
+            trained = trainer.fit()
+        trained.eval()
+        logger.info(
+            "trained TopK SAE d_in=%d d_sae=%d k=%d on %d vectors: %d steps in %.1f s",
+            d_in, d_sae, k, n, steps, time.perf_counter() - t0,
+        )
+        return trained
+
+    return fit
 
 
 # ---------------------------------------------------------------------------------------

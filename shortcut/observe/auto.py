@@ -1,0 +1,147 @@
+"""An observer that trains itself from the wrapped model's own traffic.
+
+``shortcut.wrap(model)`` (``observer="auto"``) gives the handle an :class:`AutoObserver`:
+while learning, every ``generate`` call whose prompt it has not seen before leaves the
+residual stream at the observer layer of its full-path forwards (the prefill and each
+verification; the first position of a prompt, an attention sink, is left out as in
+:func:`~shortcut.observe.observer.collect_activations`) in a bounded buffer. Once
+``min_tokens`` vectors are in, the call that filled it builds a seeded TopK SAE (a
+moment) and trains it in a background thread, so no ``generate`` call waits for the
+training; the training touches no global random state, so seeded sampling meanwhile is
+unchanged. The next ``generate`` call after it finished attaches the observer
+(``Shortcut.attach_observer``), and the shallow path starts learning from then on.
+
+Default ``min_tokens``: 40,000. On SmolLM2-135M an observer-layer SAE trained on 41k
+vectors explains 0.948 of held-out variance, against 0.957 from 176k (table in
+:mod:`shortcut.observe.observer`): about 300 chat calls of 64 new tokens reach it, and
+the buffer holds ``min_tokens x width`` float16 values (47 MB at SmolLM2's width 576).
+A tenth of the vectors is held out to measure the SAE.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .observer import Observer, _hidden_from_output, prepare_sae_training, sae_quality
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MIN_TOKENS = 40_000
+HELDOUT_FRACTION = 0.1
+
+
+class AutoObserver:
+    """Collects observer-layer residuals from a handle's calls and trains the observer
+    in the background (see the module doc).
+
+    Args:
+        min_tokens: residual vectors collected before training starts (also the
+            buffer's bound: collection stops there).
+        train_kwargs: passed to :func:`~shortcut.observe.observer.train_sae` (width
+            ``d_sae``, ``k``, ``steps``, ...; ``seed`` defaults to the handle's).
+    """
+
+    def __init__(self, min_tokens: int = DEFAULT_MIN_TOKENS, **train_kwargs: Any) -> None:
+        if min_tokens < 10:
+            raise ValueError(f"min_tokens={min_tokens} must be at least 10 (a tenth is held out to measure the SAE)")
+        self.min_tokens = min_tokens
+        self.train_kwargs = train_kwargs
+        self.layer: int | None = None
+        self.tokens = 0
+        self.seconds = 0.0  # of the training, once finished
+        self.observer: Observer | None = None  # trained and measured, not yet attached
+        self.error: BaseException | None = None
+        self._chunks: list[torch.Tensor] = []
+        self._seen: set[int] = set()  # hashes of the prompts collected from
+        self._armed = False
+        self._first = False  # the next forward is a prefill: leave its first position out
+        self._hook: Any = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def training(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def install(self, layer_module: nn.Module, layer: int) -> None:
+        """Read the output of decoder layer ``layer`` (``layer_module``) from now on."""
+        self.layer = layer
+        self._hook = layer_module.register_forward_hook(self._capture)
+
+    def uninstall(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._chunks.clear()
+
+    def begin_call(self, prompt: list[int]) -> None:
+        """A ``generate`` call with this prompt starts: collect from its forwards if the
+        prompt is new (repeats would fill the buffer with the same vectors)."""
+        key = hash(tuple(prompt))
+        self._armed = self._hook is not None and self.tokens < self.min_tokens and key not in self._seen
+        self._first = True
+        self._seen.add(key)
+
+    def end_call(self, seed: int) -> None:
+        """The call ended: once the buffer is full, start the training (at most once)."""
+        self._armed = False
+        if self.tokens >= self.min_tokens and self._thread is None and self._hook is not None:
+            self._start(seed)
+
+    def _capture(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self._armed:
+            return
+        hidden = _hidden_from_output(output)
+        if hidden.shape[0] != 1:
+            return
+        rows = hidden[0, 1:] if self._first else hidden[0]
+        self._first = False
+        rows = rows[: self.min_tokens - self.tokens].detach().to("cpu", torch.float16)
+        self._chunks.append(rows)
+        self.tokens += int(rows.shape[0])
+
+    def _start(self, seed: int) -> None:
+        acts = torch.cat(self._chunks).float()
+        self._chunks = []
+        self.uninstall()  # nothing more to collect
+        acts = acts[torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(seed))]
+        n_heldout = max(1, int(acts.shape[0] * HELDOUT_FRACTION))
+        kwargs = {"seed": seed, "progress": False, **self.train_kwargs}
+        # Built here, in the calling thread: only the SAE's seeded initialisation uses
+        # the global random generator (its state is restored before the call goes on).
+        fit = prepare_sae_training(acts[:-n_heldout], **kwargs)
+        self._thread = threading.Thread(target=self._train, args=(fit, acts[-n_heldout:]),
+                                        name="shortcut-observer-training", daemon=True)
+        self._thread.start()
+
+    def _train(self, fit: Callable[[], Any], heldout: torch.Tensor) -> None:
+        start = time.perf_counter()
+        try:
+            sae = fit()
+            quality = sae_quality(sae, heldout)
+            self.seconds = time.perf_counter() - start
+            self.observer = Observer(sae, self.layer, meta={"quality": quality})
+        except Exception as err:  # the handle goes on without an observer
+            self.error = err
+            logger.warning("shortcut: training the observer from %d tokens failed: %s", self.tokens, err)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for a running training; returns whether none is running any more."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return not self.training
+
+    def take(self) -> Observer | None:
+        """The trained observer once (``None`` while collecting, training, or failed)."""
+        if self.training or self.observer is None:
+            return None
+        observer, self.observer = self.observer, None
+        quality = observer.meta.get("quality", {})
+        logger.info("shortcut: observer trained from the model's own traffic: %d tokens, %.1f s, "
+                    "held-out variance explained %.3f", self.tokens, self.seconds, quality.get("fve", float("nan")))
+        return observer
