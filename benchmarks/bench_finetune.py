@@ -75,7 +75,7 @@ def measure(handle, ids: torch.Tensor, new_tokens: int, plain_first: bool) -> di
     model = handle.model
     gen = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": new_tokens, "do_sample": False}
     outs, seconds = {}, {}
-    counters = dict(handle.draft_counters)
+    counters = handle.decode_stats.copy()
     calls = handle.stats.total.layer_calls
     for kind in (("plain", "wrapped") if plain_first else ("wrapped", "plain")):
         start = time.perf_counter()
@@ -86,16 +86,16 @@ def measure(handle, ids: torch.Tensor, new_tokens: int, plain_first: bool) -> di
             outs[kind] = model.generate(**gen)
         seconds[kind] = time.perf_counter() - start
     new = outs["plain"].shape[1] - ids.shape[1]
-    delta = {k: v - counters.get(k, 0.0) for k, v in handle.draft_counters.items()}
+    delta = handle.decode_stats - counters
     return {
-        "replayed": delta.get("replay_accepted", 0.0),
+        "replayed": float(delta.replay_accepted),
         "new_tokens": new,
         "identical": bool(torch.equal(outs["plain"], outs["wrapped"])),
         "speed_ratio": seconds["plain"] / seconds["wrapped"],
         "wrapped_tok_s": new / seconds["wrapped"],
         "plain_tok_s": new / seconds["plain"],
-        "drafted": delta.get("drafted", 0.0),
-        "accepted": delta.get("accepted", 0.0),
+        "drafted": float(delta.drafted),
+        "accepted": float(delta.accepted),
         "layer_calls_per_token": (handle.stats.total.layer_calls - calls) / max(new, 1),
         "oracle": oracle_layers(handle, outs["plain"][0], ids.shape[1]),
     }

@@ -6,7 +6,6 @@ import contextlib
 import functools
 import logging
 import weakref
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,6 +22,7 @@ from .observe.observer import Observer
 from .policy.exits import ExitPolicy
 from .learn.practice import Learner
 from .decode.runtime import FixedPlan, LayerPolicy, LayerRuntime, Stats
+from .decode.stats import DecodeStats
 from .decode.lossless import ShallowDrafter, Trail, make_decoder, unsupported_options
 
 logger = logging.getLogger(__name__)
@@ -46,8 +46,7 @@ class Shortcut:
         self._runtime = LayerRuntime(model, parts)
         self._removed = False
         self.learner: Learner | None = None
-        # Draft accounting of lossless generation (forwards, drafted/accepted tokens, ...).
-        self.draft_counters: defaultdict[str, float] = defaultdict(float)
+        self.decode_stats = DecodeStats()  # what lossless and fast decoding did, summed over calls
         self._draft_length: int | None = None  # lossless draft length reached by the latest call
         self._warned: set[str] = set()
         self._reference = False  # inside reference(): plain generate, counted, not learned
@@ -189,25 +188,25 @@ class Shortcut:
                 self._warned.add(message)
                 logger.warning("shortcut: %s mode cannot honour %s; using the full path", self.config.mode, message)
             return original(*args, **kwargs)
-        trail = Trail(learner.observer, learner.policy, self.parts.layers[learner.signature_layer], self.draft_counters)
+        trail = Trail(learner.observer, learner.policy, self.parts.layers[learner.signature_layer], self.decode_stats)
         try:
             if commit:
                 if self.fast.calibrated_for != learner.stats.consolidations:
                     self.fast.recalibrate(learner.stats.consolidations)
                 step = FastStep(learner.observer, learner.policy, learner.heads, self.fast, trail,
                                 sequences=learner.sequences if self.config.replay_sequences else None)
-                decoder = make_fast_decoder(self._runtime, step, self.fast, self.draft_counters)
+                decoder = make_fast_decoder(self._runtime, step, self.fast, self.decode_stats)
                 return original(*args, custom_generate=decoder, **kwargs)
             if self.config.mode == "fast":
                 self.fast.lossless_calls += 1  # a prompt never practised verbatim: verify, do not commit
                 self.fast.committed = []
             drafter = ShallowDrafter(self.model, self._runtime, learner.observer, learner.heads, learner.policy, trail,
                                      max_draft=self.config.max_draft, min_confidence=self.config.draft_confidence,
-                                     counters=self.draft_counters, on_full_path=learner.learn_recorded,
+                                     stats=self.decode_stats, on_full_path=learner.learn_recorded,
                                      num_draft=self._draft_length,
                                      sequences=learner.sequences if self.config.replay_sequences else None)
             try:
-                output = original(*args, custom_generate=make_decoder(drafter, self.draft_counters), **kwargs)
+                output = original(*args, custom_generate=make_decoder(drafter, self.decode_stats), **kwargs)
             finally:
                 self._draft_length = drafter.num_draft
             if learner.enabled and drafter.plain_greedy:  # the full model's greedy answer: later calls may replay it

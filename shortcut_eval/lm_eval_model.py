@@ -198,7 +198,7 @@ class ShortcutLM(HFLM):  # type: ignore[misc,valid-type]
             "learn": handle.config.learn,
             "layers_per_token": handle.stats.total.layers_per_token,
             "num_layers": handle.num_layers,
-            "draft": {k: float(v) for k, v in sorted(handle.draft_counters.items())},
+            "draft": handle.decode_stats.as_dict(),
         }
         return info
 

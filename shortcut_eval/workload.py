@@ -22,6 +22,7 @@ import torch
 
 import shortcut
 from shortcut.decode.accounting import ParamSizes, decode_only, plain_cost, shortcut_cost, stats_delta
+from shortcut.decode.stats import DecodeStats
 from shortcut.data import DataFileError, prompt_input_ids, read_jsonl, read_prompts
 from shortcut.models import cache_root
 
@@ -137,7 +138,7 @@ def generate(method: Method, ids: torch.Tensor, new_tokens: int) -> dict[str, An
     system = method.system
     handle, model = system.handle, system.model
     gen = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
-    stats_before, counters_before = handle.stats.total.as_dict(), dict(handle.draft_counters)
+    stats_before, decode_before = handle.stats.total.as_dict(), handle.decode_stats.copy()
     learner = handle.learner
     learn_before = learner.stats.learn_seconds if learner else 0.0
     start = time.perf_counter()
@@ -157,15 +158,15 @@ def generate(method: Method, ids: torch.Tensor, new_tokens: int) -> dict[str, An
     new = int(out.shape[1] - ids.shape[1])
     if method.kind == "plain":
         cost = plain_cost(system.sizes, ids.shape[1], new)
-        counters: dict[str, float] = {}
+        decode = DecodeStats()
     else:
         stats = stats_delta(handle.stats.total.as_dict(), stats_before)
-        counters = {k: v - counters_before.get(k, 0.0) for k, v in handle.draft_counters.items()}
-        cost = decode_only(shortcut_cost(system.sizes, stats, counters), system.sizes, ids.shape[1])
+        decode = handle.decode_stats - decode_before
+        cost = decode_only(shortcut_cost(system.sizes, stats, decode), system.sizes, ids.shape[1])
     return {"output": out, "seconds": seconds, "new_tokens": new, "cost": cost,
-            "drafted": counters.get("drafted", 0.0), "accepted": counters.get("accepted", 0.0),
+            "drafted": float(decode.drafted), "accepted": float(decode.accepted),
             # tokens from practised sequences: accepted lossless drafts, committed fast-mode answers
-            "replayed": counters.get("replay_accepted", 0.0) + counters.get("replay_committed", 0.0),
+            "replayed": float(decode.replay_accepted + decode.replay_committed),
             "learn_seconds": (learner.stats.learn_seconds - learn_before) if learner else 0.0}
 
 

@@ -76,7 +76,7 @@ def _assert_lossless(model, folder):
             with handle.disabled():
                 ref = model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False)
             assert torch.equal(model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False), ref)
-        assert handle.draft_counters["accepted"] > 0  # the consolidated skills do draft
+        assert handle.decode_stats.accepted > 0  # the consolidated skills do draft
     finally:
         handle.remove()
 

@@ -125,7 +125,7 @@ def _assert_identical_and_drafting(model, tokenizer, folder, prompts):
             with handle.disabled():
                 ref = model.generate(**ids, max_new_tokens=16, do_sample=False)
             assert torch.equal(model.generate(**ids, max_new_tokens=16, do_sample=False), ref)
-        assert handle.draft_counters["accepted"] > 0
+        assert handle.decode_stats.accepted > 0
     finally:
         handle.remove()
 

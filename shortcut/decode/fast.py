@@ -64,6 +64,7 @@ from torch import nn
 
 from ..policy.heads import ExitHeads
 from ..learn.sequences import SHORT_MATCH, SequenceMemory
+from .stats import DecodeStats
 from .lossless import DraftStep, Trail, choose_next, crop_all, full_logits, plain_greedy
 
 
@@ -188,7 +189,7 @@ class FastStep(DraftStep):
 
 
 def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
-                      counters: dict[str, float]) -> Callable[..., torch.Tensor]:
+                      stats: DecodeStats) -> Callable[..., torch.Tensor]:
     """The fast-mode decoding loop for ``generate(custom_generate=...)``."""
     heads = step.heads
 
@@ -252,7 +253,7 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
             following = following and generated <= len(answer) and int(token) == answer[generated - 1]
             if following and generated < len(answer):  # pending: the answer names the next token
                 controller.replayed += 1
-                counters["replay_committed"] += 1
+                stats.replay_committed += 1
                 shallow_top.append(answer[generated])
                 controller.committed.append(input_ids.shape[1])
                 logits = torch.full((1, vocab), float("-inf"))
@@ -275,12 +276,12 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
                               position_ids=torch.tensor([[newest]])).last_hidden_state
             finally:
                 runtime.policy = previous
-            counters["observer_encodes"] += 1
+            stats.observer_encodes += 1
             if step.checked_layer is not None:
-                counters["head_params"] += heads.head_cost(step.checked_layer)["shortlist"]
+                stats.head_params += heads.head_cost(step.checked_layer)["shortlist"]
             if step.exit_layer is not None:  # committed: pending until something catches up
                 controller.exits += 1
-                counters[f"exit_{step.exit_layer}"] += 1
+                stats.exited(step.exit_layer)
                 if step.ceiling is None:  # later exits must not need layers this one skipped
                     step.ceiling = step.exit_layer
                 shallow_top.append(int(heads.shortlist[step.shortlist_logits.argmax(-1)]))

@@ -45,6 +45,7 @@ from ..policy.heads import ExitHeads, Prediction
 from ..observe.observer import Observer, Signature
 from ..policy.exits import ExitPolicy, PolicyDecision
 from ..learn.sequences import SequenceMemory
+from .stats import DecodeStats
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,8 @@ class Trail:
     :meth:`expect`.
     """
 
-    def __init__(self, observer: Observer, policy: ExitPolicy, layer: nn.Module, counters: dict[str, float]) -> None:
-        self.observer, self.policy, self.counters = observer, policy, counters
+    def __init__(self, observer: Observer, policy: ExitPolicy, layer: nn.Module, stats: DecodeStats) -> None:
+        self.observer, self.policy, self.stats = observer, policy, stats
         self.rows: dict[int, torch.Tensor] = {}
         self._hidden: torch.Tensor | None = None  # [seq, d] signature-layer input of a full forward
         self._start = 0  # position of its first row
@@ -97,7 +98,7 @@ class Trail:
         if self._hidden is None or not 0 <= previous - self._start < self._hidden.shape[0]:
             return None
         sig = self.observer.encode(self._hidden[previous - self._start])
-        self.counters["observer_encodes"] += 1
+        self.stats.observer_encodes += 1
         rows = self.policy.matches(self.policy.similarities(sig)[0])
         self.rows[previous] = rows
         return rows
@@ -172,7 +173,7 @@ class ShallowDrafter:
 
     def __init__(self, model: nn.Module, runtime: Any, observer: Observer, heads: ExitHeads,
                  policy: ExitPolicy, trail: Trail, *, max_draft: int, min_confidence: float,
-                 counters: dict[str, float], on_full_path: Callable[[torch.Tensor], None] | None = None,
+                 stats: DecodeStats, on_full_path: Callable[[torch.Tensor], None] | None = None,
                  num_draft: int | None = None, sequences: SequenceMemory | None = None) -> None:
         self.base = getattr(model, model.base_model_prefix)
         self.model = model
@@ -184,7 +185,7 @@ class ShallowDrafter:
         # Doubles while every drafted token is accepted; the caller carries it from one
         # generate call to the next (a practised workload keeps its long drafts).
         self.num_draft = min(num_draft or 4, max_draft)
-        self.counters = counters
+        self.stats = stats
         self.sequences = sequences  # practised sequences: drafts that need no layer at all
         self.replayed = False  # whether the latest draft came from them
         # Back-off: after a draft attempt that produced nothing accepted, skip the next
@@ -210,7 +211,7 @@ class ShallowDrafter:
             return input_ids[:, :0]
         if self._skip > 0:
             self._skip -= 1
-            self.counters["draft_paused"] += 1
+            self.stats.draft_paused += 1
             return input_ids[:, :0]
         replay = self.replay(input_ids, min(limit, self.max_draft), stop_ids)
         if replay.shape[1]:
@@ -235,26 +236,29 @@ class ShallowDrafter:
                 self.step.prediction, self.step.unsure = None, False
                 hidden = self.base(input_ids=token, cache=cache, use_cache=True,
                                    position_ids=torch.tensor([[position]], device=token.device)).last_hidden_state
-                self.counters["draft_forwards"] += 1
-                self.counters["observer_encodes"] += 1
+                self.stats.draft_forwards += 1
+                self.stats.observer_encodes += 1
                 self.step.unfamiliar_runs_full = False
                 if self.step.exit_layer is None and index == 0:
-                    self.counters["full_path_steps"] += 1
-                    self.counters["draft_unsure" if self.step.unsure else "draft_unfamiliar"] += 1
+                    self.stats.full_path_steps += 1
+                    if self.step.unsure:
+                        self.stats.draft_unsure += 1
+                    else:
+                        self.stats.draft_unfamiliar += 1
                     self.full_logits = full_logits(self.model, hidden[:, -1:])
                     lengths = layer_lengths(cache)
                     if self.on_full_path is not None:
                         self.on_full_path(self.full_logits)
                     break
                 if self.step.exit_layer is None:
-                    self.counters["draft_refusals"] += 1
+                    self.stats.draft_refusals += 1
                     break
                 self.step.ceiling = self.step.exit_layer
-                self.counters[f"exit_{self.step.exit_layer}"] += 1
-                self.counters["head_params"] += self.heads.head_cost(self.step.exit_layer)["shortlist"]
+                self.stats.exited(self.step.exit_layer)
+                self.stats.head_params += self.heads.head_cost(self.step.exit_layer)["shortlist"]
                 pred = self.step.prediction
                 if self.step.unsure:
-                    self.counters["draft_unsure"] += 1
+                    self.stats.draft_unsure += 1
                     break
                 token = pred.token_ids.view(1, 1)
                 drafted.append(token)
@@ -265,7 +269,7 @@ class ShallowDrafter:
             self.runtime.policy = previous
             self.step.unfamiliar_runs_full = False
             crop_to(cache, lengths)
-        self.counters["drafted"] += len(drafted)
+        self.stats.drafted += len(drafted)
         return torch.cat(drafted, dim=-1) if drafted else input_ids[:, :0]
 
     def prompt_draft(self, input_ids: torch.Tensor, limit: int, stop_ids: frozenset[int],
@@ -289,8 +293,8 @@ class ShallowDrafter:
         if not tokens:
             return input_ids[:, :0]
         self.attempted, self.replayed = True, True
-        self.counters["drafted"] += len(tokens)
-        self.counters["replayed"] += len(tokens)
+        self.stats.drafted += len(tokens)
+        self.stats.replayed += len(tokens)
         return torch.tensor([tokens], dtype=input_ids.dtype, device=input_ids.device)
 
     def record(self, drafted: int, accepted: int) -> None:
@@ -303,9 +307,9 @@ class ShallowDrafter:
             self._pause = 0
         if drafted == 0:
             return
-        self.counters["accepted"] += accepted
+        self.stats.accepted += accepted
         if self.replayed:  # the shallow path's draft length adapts to its own drafts only
-            self.counters["replay_accepted"] += accepted
+            self.stats.replay_accepted += accepted
             return
         if accepted == drafted:
             self.num_draft = min(self.max_draft, 2 * self.num_draft)
@@ -397,7 +401,7 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, drafts: torch.Tensor, gen
     return model._prefill(input_ids, generation_config, model_kwargs).logits[:, -(k + 1):]
 
 
-def make_decoder(drafter: ShallowDrafter, counters: dict[str, float]) -> Callable[..., torch.Tensor]:
+def make_decoder(drafter: ShallowDrafter, stats: DecodeStats) -> Callable[..., torch.Tensor]:
     """The decoding loop handed to ``generate(custom_generate=...)`` (see the module doc)."""
 
     @torch.no_grad()
@@ -438,7 +442,7 @@ def make_decoder(drafter: ShallowDrafter, counters: dict[str, float]) -> Callabl
                 pending = drafter.full_logits
                 continue
             verify = torch.cat([input_ids[:, -1:], drafts], dim=-1)
-            counters["verify_forwards"] += 1
+            stats.verify_forwards += 1
             trail.expect(valid)
             pending = model(input_ids=verify, cache=cache, use_cache=True).logits
         if streamer is not None:

@@ -272,7 +272,7 @@ def run_rounds(handle: Any, prompts: list[Any], *, rounds: int, max_new_tokens: 
     rows = []
     for round_index in range(rounds):
         order = torch.randperm(len(inputs), generator=generator).tolist() if shuffle else list(range(len(inputs)))
-        counters = dict(handle.draft_counters)
+        before = handle.decode_stats.copy()
         calls_before, learn_before = handle.stats.total.layer_calls, learner.stats.learn_seconds
         generated, start = 0, time.perf_counter()
         for index in tqdm(order, desc=f"practice round {round_index + 1}/{rounds}", disable=not progress, leave=False):
@@ -282,7 +282,7 @@ def run_rounds(handle: Any, prompts: list[Any], *, rounds: int, max_new_tokens: 
             generated += out.shape[1] - ids.shape[1]
         seconds = time.perf_counter() - start
         fit = learner.consolidate()
-        delta = {k: handle.draft_counters[k] - counters.get(k, 0.0) for k in handle.draft_counters}
+        delta = handle.decode_stats - before
         rows.append({
             "round": round_index + 1,
             "generated_tokens": generated,
@@ -292,10 +292,10 @@ def run_rounds(handle: Any, prompts: list[Any], *, rounds: int, max_new_tokens: 
             # plain decoding makes num_layers of them; drafts make fewer, verification
             # makes num_layers per draft it checks.
             "layer_calls_per_token": (handle.stats.total.layer_calls - calls_before) / max(generated, 1),
-            "drafted": int(delta.get("drafted", 0)),
-            "accepted": int(delta.get("accepted", 0)),
-            "acceptance": delta.get("accepted", 0) / delta["drafted"] if delta.get("drafted") else 0.0,
-            "replayed": int(delta.get("replay_accepted", 0)),  # accepted tokens from practised sequences
+            "drafted": delta.drafted,
+            "accepted": delta.accepted,
+            "acceptance": delta.accepted / delta.drafted if delta.drafted else 0.0,
+            "replayed": delta.replay_accepted,  # accepted tokens from practised sequences
             "learn_seconds": learner.stats.learn_seconds - learn_before,
             "consolidate_seconds": fit.get("seconds", 0.0),
             "head_agreement": fit.get("agreement", {}),
