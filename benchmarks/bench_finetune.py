@@ -24,11 +24,11 @@ written by ``shortcut-eval practice --out runs/eval/full``: 30 prompts x 5 round
    adapted; then measures the adapted skills' speed like the others (each prompt against
    the adapted model's own plain generate: lossless means identical to the adapted model).
 
-    python evals/bench_finetune.py                          # 30 + 30 test prompts
-    python evals/bench_finetune.py --test-prompts 15        # faster
-    python evals/bench_finetune.py --layerskip              # also the LoRA level
-    python evals/bench_finetune.py --replay on              # replay on only (half the time)
-    python evals/bench_finetune.py --layerskip --quality-only   # only the LoRA level's quality
+    python benchmarks/bench_finetune.py                          # 30 + 30 test prompts
+    python benchmarks/bench_finetune.py --test-prompts 15        # faster
+    python benchmarks/bench_finetune.py --layerskip              # also the LoRA level
+    python benchmarks/bench_finetune.py --replay on              # replay on only (half the time)
+    python benchmarks/bench_finetune.py --layerskip --quality-only   # only the LoRA level's quality
 
 Skills whose replay log is empty (written before practice calls were logged) get a
 copy whose log holds the prompts the practice benchmark practised (the first

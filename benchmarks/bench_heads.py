@@ -7,8 +7,8 @@ tokens and on novel prompts' answers (heads never trained on them), for full-voc
 and shortlist scoring, the confidence calibration, and the wall time of one head
 evaluation vs one decoder layer at batch 1, seq 1.
 
-    python evals/bench_heads.py            # 8 practice + 8 novel prompts, 64 tokens
-    python evals/bench_heads.py --quick    # 4 + 4 prompts, 32 tokens, fewer steps
+    python benchmarks/bench_heads.py            # 8 practice + 8 novel prompts, 64 tokens
+    python benchmarks/bench_heads.py --quick    # 4 + 4 prompts, 32 tokens, fewer steps
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ and its cost during decoding.
 3. Greedy decoding of N new tokens on real prompts with and without the observer hook
    encoding every new token (interleaved pairs, median ratio of tokens/s).
 
-    python evals/bench_observer.py                  # defaults of shortcut.observe
-    python evals/bench_observer.py --steps 300 --prompts 3
+    python benchmarks/bench_observer.py                  # defaults of shortcut.observe
+    python benchmarks/bench_observer.py --steps 300 --prompts 3
 """
 
 from __future__ import annotations

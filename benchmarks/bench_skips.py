@@ -1,8 +1,8 @@
 """Layer skip as well as early exit: do learned, per-situation skip sets pay on top of
 the exits, on the packaged SmolLM2-135M-Instruct?
 
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python evals/bench_skips.py              # 8 prompts per set, 64 tokens
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python evals/bench_skips.py --prompts 30 # scale up (about 4x longer)
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/bench_skips.py              # 8 prompts per set, 64 tokens
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/bench_skips.py --prompts 30 # scale up (about 4x longer)
 
 The default run takes about 6-7 minutes single-threaded on a shared 2-core machine
 (1.5 of them generating the continuations, which are cached under

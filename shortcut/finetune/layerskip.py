@@ -17,8 +17,7 @@ every decoder layer learns it, with the recipe's three parts:
 One departure, by default (``lora_final_target="base"``): the final layer's term is the
 KL divergence from the base model's own distribution (adapter off, every layer) instead
 of the cross-entropy on the replayed greedy tokens, which sharpens the model on its own
-answers. On SmolLM2 (README) the recipe's cross-entropy cost +19.6% held-out perplexity
-at 200 steps; anchored, 100 steps cost +0.8%.
+answers, and costs general quality (``docs/findings.md``).
 
 Exit ``l`` means "after ``l`` layers" as everywhere in shortcut, i.e. LayerSkip's layer
 ``l - 1``. Training data: replayed prompts with the model's greedy continuations (loss on
