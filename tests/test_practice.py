@@ -137,17 +137,17 @@ def test_generate_leaves_no_hook_and_carries_the_draft_length(practised):
     assert carried is not None and 1 <= carried <= handle.config.max_draft
     # The next call starts from the length the last one reached.
     drafter_lengths = []
-    original = shortcut.speculate.ShallowDrafter.__init__
+    original = shortcut.decode.lossless.ShallowDrafter.__init__
 
     def spy(self, *args, **kwargs):
         original(self, *args, **kwargs)
         drafter_lengths.append(self.num_draft)
 
-    shortcut.speculate.ShallowDrafter.__init__ = spy
+    shortcut.decode.lossless.ShallowDrafter.__init__ = spy
     try:
         model.generate(input_ids=PROMPTS[0], max_new_tokens=20, do_sample=False)
     finally:
-        shortcut.speculate.ShallowDrafter.__init__ = original
+        shortcut.decode.lossless.ShallowDrafter.__init__ = original
     assert drafter_lengths == [carried]
 
 
@@ -157,7 +157,7 @@ def test_acceptance_counts_every_matching_draft_token_including_the_end(practise
     the draft length carried into the next call)."""
     model, handle, _ = practised
     drafts, records = [], []
-    draft, record = shortcut.speculate.ShallowDrafter.draft, shortcut.speculate.ShallowDrafter.record
+    draft, record = shortcut.decode.lossless.ShallowDrafter.draft, shortcut.decode.lossless.ShallowDrafter.record
 
     def spy_draft(self, input_ids, *args, **kwargs):
         out = draft(self, input_ids, *args, **kwargs)
@@ -169,7 +169,7 @@ def test_acceptance_counts_every_matching_draft_token_including_the_end(practise
         return record(self, drafted, accepted)
 
     ended = 0
-    shortcut.speculate.ShallowDrafter.draft, shortcut.speculate.ShallowDrafter.record = spy_draft, spy_record
+    shortcut.decode.lossless.ShallowDrafter.draft, shortcut.decode.lossless.ShallowDrafter.record = spy_draft, spy_record
     try:
         for prompt in PROMPTS:
             with handle.disabled():
@@ -188,7 +188,7 @@ def test_acceptance_counts_every_matching_draft_token_including_the_end(practise
                     assert accepted == matching
                     ended += bool(tokens) and tokens[-1] == eos and matching == len(tokens)
     finally:
-        shortcut.speculate.ShallowDrafter.draft, shortcut.speculate.ShallowDrafter.record = draft, record
+        shortcut.decode.lossless.ShallowDrafter.draft, shortcut.decode.lossless.ShallowDrafter.record = draft, record
     assert ended, "some practised answer should be drafted up to its end"
 
 
