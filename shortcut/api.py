@@ -215,7 +215,7 @@ class Shortcut:
             finally:
                 self._draft_length = drafter.num_draft
             if learner.enabled and drafter.plain_greedy:  # the full model's greedy answer: later calls may replay it
-                learner.sequences.add(output[0].tolist())
+                learner.sequences.add(output[0].tolist(), start=input_ids.shape[1])
             return output
         finally:
             trail.close()
