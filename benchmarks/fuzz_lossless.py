@@ -44,11 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = char_tokenizer()
     rng = random.Random(args.seed)
     calls, compared, mismatched = Counter(), Counter(), Counter()
+    drafted, accepted = Counter(), Counter()  # draft tokens proposed / accepted in the fuzzed calls
     option_calls, option_mismatches = Counter(), Counter()
     shown = 0
     for a, arch in enumerate(args.archs):
         model, handle = fuzz_handle(arch)
         history: list[list[int]] = []
+        start = dict(handle.draft_counters)
         share = args.calls // len(args.archs) + (a < args.calls % len(args.archs))
         try:
             for _ in range(share):
@@ -66,12 +68,15 @@ def main(argv: list[str] | None = None) -> int:
                         shown += 1
                         print(f"MISMATCH {arch}: {describe(case)}: {mismatch}", flush=True)
         finally:
+            drafted[arch] = int(handle.draft_counters["drafted"] - start.get("drafted", 0))
+            accepted[arch] = int(handle.draft_counters["accepted"] - start.get("accepted", 0))
             handle.remove()
     wall = time.perf_counter() - started
 
-    print(f"\n{'architecture':<14}{'calls':>8}{'compared':>10}{'mismatches':>12}")
+    print(f"\n{'architecture':<14}{'calls':>8}{'compared':>10}{'mismatches':>12}{'drafted':>10}{'accepted':>10}")
     for arch in args.archs:
-        print(f"{arch:<14}{calls[arch]:>8}{compared[arch]:>10}{mismatched[arch]:>12}")
+        print(f"{arch:<14}{calls[arch]:>8}{compared[arch]:>10}{mismatched[arch]:>12}{drafted[arch]:>10}"
+              f"{accepted[arch]:>10}")
     print(f"\n{'option':<22}{'calls':>8}{'mismatches':>12}")
     for tag in sorted(option_calls):
         print(f"{tag:<22}{option_calls[tag]:>8}{option_mismatches[tag]:>12}")
