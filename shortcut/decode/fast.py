@@ -200,7 +200,7 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController, 
     def fast_decode(model: nn.Module, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
                     generation_config: Any, synced_gpus: bool = False, **model_kwargs: Any) -> torch.Tensor:
         controller.committed = []
-        reason = cannot_decode(input_ids, generation_config, model_kwargs, synced_gpus)
+        reason = cannot_decode(model, input_ids, generation_config, model_kwargs, synced_gpus)
         if reason is not None:
             if on_fallback is not None:
                 on_fallback(reason)
@@ -265,7 +265,7 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController, 
                 counters["replay_committed"] += 1
                 shallow_top.append(answer[generated])
                 controller.committed.append(input_ids.shape[1])
-                logits = torch.full((1, vocab), float("-inf"))
+                logits = torch.full((1, vocab), float("-inf"), device=input_ids.device)
                 logits[0, answer[generated]] = 0.0
                 unfed = True
                 continue
@@ -295,7 +295,7 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController, 
                     step.ceiling = step.exit_layer
                 shallow_top.append(int(heads.shortlist[step.shortlist_logits.argmax(-1)]))
                 controller.committed.append(input_ids.shape[1])  # where the next token lands
-                logits = torch.full((1, vocab), float("-inf"))
+                logits = torch.full((1, vocab), float("-inf"), device=input_ids.device)
                 logits[:, heads.shortlist] = step.shortlist_logits.float()
                 continue
             controller.full_steps += 1

@@ -465,13 +465,15 @@ PER_STEP_OUTPUTS = ("return_dict_in_generate", "output_scores", "output_logits",
                     "output_hidden_states")
 
 
-def cannot_decode(input_ids: torch.Tensor, generation_config: Any, model_kwargs: dict[str, Any],
+def cannot_decode(model: nn.Module, input_ids: torch.Tensor, generation_config: Any, model_kwargs: dict[str, Any],
                   synced_gpus: bool) -> str | None:
     """Why the drafting loops cannot reproduce plain decoding for this prepared call
     (``None``: they can). Checked on what ``generate`` prepared, so options set through a
     ``GenerationConfig`` or the model's defaults count as well as keyword arguments."""
     if input_ids.shape[0] != 1:
         return f"batch size {input_ids.shape[0]} (drafts are verified one sequence at a time)"
+    if input_ids.device != model.device:  # generate moves such inputs per forward; the loops do not
+        return f"input_ids on {input_ids.device} while the model is on {model.device}"
     for name in PER_STEP_OUTPUTS:
         if getattr(generation_config, name, False):
             return f"{name}=True"
@@ -532,7 +534,7 @@ def make_decoder(drafter: ShallowDrafter, counters: dict[str, float], *, streame
     def speculative_decode(model: nn.Module, input_ids: torch.Tensor, logits_processor: Any,
                            stopping_criteria: Any, generation_config: Any, synced_gpus: bool = False,
                            **model_kwargs: Any) -> torch.Tensor:
-        reason = cannot_decode(input_ids, generation_config, model_kwargs, synced_gpus)
+        reason = cannot_decode(model, input_ids, generation_config, model_kwargs, synced_gpus)
         if reason is not None:
             drafter.plain_greedy = False
             if on_fallback is not None:
