@@ -23,7 +23,7 @@ from .policy.exits import ExitPolicy
 from .learn.practice import Learner
 from .decode.runtime import FixedPlan, LayerPolicy, LayerRuntime, Stats
 from .decode.stats import DecodeStats
-from .decode.lossless import ShallowDrafter, Trail, make_decoder, unsupported_options
+from .decode.lossless import ShallowDrafter, Trail, custom_generate_kwargs, make_decoder, unsupported_options
 
 logger = logging.getLogger(__name__)
 
@@ -170,24 +170,26 @@ class Shortcut:
 
     def _generate(self, original: Any, *args: Any, **kwargs: Any) -> Any:
         """``model.generate`` with the learned shallow paths: lossless drafting with full-path
-        verification, or fast mode's committed exits (see speculate.py and fast.py)."""
+        verification, or fast mode's committed exits (see decode/lossless.py and decode/fast.py)."""
         learner = self.learner
         if (self._removed or self._runtime.bypass or self._reference or learner is None
                 or self._runtime.policy is not None):
             return original(*args, **kwargs)
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         prompt = input_ids[0].tolist() if isinstance(input_ids, torch.Tensor) and input_ids.shape[0] == 1 else None
+        mask = kwargs.get("attention_mask")
+        if prompt is not None and isinstance(mask, torch.Tensor) and mask.shape == input_ids.shape:
+            prompt = [t for t, keep in zip(prompt, mask[0].tolist()) if keep]  # the text without its padding
         commit = self.config.mode == "fast" and (  # asked before this call is logged
             not self.config.fast_practised_prompts_only or (prompt is not None and learner.was_practised(prompt)))
         if learner.enabled and prompt is not None:
             learner.practised.append(prompt)  # the replay log consolidation reads
         bad = unsupported_options(self.model, kwargs, input_ids)
         if bad:
-            message = ", ".join(bad)
-            if message not in self._warned:
-                self._warned.add(message)
-                logger.warning("shortcut: %s mode cannot honour %s; using the full path", self.config.mode, message)
+            self._warn_full_path(", ".join(bad))
             return original(*args, **kwargs)
+        # generate hands custom_generate no streamer or tokenizer: see custom_generate_kwargs.
+        kwargs, stream = custom_generate_kwargs(self.model, kwargs)
         trail = Trail(learner.observer, learner.policy, self.parts.layers[learner.signature_layer], self.decode_stats)
         try:
             if commit:
@@ -195,7 +197,8 @@ class Shortcut:
                     self.fast.recalibrate(learner.stats.consolidations)
                 step = FastStep(learner.observer, learner.policy, learner.heads, self.fast, trail,
                                 sequences=learner.sequences if self.config.replay_sequences else None)
-                decoder = make_fast_decoder(self._runtime, step, self.fast, self.decode_stats)
+                decoder = make_fast_decoder(self._runtime, step, self.fast, self.decode_stats, streamer=stream,
+                                            on_fallback=self._warn_full_path)
                 return original(*args, custom_generate=decoder, **kwargs)
             if self.config.mode == "fast":
                 self.fast.lossless_calls += 1  # a prompt never practised verbatim: verify, do not commit
@@ -206,14 +209,23 @@ class Shortcut:
                                      num_draft=self._draft_length,
                                      sequences=learner.sequences if self.config.replay_sequences else None)
             try:
-                output = original(*args, custom_generate=make_decoder(drafter, self.decode_stats), **kwargs)
+                decoder = make_decoder(drafter, self.decode_stats, streamer=stream, on_fallback=self._warn_full_path)
+                output = original(*args, custom_generate=decoder, **kwargs)
             finally:
                 self._draft_length = drafter.num_draft
             if learner.enabled and drafter.plain_greedy:  # the full model's greedy answer: later calls may replay it
-                learner.sequences.add(output[0].tolist())
+                learner.sequences.add(output[0].tolist(), start=input_ids.shape[1])
             return output
         finally:
             trail.close()
+            if stream is not None:  # ended once by the loop; here only when something raised first
+                stream.end()
+
+    def _warn_full_path(self, reason: str) -> None:
+        """Warn once per reason that a generate call takes the full path."""
+        if reason not in self._warned:
+            self._warned.add(reason)
+            logger.warning("shortcut: %s mode cannot honour %s; using the full path", self.config.mode, reason)
 
     def practice(self, prompts: list[Any], *, rounds: int = 1, max_new_tokens: int = 64,
                  tokenizer: Any = None, shuffle: bool = True, progress: bool = True) -> list[dict[str, Any]]:

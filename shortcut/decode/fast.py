@@ -65,7 +65,8 @@ from torch import nn
 from ..policy.heads import ExitHeads
 from ..learn.sequences import SHORT_MATCH, SequenceMemory
 from .stats import DecodeStats
-from .lossless import DraftStep, Trail, choose_next, crop_all, full_logits, plain_greedy
+from .lossless import (DraftStep, SequenceInputs, Trail, cannot_decode, choose_next, crop_all, full_logits,
+                       plain_decode, plain_greedy)
 
 
 CONFIDENCE_STEP = 0.05  # how far one audited error raises the confidence bar
@@ -188,16 +189,26 @@ class FastStep(DraftStep):
                 self.expected = tokens[0]
 
 
-def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
-                      stats: DecodeStats) -> Callable[..., torch.Tensor]:
-    """The fast-mode decoding loop for ``generate(custom_generate=...)``."""
+def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController, stats: DecodeStats, *,
+                      streamer: Any = None, on_fallback: Callable[[str], None] | None = None
+                      ) -> Callable[..., torch.Tensor]:
+    """The fast-mode decoding loop for ``generate(custom_generate=...)``. Every forward
+    carries the mask and positions plain decoding gives those positions
+    (``SequenceInputs``); ``streamer`` and ``on_fallback`` as in ``lossless.make_decoder``."""
     heads = step.heads
 
     @torch.no_grad()
     def fast_decode(model: nn.Module, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
-                    generation_config: Any, synced_gpus: bool = False, streamer: Any = None,
-                    **model_kwargs: Any) -> torch.Tensor:
+                    generation_config: Any, synced_gpus: bool = False, **model_kwargs: Any) -> torch.Tensor:
+        controller.committed = []
+        reason = cannot_decode(model, input_ids, generation_config, model_kwargs, synced_gpus)
+        if reason is not None:
+            if on_fallback is not None:
+                on_fallback(reason)
+            return plain_decode(model, input_ids, logits_processor, stopping_criteria, generation_config,
+                                synced_gpus, streamer, model_kwargs)
         base = getattr(model, model.base_model_prefix)
+        inputs = SequenceInputs(model_kwargs)
         cache = model_kwargs["cache"]
         cache.activate_past_recording()  # catching up crops pending tokens
         step.trail.expect(0)
@@ -213,7 +224,6 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
             answer = step.sequences.answer(input_ids[0].tolist(), generation_config.max_length - prompt_length)
         following = bool(answer)
         unfed = False  # pending replayed tokens have keys/values in no layer
-        controller.committed = []
         shallow_top: list[int] = []  # the head's greedy token after each pending position
         # A committed token the full model would not have picked moved the text off the
         # practised trajectory: the rest of the call takes the full path.
@@ -225,9 +235,9 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
             nonlocal off_track
             controller.catch_ups += 1
             crop_all(cache, exact)
-            positions = torch.arange(exact, ids.shape[1], device=ids.device).unsqueeze(0)
             step.trail.expect(exact)
-            out = model(input_ids=ids[:, exact:], cache=cache, use_cache=True, position_ids=positions).logits
+            out = model(input_ids=ids[:, exact:], cache=cache, use_cache=True,
+                        **inputs(exact, ids.shape[1], ids.device)).logits
             for i, top in enumerate(shallow_top):
                 agreed = top == int(out[0, i].argmax())
                 controller.record_audit(agreed)
@@ -246,7 +256,7 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
             if off_track:
                 controller.full_steps += 1
                 logits = model(input_ids=token, cache=cache, use_cache=True,
-                               position_ids=torch.tensor([[newest]])).logits[:, -1]
+                               **inputs(newest, newest + 1, token.device)).logits[:, -1]
                 exact = input_ids.shape[1]
                 continue
             generated = input_ids.shape[1] - prompt_length
@@ -256,7 +266,7 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
                 stats.replay_committed += 1
                 shallow_top.append(answer[generated])
                 controller.committed.append(input_ids.shape[1])
-                logits = torch.full((1, vocab), float("-inf"))
+                logits = torch.full((1, vocab), float("-inf"), device=input_ids.device)
                 logits[0, answer[generated]] = 0.0
                 unfed = True
                 continue
@@ -273,7 +283,7 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
             previous, runtime.policy = runtime.policy, step
             try:
                 hidden = base(input_ids=token, cache=cache, use_cache=True,
-                              position_ids=torch.tensor([[newest]])).last_hidden_state
+                              **inputs(newest, newest + 1, token.device)).last_hidden_state
             finally:
                 runtime.policy = previous
             stats.observer_encodes += 1
@@ -286,7 +296,7 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
                     step.ceiling = step.exit_layer
                 shallow_top.append(int(heads.shortlist[step.shortlist_logits.argmax(-1)]))
                 controller.committed.append(input_ids.shape[1])  # where the next token lands
-                logits = torch.full((1, vocab), float("-inf"))
+                logits = torch.full((1, vocab), float("-inf"), device=input_ids.device)
                 logits[:, heads.shortlist] = step.shortlist_logits.float()
                 continue
             controller.full_steps += 1

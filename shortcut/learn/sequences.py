@@ -50,6 +50,9 @@ class SequenceMemory:
             raise ValueError(f"capacity={capacity} must be at least 1 token")
         self.capacity = capacity
         self.sequences: list[list[int]] = []
+        # Where each sequence's answer begins (its prompt's length); None where unknown
+        # (sequences loaded from a folder): :meth:`answer` trusts those as before.
+        self.starts: list[int | None] = []
         self._seen: set[int] = set()  # hashes of the held sequences (duplicates are skipped)
         self._index: dict[tuple[int, ...], list[tuple[int, int]]] = {}
         self._tokens = 0
@@ -61,14 +64,16 @@ class SequenceMemory:
     def tokens(self) -> int:
         return self._tokens
 
-    def add(self, ids: Iterable[int]) -> bool:
-        """Store one sequence (token ids); returns whether it was new."""
+    def add(self, ids: Iterable[int], start: int | None = None) -> bool:
+        """Store one sequence (token ids) whose answer begins at ``start`` (the length of
+        the prompt it answered, if known); returns whether it was new."""
         seq = [int(t) for t in ids]
         key = hash(tuple(seq))
         if len(seq) <= KEY or key in self._seen:
             return False
         self._seen.add(key)
         self.sequences.append(seq)
+        self.starts.append(start)
         self._tokens += len(seq)
         if self._tokens > self.capacity:
             # Free a quarter of the capacity at once: the index is rebuilt once per quarter
@@ -80,6 +85,7 @@ class SequenceMemory:
                 self._tokens -= len(self.sequences[drop])
                 drop += 1
             del self.sequences[:drop]
+            del self.starts[:drop]
             self._reindex()
         else:
             self._index_one(len(self.sequences) - 1)
@@ -114,13 +120,17 @@ class SequenceMemory:
     def answer(self, prompt: list[int], limit: int) -> list[int]:
         """The practised answer to exactly ``prompt``: what followed it in the sequence
         that begins with all of it (the longest such continuation, at most ``limit``
-        tokens); ``[]`` when no sequence begins with ``prompt``."""
+        tokens); ``[]`` when no sequence begins with ``prompt``. A sequence whose own
+        prompt went on past ``prompt`` does not count: the tokens there were prompt, not
+        the model's answer to ``prompt``."""
         best: list[int] = []
         if limit <= 0 or len(prompt) < KEY:
             return best
         for s, end in self._index.get(tuple(prompt[-KEY:]), []):
             seq = self.sequences[s]
-            if end == len(prompt) and len(seq) - end > len(best) and seq[:end] == prompt:
+            start = self.starts[s]
+            if (end == len(prompt) and len(seq) - end > len(best) and (start is None or start <= end)
+                    and seq[:end] == prompt):
                 best = seq[end:end + limit]
         return best
 
