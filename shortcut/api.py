@@ -18,7 +18,7 @@ from .arch import ModelParts, resolve
 from .config import ShortcutConfig
 from .decode.fast import FastController, FastStep, make_fast_decoder
 from .policy.heads import ExitHeads
-from .observe.observer import Observer
+from .observe import Observer
 from .policy.exits import ExitPolicy
 from .learn.practice import Learner
 from .decode.runtime import FixedPlan, LayerPolicy, LayerRuntime, Stats
@@ -148,7 +148,7 @@ class Shortcut:
         """Train a sae-lens TopK SAE on this model's own residual stream at
         ``config.observer_layers[0]`` over ``texts``, measure it on a held-out slice,
         and attach it as the observer. ``train_kwargs`` go to :func:`observe.train_sae`."""
-        from .observe.observer import DEFAULT_MAX_TOKENS, collect_activations, sae_quality, train_sae
+        from .observe import DEFAULT_MAX_TOKENS, collect_activations, sae_quality, train_sae
 
         self._check_live()
         layer = self.config.observer_layers[0]

@@ -80,7 +80,7 @@ def _default_observer(handle: Any, tokenizer: Any, corpus: Path, steps: int, pro
     """Attach the model's default observer; returns the seconds spent training it (0 if
     cached). The cache key names everything the observer depends on: the model's weights,
     the layer, the corpus's bytes and the training settings."""
-    from shortcut.observe.observer import DEFAULT_D_SAE, DEFAULT_K, DEFAULT_MAX_TOKENS, load_observer, save_observer
+    from shortcut.observe import DEFAULT_D_SAE, DEFAULT_K, DEFAULT_MAX_TOKENS, load_observer, save_observer
 
     layer = handle.config.observer_layers[0]
     corpus_hash = hashlib.sha256(corpus.read_bytes()).hexdigest()[:8]

@@ -13,7 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from shortcut.data import DEFAULT_PASSAGES
-from shortcut.observe.observer import (
+from shortcut.observe import (
     OBSERVER_META_FILENAME,
     Observer,
     Signature,

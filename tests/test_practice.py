@@ -10,7 +10,7 @@ import torch
 
 import shortcut
 from shortcut.decode import lossless
-from shortcut.observe.observer import Observer, collect_activations, train_sae
+from shortcut.observe import Observer, collect_activations, train_sae
 
 from .conftest import make_tiny
 

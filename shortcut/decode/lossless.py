@@ -67,7 +67,7 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList, Stop
 from transformers.generation.streamers import BaseStreamer
 
 from ..policy.heads import ExitHeads, Prediction
-from ..observe.observer import Observer, Signature
+from ..observe import Observer, Signature
 from ..policy.exits import ExitPolicy, PolicyDecision
 from ..learn.sequences import SequenceMemory
 from .stats import DecodeStats

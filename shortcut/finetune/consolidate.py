@@ -384,7 +384,7 @@ def fit_heads(heads: ExitHeads, states: dict[int, torch.Tensor], final: torch.Te
 def relearn_policy(observer: Any, policy: Any, sig_states: torch.Tensor, agrees: torch.Tensor) -> None:
     """Forget the policy's statistics and learn them again from the new heads' outcomes
     on every replayed position (delta rule + familiarity memory), as practice does."""
-    from ..observe.observer import Signature
+    from ..observe import Signature
 
     parts = [observer.encode(chunk) for chunk in sig_states.split(1024)]
     sig = Signature(torch.cat([s.indices for s in parts]).cpu(), torch.cat([s.values for s in parts]).cpu())

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..arch import ModelParts
 from ..policy.heads import ExitHeads
-from ..observe.observer import Observer, Signature
+from ..observe import Observer, Signature
 from ..policy.exits import ExitPolicy
 from .sequences import SequenceMemory
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..observe.observer import Signature
+from ..observe import Signature
 
 
 @dataclass

@@ -141,7 +141,7 @@ def save_learned(folder: Path, learner: Any, fingerprint_: dict[str, Any]) -> di
     sequences) of ``learner`` into ``folder``."""
     from safetensors.torch import save_file
 
-    from ..observe.observer import save_observer
+    from ..observe import save_observer
 
     observer = learner.observer
     rel = f"observers/layer_{observer.layer}"
@@ -169,7 +169,7 @@ def load_learned(folder: Path, manifest: dict[str, Any], parts: ModelParts, fing
     from safetensors.torch import load_file
 
     from ..policy.heads import ExitHeads
-    from ..observe.observer import load_observer
+    from ..observe import load_observer
     from ..policy.exits import ExitPolicy
 
     contents = manifest.get("contents", {})
