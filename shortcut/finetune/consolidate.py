@@ -80,7 +80,8 @@ from torch import nn
 from ..skills import folder as skills
 from ..arch import ModelParts, resolve
 from ..data import DEFAULT_PASSAGES, DataFileError, prompt_input_ids, read_jsonl
-from ..policy.heads import ExitHeads, _adam, collect_states
+from ..policy.fit import TranslatorFit, adam
+from ..policy.heads import ExitHeads, collect_states
 from .replay import Example, build_examples, read_extra, read_skills
 from .training import Checkpoints, batch_indices, make_accelerator, train_loop
 
@@ -259,51 +260,6 @@ def oracle_exit_layer(agrees: torch.Tensor, exit_layers: Sequence[int], num_laye
 
 
 # -- exit heads -------------------------------------------------------------------------
-class Translators(nn.Module):
-    """The exit heads' translators as a trainable module, in ``ExitHeads.fit``'s
-    preconditioned parametrisation (``W = r V diag(1/s)``, ``b = r c``), scored over the
-    shortlist through the model's final norm."""
-
-    def __init__(self, heads: ExitHeads, states: dict[int, torch.Tensor]) -> None:
-        super().__init__()
-        self.layers = list(heads.layers)
-        self.V, self.c = nn.ParameterDict(), nn.ParameterDict()
-        with torch.no_grad():
-            for layer in self.layers:
-                lin = heads.translators[str(layer)]
-                x = states[layer].float()
-                s = x.pow(2).mean(0).sqrt().clamp_min(1e-8)
-                r = x.pow(2).mean(1).sqrt().median().clamp_min(1e-8)
-                self.register_buffer(f"s{layer}", s)
-                self.register_buffer(f"r{layer}", r)
-                self.V[str(layer)] = nn.Parameter(lin.weight.float() * s / r)
-                self.c[str(layer)] = nn.Parameter(lin.bias.float() / r)
-        self._norm = (heads.final_norm,)  # borrowed, not registered
-
-    def logits(self, layer: int, h: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        s, r = getattr(self, f"s{layer}"), getattr(self, f"r{layer}")
-        delta = F.linear(h.float() / s, self.V[str(layer)], self.c[str(layer)]) * r
-        return F.linear(self._norm[0](h + delta.to(h.dtype)), rows, bias).float()
-
-    def forward(self, xs: dict[int, torch.Tensor], target: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None,
-                hard_weight: float) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        hard = target.argmax(-1)
-        losses = {}
-        for layer in self.layers:
-            logp = self.logits(layer, xs[layer], rows, bias).log_softmax(-1)
-            loss = F.kl_div(logp, target, log_target=True, reduction="batchmean")
-            losses[layer] = loss + hard_weight * F.nll_loss(logp, hard) if hard_weight else loss
-        return sum(losses.values()), losses  # type: ignore[return-value]
-
-    @torch.no_grad()
-    def write_to(self, heads: ExitHeads) -> None:
-        for layer in self.layers:
-            s, r = getattr(self, f"s{layer}"), getattr(self, f"r{layer}")
-            lin = heads.translators[str(layer)]
-            lin.weight.copy_(self.V[str(layer)] * r / s)
-            lin.bias.copy_(self.c[str(layer)] * r)
-
-
 def fit_heads(heads: ExitHeads, states: dict[int, torch.Tensor], final: torch.Tensor, tokens: torch.Tensor,
               cfg: FinetuneConfig, ckpt: Checkpoints, progress: bool) -> dict[str, Any]:
     """Re-fit ``heads`` on all positions: a select phase on a training split with early
@@ -314,19 +270,23 @@ def fit_heads(heads: ExitHeads, states: dict[int, torch.Tensor], final: torch.Te
     n_held = int(n * cfg.heldout) if n >= 20 else 0
     held, train = order[:n_held], order[n_held:]
     rows, bias = heads._shortlist_weights()
+
+    def score(x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, rows, bias)
+
     with torch.no_grad():
         normed = heads.final_norm(final)
-        targets = torch.cat([F.linear(c, rows, bias).float().log_softmax(-1) for c in normed.split(1024)])
+        targets = torch.cat([score(c).float().log_softmax(-1) for c in normed.split(1024)])
 
-    def run(stage: str, index: torch.Tensor, steps: int, evaluate: bool) -> tuple[dict[str, Any], Translators]:
+    def run(stage: str, index: torch.Tensor, steps: int, evaluate: bool) -> tuple[dict[str, Any], TranslatorFit]:
         accelerator = make_accelerator()
-        module = Translators(heads, states).to(accelerator.device)
-        optimizer = _adam(list(module.parameters()), lr=cfg.lr)
+        module = TranslatorFit(heads, states).to(accelerator.device)
+        optimizer = adam(list(module.parameters()), lr=cfg.lr)
         module, optimizer = accelerator.prepare(module, optimizer)
 
         def loss_fn(step: int) -> torch.Tensor:
             idx = index[batch_indices(len(index), step, cfg.batch_size, cfg.seed, accelerator)].to(targets.device)
-            total, _ = module({layer: states[layer][idx] for layer in states}, targets[idx], rows, bias, cfg.hard_weight)
+            total, _ = module({layer: states[layer][idx] for layer in states}, targets[idx], score, cfg.hard_weight)
             return total
 
         def eval_fn() -> dict[str, Any]:
@@ -335,9 +295,9 @@ def fit_heads(heads: ExitHeads, states: dict[int, torch.Tensor], final: torch.Te
             sums = torch.zeros(2 * len(inner.layers) + 1, device=accelerator.device)
             with torch.no_grad():
                 for idx in mine.split(1024):
-                    _, losses = inner({layer: states[layer][idx] for layer in states}, targets[idx], rows, bias, cfg.hard_weight)
+                    _, losses = inner({layer: states[layer][idx] for layer in states}, targets[idx], score, cfg.hard_weight)
                     for j, layer in enumerate(inner.layers):
-                        pred = heads.shortlist[inner.logits(layer, states[layer][idx], rows, bias).argmax(-1)]
+                        pred = heads.shortlist[inner.logits(layer, states[layer][idx], score).argmax(-1)]
                         sums[j] += losses[layer] * len(idx)
                         sums[len(inner.layers) + j] += (pred == tokens[idx]).sum()
                     sums[-1] += len(idx)

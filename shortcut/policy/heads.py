@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import ModelParts, resolve
+from .fit import TranslatorFit, adam
 
 logger = logging.getLogger(__name__)
 
@@ -382,27 +383,10 @@ class ExitHeads(nn.Module):
                 cached_targets = None
                 if n * width * 4 <= _TARGET_CACHE_BYTES:
                     cached_targets = torch.cat([score(c).float().log_softmax(-1) for c in normed_final.split(1024)])
-            # Scale-free parametrisation: W = r V diag(1/s), b = r c, trained on inputs
-            # h / s, with s the per-dimension RMS of the replayed states and r their
-            # median per-token RMS. A few residual dimensions are 10-100x larger than
-            # the rest (attention sinks), which makes plain Adam on W slow and
-            # unstable, and r makes ``lr`` a relative step size whatever the model's
-            # hidden-state scale.
-            scales, radii, inputs, weights, biases = {}, {}, {}, {}, {}
-            with torch.no_grad():
-                for layer in layers:
-                    lin = self._translator(layer)
-                    x = xs[layer].float()
-                    if precondition:
-                        s = x.pow(2).mean(0).sqrt().clamp_min(1e-8)
-                        r = x.pow(2).mean(1).sqrt().median().clamp_min(1e-8)
-                    else:
-                        s, r = torch.ones(self.width, device=device), torch.ones((), device=device)
-                    scales[layer], radii[layer] = s, r
-                    inputs[layer] = x / s
-                    weights[layer] = (lin.weight.float() * s / r).requires_grad_(True)
-                    biases[layer] = (lin.bias.float() / r).requires_grad_(True)
-            opt = _adam([*weights.values(), *biases.values()], lr=lr, weight_decay=weight_decay)
+            # One parametrisation with shortcut-finetune (policy/fit.py): rescaled so that
+            # attention-sink dimensions do not dominate the steps.
+            module = TranslatorFit(self, xs, layers=layers, precondition=precondition).to(device)
+            opt = adam(list(module.parameters()), lr=lr, weight_decay=weight_decay)
             sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if schedule == "cosine"
                      else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
             gen = torch.Generator().manual_seed(seed)
@@ -421,26 +405,13 @@ class ExitHeads(nn.Module):
                         with torch.no_grad():
                             target = score(normed_final[idx]).float().log_softmax(-1)
                     opt.zero_grad(set_to_none=True)
-                    hard_target = target.argmax(-1) if hard_weight else None
-                    total = 0.0
-                    for layer in layers:
-                        h = xs[layer][idx]
-                        delta = F.linear(inputs[layer][idx], weights[layer], biases[layer]).to(dtype) * radii[layer]
-                        logits = score(self.final_norm(h + delta))
-                        logp = logits.float().log_softmax(-1)
-                        loss = F.kl_div(logp, target, log_target=True, reduction="batchmean")
-                        if hard_target is not None:
-                            loss = loss + hard_weight * F.nll_loss(logp, hard_target)
-                        total = total + loss
+                    total, losses = module({layer: xs[layer][idx] for layer in layers}, target, score, hard_weight)
+                    for layer, loss in losses.items():
                         history[layer].append(float(loss.detach()))
-                    total.backward()  # type: ignore[union-attr]
+                    total.backward()
                     opt.step()
                     sched.step()
-            with torch.no_grad():
-                for layer in layers:
-                    lin = self._translator(layer)
-                    lin.weight.copy_(weights[layer] * radii[layer] / scales[layer])
-                    lin.bias.copy_(biases[layer] * radii[layer])
+            module.write_to(self)
         finally:
             for p, flag in zip(base_params, flags):
                 p.requires_grad_(flag)
@@ -448,15 +419,6 @@ class ExitHeads(nn.Module):
                     layers, n, vocab, steps, time.perf_counter() - start,
                     {layer: round(h[-1], 3) for layer, h in history.items()})
         return history
-
-
-def _adam(params: list[torch.Tensor], **kwargs: float) -> torch.optim.Optimizer:
-    """Fused Adam where the device supports it (4x faster per step on CPU here: the
-    unfused update was 40% of a fit step), else the default implementation."""
-    try:
-        return torch.optim.Adam(params, fused=True, **kwargs)
-    except (RuntimeError, ValueError, TypeError):
-        return torch.optim.Adam(params, **kwargs)
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
