@@ -263,7 +263,8 @@ def test_layerskip_final_layer_anchored_to_the_base_distribution():
     from peft import LoraConfig, get_peft_model
 
     from shortcut.arch import resolve
-    from shortcut.finetune.layerskip import ExitCapture, base_logits, exit_weights, make_batch, objective
+    from shortcut.capture import StateCapture
+    from shortcut.finetune.layerskip import base_logits, exit_weights, make_batch, objective
     from shortcut.finetune.replay import Example
 
     model = make_tiny("llama")
@@ -271,7 +272,7 @@ def test_layerskip_final_layer_anchored_to_the_base_distribution():
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     examples = [Example([5, 6, 7, 8, 9, 10, 11], 2), Example([12, 13, 14, 15, 16], 0)]
     batch = make_batch(examples, [0, 1], "cpu")
-    capture = ExitCapture(parts, [1])
+    capture = StateCapture(parts, [1], keep=lambda t: t)
     try:
         base = base_logits(peft_model, batch)
         with torch.no_grad():

@@ -66,10 +66,11 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from ..policy.heads import ExitHeads, Prediction
+from ..capture import layer_input
+from ..learn.sequences import SequenceMemory
 from ..observe import Observer, Signature
 from ..policy.exits import ExitPolicy, PolicyDecision
-from ..learn.sequences import SequenceMemory
+from ..policy.heads import ExitHeads, Prediction
 from .stats import DecodeStats
 
 logger = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class Trail:
 
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._armed is not None:
-            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = layer_input(args, kwargs)
             self._hidden, self._start, self._armed = hidden[0].detach(), self._armed, None
 
     def expect(self, start: int) -> None:

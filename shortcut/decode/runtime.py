@@ -27,6 +27,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from ..arch import ModelParts
+from ..capture import layer_input
 
 
 @runtime_checkable
@@ -225,7 +226,7 @@ class LayerRuntime:
         def forward(*args: Any, **kwargs: Any) -> Any:
             if self.bypass:
                 return original(*args, **kwargs)
-            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = layer_input(args, kwargs)
             n_tokens = hidden.shape[0] * hidden.shape[1]
             policy = self.policy
             if policy is None or policy.should_run(idx, hidden):

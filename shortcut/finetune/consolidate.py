@@ -77,14 +77,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..skills import folder as skills
 from ..arch import ModelParts, resolve
 from ..data import DEFAULT_PASSAGES, DataFileError, prompt_input_ids, read_jsonl
 from ..policy.fit import TranslatorFit, adam
 from ..policy.heads import ExitHeads, collect_states
+from ..skills import folder as skills
 from .replay import Example, build_examples, read_extra, read_skills
 from .training import Checkpoints, batch_indices, make_accelerator, train_loop
-
 
 LEVELS = ("heads", "layerskip")
 SUMMARY_FILE = "finetune_summary.json"

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import ModelParts
+from ..capture import StateCapture
 from ..decode.runtime import FixedPlan, LayerRuntime
 from .training import batch_indices, make_accelerator, train_loop
 
@@ -105,23 +106,6 @@ def make_batch(examples: Sequence[Any], index: Sequence[int], device: Any) -> tu
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-class ExitCapture:
-    """Forward pre-hooks keeping (with gradient) the state after ``l`` layers for each exit ``l``."""
-
-    def __init__(self, parts: ModelParts, exits: Sequence[int]) -> None:
-        self.states: dict[int, torch.Tensor] = {}
-        self._handles = [parts.layers[e].register_forward_pre_hook(self._hook(e), with_kwargs=True) for e in exits]
-
-    def _hook(self, exit_layer: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            self.states[exit_layer] = args[0] if args else kwargs["hidden_states"]
-        return hook
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
 @torch.no_grad()
 def base_logits(peft_model: Any, batch: tuple) -> torch.Tensor:
     """The base model's logits on ``batch`` (adapter off; call with layer dropout off)."""
@@ -130,7 +114,7 @@ def base_logits(peft_model: Any, batch: tuple) -> torch.Tensor:
         return peft_model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
 
 
-def objective(model: nn.Module, parts: ModelParts, capture: ExitCapture, batch: tuple, active: Sequence[int],
+def objective(model: nn.Module, parts: ModelParts, capture: StateCapture, batch: tuple, active: Sequence[int],
               scale: float, base: torch.Tensor | None = None) -> torch.Tensor:
     """The LayerSkip loss of one batch: weighted cross-entropy at the ``active`` early
     exits (read through the model's final norm and unembedding) and at the final layer;
@@ -204,7 +188,7 @@ def train_adapter(model: nn.Module, parts: ModelParts, exits: Sequence[int], exa
     probe = make_batch(examples, range(min(len(examples), 16)), device)
     rates = dropout_rates(parts.num_layers, cfg.layer_dropout)
     runtime = LayerRuntime(model, parts)
-    capture = ExitCapture(parts, exits)
+    capture = StateCapture(parts, exits, keep=lambda t: t)  # with gradient: the early-exit loss trains through it
     try:
         runtime.install()
         anchored = cfg.lora_final_target == "base"

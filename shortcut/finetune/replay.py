@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..skills import folder as skills
 from ..data import DataFileError, read_jsonl
+from ..skills import folder as skills
 from .training import Checkpoints
 
 

@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 from ..arch import ModelParts
-from ..policy.heads import ExitHeads
+from ..capture import StateCapture
 from ..observe import Observer, Signature
 from ..policy.exits import ExitPolicy
+from ..policy.heads import ExitHeads
 from .sequences import SequenceMemory
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class Learner:
         self._practised_keys: set[tuple[int, ...]] = set()  # the log's first _keyed entries, as a set
         self._keyed = 0
         self._since_consolidation = 0
-        self._recorded: dict[int, torch.Tensor] = {}
+        self._capture: StateCapture | None = None
         self._handles: list[Any] = []
         self._gate: Any = None
 
@@ -144,46 +145,38 @@ class Learner:
         """Register the recording hooks. ``gate()`` says whether the current forward is
         a full-path forward worth learning from."""
         self._gate = gate
-        for layer in self.recorded_layers:
-            if layer < self.parts.num_layers:
-                self._handles.append(self.parts.layers[layer].register_forward_pre_hook(self._pre_hook(layer), with_kwargs=True))
-            else:
-                self._handles.append(self.parts.layers[-1].register_forward_hook(self._post_hook(layer)))
+        # States are kept (as references) on every forward while learning is on; whether
+        # the forward was a full path worth learning from is decided once it has finished.
+        self._capture = StateCapture(self.parts, self.recorded_layers,
+                                     keep=lambda t: t.detach() if self.enabled else None)
         self._handles.append(self.model.register_forward_hook(self._after_forward))
 
     def uninstall(self) -> None:
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._recorded.clear()
+
+    @property
+    def _recorded(self) -> dict[int, torch.Tensor]:
+        return self._capture.states if self._capture is not None else {}
 
     def _recording(self) -> bool:
         return self.enabled and self._gate is not None and self._gate()
 
-    # States are kept (as references) on every forward while learning is on; whether the
-    # forward was a full path worth learning from is decided once it has finished.
-    def _pre_hook(self, layer: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if self.enabled:
-                self._recorded[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
-        return hook
-
-    def _post_hook(self, layer: int):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if self.enabled:
-                self._recorded[layer] = (output[0] if isinstance(output, tuple) else output).detach()
-        return hook
-
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._recording():
             self.learn_recorded(getattr(output, "logits", None))
-        self._recorded = {}
+        self._recorded.clear()
 
     def learn_recorded(self, logits: torch.Tensor | None) -> None:
         """Learn from the forward that just ran every layer, given its logits [1, n, V]
         (n last positions). Also called by the drafter when a token it was asked to
         draft turned out unfamiliar and took the full path."""
-        recorded, self._recorded = self._recorded, {}
+        recorded = dict(self._recorded)
+        self._recorded.clear()
         if not self.enabled or logits is None or logits.shape[0] != 1:
             return
         if len(recorded) < len(self.recorded_layers):

@@ -16,7 +16,7 @@ import torch
 if TYPE_CHECKING:  # sae-lens takes seconds to import: import it lazily, only when used.
     pass
 
-from .observer import _hidden_from_output
+from ..capture import layer_output
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def collect_activations(
     state: dict[str, Any] = {"buf": buffer, "n": 0, "mask": None}
 
     def hook(module: torch.nn.Module, inputs: Any, output: Any) -> None:
-        h = _hidden_from_output(output)
+        h = layer_output(output)
         mask = state["mask"]
         rows = h[mask].detach()
         if state["buf"] is None:

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from ..capture import layer_output
+
 if TYPE_CHECKING:  # sae-lens takes seconds to import: import it lazily, only when used.
     from sae_lens import SAE
 
@@ -23,18 +25,6 @@ class Signature(NamedTuple):
 
     indices: torch.Tensor
     values: torch.Tensor
-
-
-def _hidden_from_output(output: Any) -> torch.Tensor:
-    """The residual stream tensor from a decoder layer's output (tensor or tuple)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(
-        "the observed layer must return a tensor or a tuple whose first element is the "
-        f"hidden-state tensor; got {type(output).__name__}"
-    )
 
 
 class Observer:
@@ -133,7 +123,7 @@ class Observer:
 
     def _hook(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
         # Returns None: PyTorch then keeps the layer's output untouched.
-        h = _hidden_from_output(output)
+        h = layer_output(output)
         sig = self.encode(h[..., -1, :] if h.ndim >= 3 else h)
         self.last_signature = sig
         if self._callback is not None:

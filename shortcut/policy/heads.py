@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import ModelParts, resolve
+from ..capture import StateCapture
 from .fit import TranslatorFit, adam
 
 logger = logging.getLogger(__name__)
@@ -55,10 +56,6 @@ class Prediction(NamedTuple):
 
 def _parts_of(model_or_parts: nn.Module | ModelParts) -> ModelParts:
     return model_or_parts if isinstance(model_or_parts, ModelParts) else resolve(model_or_parts)
-
-
-def _last_hidden(output: object) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output  # type: ignore[index,return-value]
 
 
 class ExitHeads(nn.Module):
@@ -455,46 +452,23 @@ def collect_states(
         (``LongTensor[T']``), with ``T'`` the number of unpadded positions.
     """
     parts = parts or resolve(model)
-    layers = sorted({int(layer) for layer in layers})
-    bad = [layer for layer in layers if not 0 <= layer <= parts.num_layers]
-    if bad:
-        raise ValueError(f"layers {bad} are outside 0..{parts.num_layers} (the model has {parts.num_layers} layers)")
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
         if attention_mask is not None and attention_mask.dim() == 1:
             attention_mask = attention_mask.unsqueeze(0)
     if input_ids.numel() == 0:
         raise ValueError("input_ids is empty")
-    captured: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def pre_hook(layer: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured[layer] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
-        return hook
-
-    def post_hook(key: int):
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
-            captured[key] = _last_hidden(output).detach().clone()
-        return hook
-
-    final_key = -1
-    try:
-        for layer in layers:
-            if layer < parts.num_layers:
-                handles.append(parts.layers[layer].register_forward_pre_hook(pre_hook(layer), with_kwargs=True))
-            else:
-                handles.append(parts.layers[-1].register_forward_hook(post_hook(layer)))
-        handles.append(parts.layers[-1].register_forward_hook(post_hook(final_key)))
+    # num_layers itself is always captured: the final hidden state is the fit's target.
+    with StateCapture(parts, [*layers, parts.num_layers], keep=lambda t: t.detach().clone()) as capture:
         device = next(model.parameters()).device
         kwargs = {} if attention_mask is None else {"attention_mask": attention_mask.to(device)}
         out = model(input_ids=input_ids.to(device), use_cache=False, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [layer for layer in [*layers, final_key] if layer not in captured]
+    captured = capture.states
+    layers = sorted({int(layer) for layer in layers})
+    missing = [layer for layer in capture.layers if layer not in captured]
     if missing:
         raise RuntimeError(f"no hidden state was captured at layers {missing}; did the forward skip them?")
+    final_key = parts.num_layers
     keep = (attention_mask.reshape(-1).bool().to(device) if attention_mask is not None
             else torch.ones(input_ids.numel(), dtype=torch.bool, device=device))
     width = captured[final_key].shape[-1]
