@@ -22,9 +22,9 @@ class ShortcutConfig:
         mode: ``"lossless"`` (shallow paths draft, the full path verifies; output equals
             the unwrapped model) or ``"fast"`` (shallow paths commit, error rate bounded).
         observer_layers: decoder layers whose output the SAE observers read. ``None``
-            picks one early layer, ``num_layers // 12`` (layer 2 of 30 on SmolLM2: measured
-            against layer 6 in the README, it lets exits start at layer 3 and its SAE
-            explains more variance).
+            picks one early layer, ``num_layers // 12`` (layer 2 of 30 on SmolLM2: exits
+            can start right above it, and an early layer's SAE explains more variance;
+            ``docs/findings.md``).
         exit_layers: candidate early exits, each the number of decoder layers that run
             before the exit head reads the residual stream (``l`` means layers
             ``0..l-1`` run). Each must lie above the first observer layer, whose output
@@ -42,12 +42,10 @@ class ShortcutConfig:
             calls whose prompt was practised verbatim (in the replay log before the
             heads' latest re-fit); any other call decodes losslessly with the same
             skills. Deep layers read every prompt token, so a reworded prompt moves
-            answers where the shallow path cannot see it: on SmolLM2 near-duplicate
-            prompts committed 4.8% wrong tokens against a 1% target (README). ``False``
+            answers where the shallow path cannot see it (``docs/findings.md``). ``False``
             lets the bars alone decide.
         max_draft: most tokens one lossless draft may propose before verification; the
-            draft length adapts below it. 32 rather than 16: exact repeats 3.09x instead
-            of 2.64x plain on SmolLM2 (with the length carried across calls; README). In
+            draft length adapts below it (why 32: ``docs/findings.md``). In
             greedy calls a practised answer replayed with the prompt's prefill is bounded
             by the sequence memory's agreement rule instead (it costs no layer to make,
             and the prompt's forward verifies it).

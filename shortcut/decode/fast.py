@@ -10,10 +10,8 @@ The next token that needs the full path (unfamiliar, unsure, or wanting an exit 
 than a pending token's) first catches up: the cache is cropped to the last exact
 position and one batched full forward runs over the pending tokens and the new one.
 So every full-path token attends to the full model's keys and values, and the
-deviations from the full model are exactly the committed tokens that differed. (An
-earlier design propagated keys/values from the exit state, CALM-style; from layer 3 of
-30 that polluted the cache so much that 40% of later full-path tokens changed.) The
-catch-up forward also tells, for free, which pending tokens the full model would have
+deviations from the full model are exactly the committed tokens that differed (why
+not CALM-style propagated keys/values: ``docs/findings.md``). The catch-up forward also tells, for free, which pending tokens the full model would have
 picked: every comparison is an audit. Pending tokens at the end of a call are the
 saving; a seeded random ``audit_fraction`` of calls catches up at the end too, so the
 error rate is measured even where nothing needed the full path.
@@ -23,7 +21,7 @@ Audits calibrate two bars: the head's confidence and the signature's familiarity
 floor). Each error raises both a step, each agreement lowers them by
 ``target_error_rate / (1 - target_error_rate)`` of a step, so they settle where about
 that share of audited tokens differ. Why both: on practised answers the heads are right
-at ~99.5% of positions, but one wrong token moves the text off the practised
+at nearly every position, but one wrong token moves the text off the practised
 trajectory, where the shallow signature still looks familiar and the heads would keep
 committing memorised tokens. The wrong first token is usually one the head is unsure of
 (confidence); on text that only resembles the practised one, the wrong heads are
@@ -33,14 +31,13 @@ call takes the full path.
 
 Forks: practised answers can share their start and part at a detail the shallow path
 cannot see (two trivia answers "The 1982 ..." and "The 1997 ..." part at a digit). Where
-the text agrees with a practised sequence (``shortcut/sequences.py``) for ``SHORT_MATCH``
-tokens or more and the head names another token than the one that followed there, the
-token takes the full path (``vetoes``). On SmolLM2 exact repeats this took agreement
-from 98.0% to 100% (README).
+the text agrees with a practised sequence (``shortcut/learn/sequences.py``) for
+``SHORT_MATCH`` tokens or more and the head names another token than the one that
+followed there, the token takes the full path (``vetoes``).
 
 Practised answers: in a plain greedy call (no sampling, no logits processor, no padding)
 whose prompt begins a practised sequence exactly, the sequence's continuation is the
-full model's own greedy answer to that prompt (``shortcut/sequences.py`` keeps only
+full model's own greedy answer to that prompt (``shortcut/learn/sequences.py`` keeps only
 those), so it is committed token by token with no layer at all: the top rung of the
 skill ladder. Those tokens are pending in every layer; where the answer ends before the
 call does, the next token catches up (one batched full forward, which audits them).
@@ -48,11 +45,9 @@ call does, the next token catches up (one batched full forward, which audits the
 Which calls commit at all: only those whose prompt was practised verbatim (in the replay
 log before the heads' latest re-fit; ``ShortcutConfig.fast_practised_prompts_only``).
 Every deep layer reads every prompt token, so a reworded prompt (another opening, one
-changed detail) moves the answer in ways the shallow path cannot see: on SmolLM2
-near-duplicate prompts committed 4.8% of tokens wrong at bars that keep exact repeats
-at 0.12 of plain FLOPs, and no bar on the layer-2/3 signals separated them (the wrong
-heads are confident, their signatures familiar). Other calls decode losslessly with the
-same skills (``lossless_calls``).
+changed detail) moves the answer in ways the shallow path cannot see, and no bar on the
+early-layer signals separates those tokens (measured in ``docs/findings.md``). Other
+calls decode losslessly with the same skills (``lossless_calls``).
 """
 
 from __future__ import annotations

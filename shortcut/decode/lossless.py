@@ -9,7 +9,7 @@ followed there rides along in the prefill forward as a draft
 forward that reads its prompt. Each step of the loop then
 
 1. drafts: where the text ends the way a practised sequence went on (the prompt and
-   output of an earlier lossless call, ``shortcut/sequences.py``), the drafter proposes
+   output of an earlier lossless call, ``shortcut/learn/sequences.py``), the drafter proposes
    what followed there and runs no layer at all. Otherwise
    :class:`ShallowDrafter` feeds the last token through the model's own layers
    up to the observer, asks the policy for an exit layer from the SAE signature, runs

@@ -14,11 +14,10 @@ Lookup: the last ``KEY`` tokens select candidate positions (an n-gram index); am
 them the one whose preceding tokens agree with the text furthest back wins (the most
 recent sequence on a tie). The agreement sets the draft: below ``SHORT_MATCH`` tokens
 it is a ``PROBE`` of two tokens (a coincidence in new text is common, and verifying
-three tokens costs about what one does on a CPU: ``evals/bench_verify.py``), from there
+three tokens costs about what one does on a CPU: ``benchmarks/bench_verify.py``), from there
 on ``DRAFT_PER_MATCH`` tokens per agreeing token, up to the caller's limit. A probe that
-is accepted lengthens the agreement, so a rejoined practised stretch soon drafts long.
-Measured on SmolLM2 (README): novel prompts 0.98x plain with or without the memory,
-where drafting the full continuation after any three-token match cost 3-5%.
+is accepted lengthens the agreement, so a rejoined practised stretch soon drafts long
+(drafting the whole continuation after any short match slows novel text down).
 
 Fast mode asks for more than a match: :meth:`SequenceMemory.answer` gives what followed
 a prompt only when a sequence begins with exactly that prompt, and commits it unverified.

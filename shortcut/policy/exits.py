@@ -16,10 +16,7 @@ Telling familiar from novel. Practice mostly shows the rule successes, so on its
 learns a high base rate and trusts every token. The policy therefore also keeps a
 memory of the signatures of practised tokens (a sparse matrix, like an episodic store)
 and a token counts as familiar only if its signature's cosine similarity to the nearest
-remembered one reaches ``min_familiarity``. Measured on SmolLM2 after 3 rounds on 6
-prompts (layer-6 SAE): 100% of exact-repeat tokens pass 0.9, 47% of near-duplicate
-tokens (72% of those agree with the full model at exit 7) and 17% of novel tokens; the
-delta rule alone passed 99% of novel tokens. The policy exits at the shallowest layer
+remembered one reaches ``min_familiarity``. The policy exits at the shallowest layer
 whose prediction reaches the threshold, for familiar tokens only.
 
 Sequences, not snapshots. The memory keeps signatures in the order they were practised,
@@ -28,11 +25,7 @@ memory rows the previous token matched (``after``), a token is familiar only if 
 resembles a signature that *followed* one of them: it continues a practised sequence.
 On text that only resembles the practised one (a reworded prompt whose answer diverges)
 single signatures still look familiar where the sequence has already left the practised
-path. Measured on SmolLM2 (layer-2 observer, width 4096, skills of 30 prompts x 5
-rounds; teacher-forced on 15 prompts per set, gate = familiar + policy + head
-confidence 0.3): single-token familiarity passed 61% of near-duplicate tokens with the
-layer-3 head right on 65% of them, and 33% of novel tokens (30% right); sequence
-familiarity passes 43% (79% right) and 11% of novel tokens; exact repeats 95% either way.
+path. (What each gate passes on SmolLM2: ``docs/findings.md``.)
 """
 
 from __future__ import annotations
