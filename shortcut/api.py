@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 import weakref
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,6 +37,13 @@ class Shortcut:
     The model keeps its own API (``model(...)``, ``model.generate(...)``); the handle
     holds what shortcut adds: the policy that decides which layers run, the compute
     statistics, and saving of what was learned.
+
+    Threads: ``model.generate``, :meth:`practice`, :meth:`train_observer` and
+    :meth:`save_pretrained` take a per-handle lock, so calls from several threads are
+    serialised and each gets exactly the tokens it would get alone. The context
+    managers :meth:`disabled` and :meth:`reference`, :meth:`set_policy` and
+    :meth:`set_learning` change the handle for every thread. Direct ``model(...)``
+    forwards are not locked: while learning is on, run them from one thread at a time.
     """
 
     def __init__(self, model: PreTrainedModel, parts: ModelParts, config: ShortcutConfig) -> None:
@@ -44,6 +52,9 @@ class Shortcut:
         self.config = config
         self.fingerprint = skills.fingerprint(model, parts)
         self._runtime = LayerRuntime(model, parts)
+        # Decoding installs a per-call layer policy and learning mutates skills: one call
+        # at a time (re-entrant: generate calls the model's forward, practice calls generate).
+        self._lock = threading.RLock()
         self._removed = False
         self.learner: Learner | None = None
         self.decode_stats = DecodeStats()  # what lossless and fast decoding did, summed over calls
@@ -159,7 +170,8 @@ class Shortcut:
         sae = train_sae(acts[:-n_heldout], seed=self.config.seed, progress=progress, **train_kwargs)
         quality = sae_quality(sae, acts[-n_heldout:])
         observer = Observer(sae, layer, meta={"quality": quality})
-        self.attach_observer(observer)
+        with self._lock:
+            self.attach_observer(observer)
         return observer
 
     def set_learning(self, enabled: bool) -> None:
@@ -170,7 +182,12 @@ class Shortcut:
 
     def _generate(self, original: Any, *args: Any, **kwargs: Any) -> Any:
         """``model.generate`` with the learned shallow paths: lossless drafting with full-path
-        verification, or fast mode's committed exits (see decode/lossless.py and decode/fast.py)."""
+        verification, or fast mode's committed exits (see decode/lossless.py and decode/fast.py).
+        Calls from several threads run one at a time (the handle's lock)."""
+        with self._lock:
+            return self._generate_locked(original, *args, **kwargs)
+
+    def _generate_locked(self, original: Any, *args: Any, **kwargs: Any) -> Any:
         learner = self.learner
         if (self._removed or self._runtime.bypass or self._reference or learner is None
                 or self._runtime.policy is not None):
@@ -183,7 +200,7 @@ class Shortcut:
         commit = self.config.mode == "fast" and (  # asked before this call is logged
             not self.config.fast_practised_prompts_only or (prompt is not None and learner.was_practised(prompt)))
         if learner.enabled and prompt is not None:
-            learner.practised.append(prompt)  # the replay log consolidation reads
+            learner.log_prompt(prompt)  # the replay log consolidation reads
         bad = unsupported_options(self.model, kwargs, input_ids)
         if bad:
             self._warn_full_path(", ".join(bad))
@@ -224,7 +241,8 @@ class Shortcut:
     def _warn_full_path(self, reason: str) -> None:
         """Warn once per reason that a generate call takes the full path."""
         if reason not in self._warned:
-            self._warned.add(reason)
+            if len(self._warned) < 256:  # reasons name option values: keep the set bounded
+                self._warned.add(reason)
             logger.warning("shortcut: %s mode cannot honour %s; using the full path", self.config.mode, reason)
 
     def practice(self, prompts: list[Any], *, rounds: int = 1, max_new_tokens: int = 64,
@@ -237,8 +255,9 @@ class Shortcut:
         self._check_live()
         if self.learner is None:
             raise RuntimeError("practice needs an observer: attach_observer(...) or train_observer(...) first")
-        return run_rounds(self, prompts, rounds=rounds, max_new_tokens=max_new_tokens, tokenizer=tokenizer,
-                          shuffle=shuffle, progress=progress)
+        with self._lock:
+            return run_rounds(self, prompts, rounds=rounds, max_new_tokens=max_new_tokens, tokenizer=tokenizer,
+                              shuffle=shuffle, progress=progress)
 
     # -- lifecycle ----------------------------------------------------------------
     def remove(self) -> PreTrainedModel:
@@ -267,7 +286,8 @@ class Shortcut:
                 contents.update(skills.save_learned(tmp, self.learner, self.fingerprint))
             skills.write_manifest(tmp, self.fingerprint, contents)
 
-        return skills.write_atomically(folder, fill, overwrite=overwrite)
+        with self._lock:
+            return skills.write_atomically(folder, fill, overwrite=overwrite)
 
     def __repr__(self) -> str:
         state = "removed" if self._removed else f"{self.parts.model_type}, {self.num_layers} layers"

@@ -99,11 +99,17 @@ class Learner:
         policy: the exit policy over the same layers.
         consolidate_every: re-fit after this many newly learned tokens (0: only when asked).
         fit_steps: optimiser steps of each head re-fit.
+        replay_capacity: practised positions the replay buffer keeps (oldest dropped).
+        log_capacity: prompts the replay log keeps (oldest dropped).
+
+    Memory is bounded: the replay buffer holds at most ``replay_capacity`` positions
+    (float16 states at every exit), the log ``log_capacity`` prompts, the sequence memory
+    its own token capacity, the policy's signature memory its own row capacity.
     """
 
     def __init__(self, model: nn.Module, parts: ModelParts, observer: Observer, heads: ExitHeads,
                  policy: ExitPolicy, *, consolidate_every: int = 0, fit_steps: int = 300,
-                 replay_capacity: int = 16384, seed: int = 0) -> None:
+                 replay_capacity: int = 16384, log_capacity: int = 10_000, seed: int = 0) -> None:
         if list(heads.layers) != policy.exit_layers:
             raise ValueError(f"heads at {list(heads.layers)} but policy over {policy.exit_layers}")
         self.model, self.parts = model, parts
@@ -117,8 +123,10 @@ class Learner:
         self.seed = seed
         self.enabled = True
         # Token ids of the prompt of every generate call made while learning (the replay
-        # log the consolidation script reads; a prompt practised in 3 rounds is there 3 times).
+        # log the consolidation script reads; a prompt practised in 3 rounds is there 3
+        # times), the latest ``log_capacity`` of them.
         self.practised: list[list[int]] = []
+        self.log_capacity = log_capacity
         # Prompt + output of every lossless generate call made while learning (deduplicated).
         self.sequences = SequenceMemory()
         # How many log entries the heads had been fitted on at the latest consolidation.
@@ -129,6 +137,16 @@ class Learner:
         self._capture: StateCapture | None = None
         self._handles: list[Any] = []
         self._gate: Any = None
+
+    def log_prompt(self, prompt: list[int]) -> None:
+        """Add a generate call's prompt to the replay log, forgetting the oldest entries
+        beyond ``log_capacity`` (the log then stays bounded however long the handle runs)."""
+        self.practised.append(prompt)
+        excess = len(self.practised) - self.log_capacity
+        if excess > 0:
+            del self.practised[:excess]
+            self.fitted_log = max(0, self.fitted_log - excess)
+            self._practised_keys, self._keyed = set(), 0  # rebuilt from the log on the next ask
 
     def was_practised(self, prompt: list[int]) -> bool:
         """Whether a generate call with exactly this prompt (token ids) is in the replay
@@ -182,8 +200,11 @@ class Learner:
         if len(recorded) < len(self.recorded_layers):
             return  # a forward that did not run every layer (for example a skipped one)
         n = logits.shape[1]  # generate keeps only the last positions' logits
-        states = {l: h[0, -n:] for l, h in recorded.items()}
-        self.learn(states, logits[0].argmax(-1))
+        # Skills outlive the call: a forward under torch.inference_mode() hands over
+        # inference tensors, which learning must not keep, so it works on normal copies.
+        with torch.inference_mode(False):
+            states = {l: h[0, -n:].clone() for l, h in recorded.items()}
+            self.learn(states, logits[0].argmax(-1).clone())
 
     # -- learning -------------------------------------------------------------------
     @torch.no_grad()
@@ -219,6 +240,10 @@ class Learner:
         from the new heads' replayed outcomes."""
         if len(self.replay) == 0:
             return {}
+        with torch.inference_mode(False):  # also when called inside torch.inference_mode()
+            return self._consolidate(steps, progress)
+
+    def _consolidate(self, steps: int | None, progress: bool) -> dict[str, Any]:
         start = time.perf_counter()
         states, final, sig, tokens = self.replay.tensors()
         with torch.enable_grad():

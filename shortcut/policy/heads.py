@@ -223,6 +223,7 @@ class ExitHeads(nn.Module):
         """``h + W h + b`` for the head at ``layer``."""
         lin = self._translator(layer)
         self._check_hidden(hidden)
+        hidden = hidden.to(lin.weight.dtype)  # replayed states are float32, a model may run in bf16/fp16
         return hidden + F.linear(hidden, lin.weight, lin.bias)
 
     def logits(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
