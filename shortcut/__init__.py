@@ -13,6 +13,7 @@ from .config import ShortcutConfig
 from .models import load_model
 from .decode.runtime import FixedPlan, LayerPolicy
 from .skills.folder import SkillsMismatchError
+from .skills.validate import SkillsFileError
 
 __all__ = [
     "ArchSpec",
@@ -20,6 +21,7 @@ __all__ = [
     "LayerPolicy",
     "Shortcut",
     "ShortcutConfig",
+    "SkillsFileError",
     "SkillsMismatchError",
     "UnsupportedArchitectureError",
     "load",

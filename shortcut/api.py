@@ -356,19 +356,24 @@ def load(model: PreTrainedModel, folder: str | Path) -> Shortcut:
     _check_model(model)
     parts = resolve(model)
     skills.check_fingerprint(manifest["base_model"], skills.fingerprint(model, parts), folder)
+    # Everything is read and checked before the model changes: a bad file anywhere in
+    # the folder leaves the model as it was.
+    config = skills.load_config(folder, manifest)
+    try:
+        config.resolved(parts.num_layers)
+    except ValueError as err:
+        raise skills.SkillsFileError(f"{folder / 'config.json'}: {err}") from err
+    learned = skills.load_learned(folder, manifest, parts, manifest["base_model"], config=config)
     adapter = manifest.get("contents", {}).get("adapter")
     if adapter:
-        skills.merge_adapter(model, folder / adapter)
-    config = ShortcutConfig.load(folder / "config.json")
+        skills.merge_adapter(model, skills.inside(folder, adapter, "contents.adapter"))
     handle = wrap(model, config)
     try:
-        learned = skills.load_learned(folder, manifest, handle.parts, manifest["base_model"], config=config)
         if learned is not None:
-            observer, heads, policy, practised, sequences = learned
-            handle.attach_observer(observer, heads=heads, policy=policy)
-            handle.learner.practised.extend(practised)
-            handle.learner.sequences.extend(sequences)
-            handle.learner.fitted_log = len(practised)  # saved skills: heads fitted on their log
+            handle.attach_observer(learned.observer, heads=learned.heads, policy=learned.policy)
+            handle.learner.practised.extend(learned.practised[-handle.learner.log_capacity:])
+            handle.learner.sequences.extend(learned.sequences)
+            handle.learner.fitted_log = len(handle.learner.practised)  # saved skills: heads fitted on their log
     except BaseException:
         handle.remove()
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ class ShortcutConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not one of {MODES}")
         if not 0.0 <= self.target_error_rate < 1.0:
@@ -90,6 +92,40 @@ class ShortcutConfig:
             raise ValueError(f"fast_confidence={self.fast_confidence} must be in [0, 1]")
         if self.max_draft < 1:
             raise ValueError(f"max_draft={self.max_draft} must be at least 1")
+        if not 0.0 <= self.draft_confidence <= 1.0:
+            raise ValueError(f"draft_confidence={self.draft_confidence} must be in [0, 1]")
+        if not 0.0 <= self.policy_threshold <= 1.0:
+            raise ValueError(f"policy_threshold={self.policy_threshold} must be in [0, 1]")
+        if self.consolidate_every < 0:
+            raise ValueError(f"consolidate_every={self.consolidate_every} must be 0 (only after practice rounds) or more")
+        if self.fit_steps < 1:
+            raise ValueError(f"fit_steps={self.fit_steps} must be at least 1")
+        for name in ("observer_layers", "exit_layers"):
+            value = getattr(self, name)
+            if value is not None and not value:
+                raise ValueError(f"{name}=[] names no layer; use None for the default")
+
+    def _check_types(self) -> None:
+        """Every field has its declared type (json from a skills folder is untrusted:
+        ``"learn": "no"`` must not switch learning on). Ints are accepted for floats;
+        bools are not ints here."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = _FIELD_TYPES[f.name]
+            if kind is bool:
+                ok = type(value) is bool
+            elif kind is int:
+                ok = type(value) is int
+            elif kind is float:
+                ok = type(value) in (int, float) and math.isfinite(value)
+            elif kind is str:
+                ok = isinstance(value, str)
+            else:  # optional list of layer indices
+                ok = value is None or (isinstance(value, list) and all(type(v) is int for v in value))
+            if not ok:
+                expected = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(
+                    kind, "null or a list of integers")
+                raise TypeError(f"{f.name}={value!r} must be {expected}")
 
     def resolved(self, num_layers: int) -> "ShortcutConfig":
         """A copy with the ``None`` defaults filled in for a model of ``num_layers``
@@ -138,3 +174,11 @@ class ShortcutConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a json object, not {type(data).__name__}")
         return cls.from_dict(data)
+
+
+_FIELD_TYPES: dict[str, type | None] = {
+    "mode": str, "observer_layers": None, "exit_layers": None, "learn": bool, "target_error_rate": float,
+    "audit_fraction": float, "fast_confidence": float, "fast_practised_prompts_only": bool, "max_draft": int,
+    "draft_confidence": float, "replay_sequences": bool, "policy_threshold": float, "consolidate_every": int,
+    "fit_steps": int, "seed": int,
+}

@@ -22,6 +22,8 @@ from typing import Any, Callable
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .atomic import replace_folder
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2"
@@ -186,16 +188,8 @@ def _converted_gguf(gguf: Path, cache_name: str) -> Path:
     config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_name}.", dir=target.parent))
-    try:
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():  # a concurrent conversion won; keep it
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+    return replace_folder(target, fill)

@@ -22,12 +22,12 @@ and, for practice, ``practice_curve.png`` into ``--out`` (default
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+from shortcut.atomic import replace_folder
 from shortcut.data import DEFAULT_PASSAGES, DataFileError, read_jsonl
 
 from . import report
@@ -150,19 +150,16 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                 raise DataFileError(f"{args.data}, record {number}: 'answer' must index into 'choices'")
 
     started = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        result = _measure(args, argv, sets if args.task == "practice" else data, tmp, started)
-        report.write(result, tmp)
-        if out.exists():
-            if any(out.iterdir()) and not args.overwrite:
-                raise FileExistsError(f"--out {out} appeared during the run; pass --overwrite to replace it")
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    results: dict[str, Any] = {}
+
+    def fill(tmp: Path) -> None:
+        results.update(_measure(args, argv, sets if args.task == "practice" else data, tmp, started))
+        report.write(results, tmp)
+        if out.exists() and any(out.iterdir()) and not args.overwrite:
+            raise FileExistsError(f"--out {out} appeared during the run; pass --overwrite to replace it")
+
+    replace_folder(out, fill)
+    result = results
     print(f"\nreport: {out / 'report.md'}  raw numbers: {out / 'results.json'}"
           + (f"  skills: {out / 'skills'}" if args.task == "practice" else ""))
     return result

@@ -337,10 +337,10 @@ def test_loaded_policy_uses_the_saved_threshold(tmp_path):
         loaded.remove()
     manifest = skills.read_manifest(folder)
     parts = shortcut.arch.resolve(model)
-    _, _, policy, _, _ = skills.load_learned(folder, manifest, parts, manifest["base_model"])
+    policy = skills.load_learned(folder, manifest, parts, manifest["base_model"]).policy
     assert policy.threshold == 0.55
     other = shortcut.ShortcutConfig(policy_threshold=0.7)
-    _, _, policy, _, _ = skills.load_learned(folder, manifest, parts, manifest["base_model"], config=other)
+    policy = skills.load_learned(folder, manifest, parts, manifest["base_model"], config=other).policy
     assert policy.threshold == 0.7
 
 

@@ -350,10 +350,10 @@ def relearn_policy(observer: Any, policy: Any, sig_states: torch.Tensor, agrees:
     policy.remember(sig)
 
 
-def consolidate_heads(model: nn.Module, parts: ModelParts, learned: tuple, examples: list[Example],
+def consolidate_heads(model: nn.Module, parts: ModelParts, learned: skills.Skills, examples: list[Example],
                       cfg: FinetuneConfig, ckpt: Checkpoints, progress: bool) -> dict[str, Any]:
     """Collect states over ``examples``, re-fit the heads, re-learn the policy (in place)."""
-    observer, heads, policy = learned[:3]
+    observer, heads, policy = learned.observer, learned.heads, learned.policy
     sig_layer = observer.layer + 1
     layers = sorted(set(heads.layers) | {sig_layer})
     states, final, tokens = collect(model, parts, examples, layers, progress)
@@ -427,6 +427,7 @@ def finetune(model: nn.Module, skills_folder: str | Path, output: str | Path, *,
     texts = [ids for ids in (tokenizer(r["text"])["input_ids"][:limit] for r in records if "text" in r) if len(ids) > 1]
     if not prompts and not extra_prompts and not texts:
         raise ValueError(f"empty dataset: the replay log of {skills_folder} lists no prompts and there is no extra text")
+    learned = skills.load_learned(skills_folder, manifest, parts, fingerprint)  # every file checked before any work
     run = {"config": cfg.run_key(), "base_model": fingerprint, "skills": _files_digest(skills_folder),
            "extra": _digest([extra_prompts, texts])}
     accelerator = make_accelerator()
@@ -439,7 +440,6 @@ def finetune(model: nn.Module, skills_folder: str | Path, output: str | Path, *,
     accelerator.wait_for_everyone()
     ckpt = Checkpoints(output / CHECKPOINTS, run, cfg.checkpoint_every, cfg.keep_checkpoints, accelerator)
     model.to(accelerator.device)
-    learned = skills.load_learned(skills_folder, manifest, parts, fingerprint)
     # The log holds one entry per practised generate call; greedy replay of a repeat adds nothing.
     unique = [list(p) for p in dict.fromkeys(tuple(p) for p in prompts)]
     replay = unique + extra_prompts
@@ -455,7 +455,7 @@ def finetune(model: nn.Module, skills_folder: str | Path, output: str | Path, *,
         if cfg.level == "layerskip":
             from .layerskip import train_adapter
 
-            peft_model, summary["layerskip"] = train_adapter(model, parts, learned[1].layers, examples, cfg, ckpt, tokenizer=tokenizer,
+            peft_model, summary["layerskip"] = train_adapter(model, parts, learned.heads.layers, examples, cfg, ckpt, tokenizer=tokenizer,
                                                              quality_texts=quality_texts, progress=progress)
             examples = build_examples(model, replay, texts, cfg.max_new_tokens, accelerator, ckpt, "replay-adapted", progress)
         summary["heads"] = consolidate_heads(model, parts, learned, examples, cfg, ckpt, progress)
@@ -474,7 +474,7 @@ def finetune(model: nn.Module, skills_folder: str | Path, output: str | Path, *,
     return summary
 
 
-def practised_log(learned: tuple, replay: list[list[int]], examples: list[Example], extra_prompts: list[list[int]],
+def practised_log(learned: skills.Skills, replay: list[list[int]], examples: list[Example], extra_prompts: list[list[int]],
                   adapted: bool) -> dict[str, list[list[int]]]:
     """The consolidated folder's replay log. Its practised sequences (what lossless
     drafts replay, :mod:`shortcut.sequences`) gain every replayed prompt with the
@@ -485,17 +485,17 @@ def practised_log(learned: tuple, replay: list[list[int]], examples: list[Exampl
 
     memory = SequenceMemory()
     if not adapted:
-        memory.extend(learned[4])
+        memory.extend(learned.sequences)
     memory.extend(example.ids for example in examples[:len(replay)])  # prompts first, texts after
-    return {"prompts": [list(p) for p in learned[3]] + extra_prompts, "sequences": memory.sequences}
+    return {"prompts": [list(p) for p in learned.practised] + extra_prompts, "sequences": memory.sequences}
 
 
-def write_output(output: Path, source: Path, manifest: dict[str, Any], learned: tuple, log: dict[str, Any],
+def write_output(output: Path, source: Path, manifest: dict[str, Any], learned: skills.Skills, log: dict[str, Any],
                  summary: dict[str, Any], peft_model: Any = None) -> None:
     """Write the consolidated skills folder atomically; finished checkpoints are dropped."""
     from safetensors.torch import save_file
 
-    _, heads, policy = learned[:3]
+    heads, policy = learned.heads, learned.policy
     contents = dict(manifest["contents"])
     brief = {k: summary[k] for k in ("level", "replayed_prompts", "extra_prompts", "extra_texts", "seconds")}
     brief["heads"] = {k: v for k, v in summary["heads"].items() if k != "fit"}

@@ -8,7 +8,6 @@ teacher-forced and learned from everywhere.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch import nn
 
 from ..data import DataFileError, read_jsonl
 from ..skills import folder as skills
+from ..skills.validate import expect_object, inside, read_json
 from .training import Checkpoints
 
 
@@ -38,13 +38,10 @@ def read_skills(folder: str | Path) -> tuple[dict[str, Any], list[list[int]]]:
     contents = manifest.get("contents", {})
     if "observer" not in contents:
         raise ValueError(f"{folder} holds a config only (no observer, heads or policy): practise first")
-    log = folder / contents.get("replay_log", skills.REPLAY_LOG)
-    if not log.is_file():
+    log = inside(folder, contents.get("replay_log", skills.REPLAY_LOG), "contents.replay_log")
+    if not log.exists():
         raise FileNotFoundError(f"{folder} has no replay log ({log.name}): consolidation replays the practised prompts it lists")
-    try:
-        prompts = json.loads(log.read_text())["prompts"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{log} is not a replay log ({{'prompts': [[token ids], ...]}}): {err}") from err
+    prompts = expect_object(read_json(log, "replay log"), log, "the replay log").get("prompts")
     if not isinstance(prompts, list) or not all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompts):
         raise ValueError(f"{log}: 'prompts' must be a list of non-empty lists of token ids")
     return manifest, prompts

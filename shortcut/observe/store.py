@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # sae-lens takes seconds to import: import it lazily, only when used.
     from sae_lens import SAE
 
+from ..atomic import replace_folder
 from .observer import Observer
 
 logger = logging.getLogger(__name__)
@@ -81,27 +80,15 @@ def save_observer(
     except (TypeError, ValueError) as e:
         raise ValueError(f"observer metadata is not JSON-serialisable: {e}") from e
 
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    old: Path | None = None
-    try:
+    def fill(tmp: Path) -> None:
+        tmp.rmdir()  # sae-lens creates the folder itself
         if isinstance(sae, TrainingSAE):
             sae.save_inference_model(tmp)
         else:
             sae.save_model(tmp)
         (tmp / OBSERVER_META_FILENAME).write_text(meta_text + "\n", encoding="utf-8")
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-            folder.rename(old)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not folder.exists():
-            old.rename(folder)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+
+    folder = replace_folder(folder, fill)
     logger.info("saved observer for layer %d to %s", layer, folder)
     return folder
 
