@@ -51,10 +51,10 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import torch
 
 import shortcut
-from shortcut.finetune import consolidate as ft
 from shortcut.data import DEFAULT_PASSAGES, prompt_input_ids, read_jsonl
-from shortcut_eval.workload import prompt_sets
+from shortcut.finetune import consolidate as ft
 from shortcut.policy.heads import collect_states
+from shortcut_eval.workload import prompt_sets
 
 DATA = Path(__file__).resolve().parent.parent / "shortcut_eval" / "data"
 

@@ -23,7 +23,15 @@ import torch
 
 import shortcut
 from shortcut.data import DEFAULT_PASSAGES, prompt_input_ids, read_jsonl, read_prompts
-from shortcut.observe import DEFAULT_D_SAE, DEFAULT_K, DEFAULT_STEPS, Observer, collect_activations, sae_quality, train_sae
+from shortcut.observe import (
+    DEFAULT_D_SAE,
+    DEFAULT_K,
+    DEFAULT_STEPS,
+    Observer,
+    collect_activations,
+    sae_quality,
+    train_sae,
+)
 
 DATA = Path(__file__).resolve().parent.parent / "shortcut_eval" / "data"
 

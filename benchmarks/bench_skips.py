@@ -85,8 +85,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import shortcut  # noqa: E402
 from shortcut.data import prompt_input_ids, read_jsonl, read_prompts  # noqa: E402
-from shortcut.policy.heads import collect_states  # noqa: E402
 from shortcut.models import cache_root  # noqa: E402
+from shortcut.policy.heads import collect_states  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "shortcut_eval" / "data"
 FINAL = "final"  # readout kinds: "final" (L = num_layers), "lens", "head"

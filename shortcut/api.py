@@ -7,28 +7,29 @@ import functools
 import logging
 import threading
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .skills import folder as skills
 from .arch import ModelParts, resolve
 from .config import ShortcutConfig
 from .decode.fast import FastController, FastStep, make_fast_decoder
-from .policy.heads import ExitHeads
-from .observe import Observer
-from .policy.exits import ExitPolicy
-from .learn.practice import Learner
+from .decode.lossless import ShallowDrafter, Trail, custom_generate_kwargs, make_decoder, unsupported_options
 from .decode.runtime import FixedPlan, LayerPolicy, LayerRuntime, Stats
 from .decode.stats import DecodeStats
-from .decode.lossless import ShallowDrafter, Trail, custom_generate_kwargs, make_decoder, unsupported_options
+from .learn.practice import Learner
+from .observe import Observer
+from .policy.exits import ExitPolicy
+from .policy.heads import ExitHeads
+from .skills import folder as skills
 
 logger = logging.getLogger(__name__)
 
-_HANDLES: "weakref.WeakKeyDictionary[nn.Module, Shortcut]" = weakref.WeakKeyDictionary()
+_HANDLES: weakref.WeakKeyDictionary[nn.Module, Shortcut] = weakref.WeakKeyDictionary()
 
 
 class Shortcut:

@@ -127,7 +127,7 @@ class ShortcutConfig:
                     kind, "null or a list of integers")
                 raise TypeError(f"{f.name}={value!r} must be {expected}")
 
-    def resolved(self, num_layers: int) -> "ShortcutConfig":
+    def resolved(self, num_layers: int) -> ShortcutConfig:
         """A copy with the ``None`` defaults filled in for a model of ``num_layers``
         layers, checked against that depth."""
         observers = self.observer_layers
@@ -155,7 +155,7 @@ class ShortcutConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ShortcutConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ShortcutConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -166,7 +166,7 @@ class ShortcutConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "ShortcutConfig":
+    def load(cls, path: str | Path) -> ShortcutConfig:
         try:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as err:

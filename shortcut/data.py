@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-
 CORPUS = Path(__file__).resolve().parent / "corpus"
 DEFAULT_PASSAGES = CORPUS / "passages.jsonl"
 """Real English prose (Wikipedia and OpenWebText passages, split ``train`` / ``heldout``)

@@ -30,8 +30,7 @@ from typing import Any
 from shortcut.atomic import replace_folder
 from shortcut.data import DEFAULT_PASSAGES, DataFileError, read_jsonl
 
-from . import report
-from . import tasks
+from . import report, tasks
 from .peers import default_early_exits
 from .workload import DATA, DTYPES, load_system, prompt_sets
 

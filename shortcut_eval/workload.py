@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 import shortcut
+from shortcut.data import DataFileError, prompt_input_ids, read_jsonl, read_prompts
 from shortcut.decode.accounting import ParamSizes, decode_only, plain_cost, shortcut_cost, stats_delta
 from shortcut.decode.stats import DecodeStats
-from shortcut.data import DataFileError, prompt_input_ids, read_jsonl, read_prompts
 from shortcut.models import cache_root
 
 DATA = Path(__file__).resolve().parent / "data"

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 import shortcut
-from shortcut.finetune import consolidate as ft
 from shortcut.data import prompt_input_ids
-from shortcut.skills.folder import SkillsMismatchError
+from shortcut.finetune import consolidate as ft
 from shortcut.finetune.training import Checkpoints
+from shortcut.skills.folder import SkillsMismatchError
 
 from .conftest import make_tiny
 from .test_practice import PROMPTS, _observer

@@ -41,7 +41,7 @@ class ParamSizes:
     bytes_per_param: int = 4
 
     @classmethod
-    def of(cls, handle: Any) -> "ParamSizes":
+    def of(cls, handle: Any) -> ParamSizes:
         parts = handle.parts
         layer = parts.layers[0]
         attn = getattr(layer, parts.spec.attention)

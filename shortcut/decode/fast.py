@@ -52,17 +52,26 @@ calls decode losslessly with the same skills (``lossless_calls``).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..policy.heads import ExitHeads
 from ..learn.sequences import SHORT_MATCH, SequenceMemory
+from ..policy.heads import ExitHeads
+from .lossless import (
+    DraftStep,
+    SequenceInputs,
+    Trail,
+    cannot_decode,
+    choose_next,
+    crop_all,
+    full_logits,
+    plain_decode,
+    plain_greedy,
+)
 from .stats import DecodeStats
-from .lossless import (DraftStep, SequenceInputs, Trail, cannot_decode, choose_next, crop_all, full_logits,
-                       plain_decode, plain_greedy)
-
 
 CONFIDENCE_STEP = 0.05  # how far one audited error raises the confidence bar
 MAX_CONFIDENCE = 0.99  # above this a head hardly ever commits; errors there are not about confidence

@@ -271,7 +271,7 @@ class ExitPolicy:
             self.memory_values = state["memory_values"].float()
             self._memory_matrix = None
 
-    def merge(self, other: "ExitPolicy") -> None:
+    def merge(self, other: ExitPolicy) -> None:
         """Add another worker's practice: evidence-weighted average of the weights,
         summed counts."""
         if other.exit_layers != self.exit_layers or other.weights.shape != self.weights.shape:

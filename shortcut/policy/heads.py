@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterable, Literal, Mapping, NamedTuple
+from collections.abc import Iterable, Mapping
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +109,7 @@ class ExitHeads(nn.Module):
 
     # -- construction / persistence ---------------------------------------------------
     @classmethod
-    def from_state_dict(cls, model_or_parts: nn.Module | ModelParts, state: Mapping[str, torch.Tensor]) -> "ExitHeads":
+    def from_state_dict(cls, model_or_parts: nn.Module | ModelParts, state: Mapping[str, torch.Tensor]) -> ExitHeads:
         """Rebuild heads saved with ``state_dict()`` (e.g. via safetensors) for ``model``."""
         layers = sorted({int(k.split(".")[1]) for k in state if k.startswith("translators.")})
         if not layers:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,8 +28,18 @@ from torch import nn
 from ..arch import ModelParts
 from ..atomic import recover, replace_folder
 from ..config import ShortcutConfig
-from .validate import (SkillsFileError, check_adapter, check_heads, check_policy, expect_object, inside,
-                       read_json, read_tensors, regular_file, token_lists)
+from .validate import (
+    SkillsFileError,
+    check_adapter,
+    check_heads,
+    check_policy,
+    expect_object,
+    inside,
+    read_json,
+    read_tensors,
+    regular_file,
+    token_lists,
+)
 
 HEADS_FILE = "heads.safetensors"
 POLICY_FILE = "policy.safetensors"

@@ -20,10 +20,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..policy.exits import ExitPolicy
 from ..learn.sequences import SequenceMemory
+from ..policy.exits import ExitPolicy
 from .folder import HEADS_FILE, MANIFEST, POLICY_FILE, REPLAY_LOG, read_manifest, write_atomically, write_manifest
-from .validate import SkillsFileError, check_heads, check_policy, expect_object, inside, read_json, read_tensors, token_lists
+from .validate import (
+    SkillsFileError,
+    check_heads,
+    check_policy,
+    expect_object,
+    inside,
+    read_json,
+    read_tensors,
+    token_lists,
+)
 
 
 def _digest(path: Path) -> str:

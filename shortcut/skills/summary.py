@@ -8,8 +8,16 @@ from pathlib import Path
 import torch
 
 from .folder import read_manifest
-from .validate import (SkillsFileError, check_heads, check_policy, expect_object, inside, read_json, read_tensors,
-                       token_lists)
+from .validate import (
+    SkillsFileError,
+    check_heads,
+    check_policy,
+    expect_object,
+    inside,
+    read_json,
+    read_tensors,
+    token_lists,
+)
 
 
 def describe(folder: Path, *, top: int = 10) -> str:
