@@ -1009,7 +1009,7 @@ def main(argv: list[str] | None = None) -> dict:
               + ", ".join(f"{n} {r['median_ms']:.2f} ms ({r['layers_run']} layers, {r['kv_projections']} kv)"
                           for n, r in res.items())
               + f"; paired skip/exit: no-kv {info['ratio_no_kv']:.3f}, kv {info['ratio_kv']:.3f}")
-    for s, info in timing.items():
+    for info in timing.values():
         res, k = info["plans"], info["layers_run"]
         layer_ms = (res["full"]["median_ms"] - res[f"exit after {k} (no-kv)"]["median_ms"]) / (L - k)
         kv_ms = (res[f"exit after {k} (kv)"]["median_ms"] - res[f"exit after {k} (no-kv)"]["median_ms"]) / (L - k)

@@ -72,6 +72,7 @@ class Shortcut:
 
     @property
     def num_layers(self) -> int:
+        """Number of decoder layers of the wrapped model."""
         return self.parts.num_layers
 
     @property
@@ -116,14 +117,17 @@ class Shortcut:
     # -- skills -------------------------------------------------------------------
     @property
     def observer(self) -> Observer | None:
+        """The SAE observer, or ``None`` before one is trained or loaded."""
         return self.learner.observer if self.learner else None
 
     @property
     def heads(self) -> ExitHeads | None:
+        """The learned exit heads, or ``None`` without an observer."""
         return self.learner.heads if self.learner else None
 
     @property
     def exit_policy(self) -> ExitPolicy | None:
+        """The learned exit policy, or ``None`` without an observer."""
         return self.learner.policy if self.learner else None
 
     def attach_observer(self, observer: Observer, *, heads: ExitHeads | None = None,

@@ -72,6 +72,7 @@ class ModelParts:
 
     @property
     def num_layers(self) -> int:
+        """Number of decoder layers."""
         return len(self.layers)
 
 
@@ -200,6 +201,7 @@ def rotary_of(module: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tens
 
 
 def rotate_keys(attn: nn.Module, keys: torch.Tensor, position_embeddings: Any) -> torch.Tensor:
+    """Apply ``attn``'s rotary embedding (``position_embeddings`` = cos, sin) to ``keys``."""
     cos, sin = position_embeddings
     _, rotated = rotary_of(attn)(keys, keys, cos, sin)
     return rotated

@@ -152,10 +152,12 @@ class ShortcutConfig:
         return dataclasses.replace(self, observer_layers=sorted(observers), exit_layers=sorted(exits))
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a json-ready dict."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ShortcutConfig:
+        """A config from ``to_dict()`` output; unknown keys are logged and ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -163,10 +165,12 @@ class ShortcutConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, path: str | Path) -> None:
+        """Write the config to ``path`` as json."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> ShortcutConfig:
+        """Read a config saved with :meth:`save`; ``ValueError`` if ``path`` holds no json object."""
         try:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as err:

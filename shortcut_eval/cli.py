@@ -46,6 +46,7 @@ class UsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``shortcut-eval`` argument parser; the module doc is its help text."""
     parser = argparse.ArgumentParser(prog="shortcut-eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("task", choices=TASKS, help="what to measure")
@@ -204,6 +205,7 @@ def _measure(args: argparse.Namespace, argv: list[str], data, folder: Path, star
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``shortcut-eval``; returns the exit status (expected errors are printed, not raised)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:

@@ -1,9 +1,9 @@
-"""lm-evaluation-harness model type ``shortcut``: evaluate a wrapped model with lm-eval.
+r"""lm-evaluation-harness model type ``shortcut``: evaluate a wrapped model with lm-eval.
 
 Command line (same arguments as ``lm_eval``; run from anywhere)::
 
-    shortcut-lm-eval --model shortcut \\
-        --model_args pretrained=smollm2,skills=skills/,mode=lossless \\
+    shortcut-lm-eval --model shortcut \
+        --model_args pretrained=smollm2,skills=skills/,mode=lossless \
         --tasks shortcut_socialiqa --device cpu --batch_size 1 --limit 50
 
 lm-eval 0.4.13 (the version tested) looks ``--model`` up in its own registry and

@@ -130,6 +130,7 @@ def prompt_sets(prompts: Path, near: Path | None, *, n_practice: int, n_test: in
 
 
 def input_ids(system: System, record: dict) -> torch.Tensor:
+    """The prompt ids of ``record`` for ``system``'s tokenizer."""
     return prompt_input_ids(system.tokenizer, record)
 
 

@@ -42,6 +42,7 @@ class ParamSizes:
 
     @classmethod
     def of(cls, handle: Any) -> ParamSizes:
+        """The parameter counts of ``handle``'s model (and observer, if it has one)."""
         parts = handle.parts
         layer = parts.layers[0]
         attn = getattr(layer, parts.spec.attention)

@@ -117,6 +117,7 @@ class FastController:
         return self.errors / self.audits if self.audits else 0.0
 
     def audit_now(self) -> bool:
+        """Whether to audit the next committed token (true with probability ``audit_fraction``)."""
         return bool(torch.rand((), generator=self.generator) < self.audit_fraction)
 
     def record_audit(self, agreed: bool) -> None:
@@ -136,6 +137,7 @@ class FastController:
             self.min_familiarity = max(self.base_familiarity, self.min_familiarity - share * FAMILIARITY_STEP)
 
     def report(self) -> dict[str, float]:
+        """The counters and current bars, by name."""
         return {"exits": self.exits, "replayed": self.replayed, "unsure": self.unsure, "vetoes": self.vetoes,
                 "full_steps": self.full_steps,
                 "catch_ups": self.catch_ups, "lossless_calls": self.lossless_calls, "audits": self.audits,
@@ -160,10 +162,12 @@ class FastStep(DraftStep):
         self.expected: int | None = None  # the practised sequences' next token here, if they know it
 
     def begin(self, input_ids: torch.Tensor | None) -> None:
+        """Start a forward: forget the previous token's exit and shortlist."""
         super().begin(input_ids)
         self.checked_layer, self.shortlist_logits = None, None
 
     def should_run(self, layer_idx: int, hidden: torch.Tensor) -> bool:
+        """As :meth:`DraftStep.should_run`, but commit an exit only when familiar and confident enough."""
         run = super().should_run(layer_idx, hidden)
         if (layer_idx == self.signature_layer and self.exit_layer is not None
                 and self.decision.familiarity < self.controller.min_familiarity):

@@ -124,6 +124,7 @@ class SequenceInputs:
         return positions[..., start:end]
 
     def __call__(self, start: int, end: int, device: torch.device) -> dict[str, Any]:
+        """Model keywords for a forward over positions ``start..end-1``."""
         kwargs = dict(self.extra)
         mask = self.mask_to(end)
         if mask is not None:
@@ -163,6 +164,7 @@ class Trail:
         self._armed = start
 
     def record(self, position: int, rows: torch.Tensor) -> None:
+        """Keep the memory rows matched by the token at ``position``."""
         self.rows[position] = rows
 
     def truncate(self, length: int) -> None:
@@ -186,6 +188,7 @@ class Trail:
         return rows
 
     def close(self) -> None:
+        """Remove the pre-hook."""
         self._handle.remove()
 
 
@@ -224,10 +227,12 @@ class DraftStep:
         self.unfamiliar_runs_full = False  # a draft stops on an unfamiliar token instead
 
     def begin(self, input_ids: torch.Tensor | None) -> None:
+        """Start a forward: forget the previous token's decision."""
         self.exit_layer, self.exit_hidden, self.signature, self.decision = None, None, None, None
         self.prediction, self.unsure = None, False
 
     def should_run(self, layer_idx: int, hidden: torch.Tensor) -> bool:
+        """Run up to the signature layer, decide the exit there, and stop after it."""
         if layer_idx < self.signature_layer:
             return True
         if layer_idx == self.signature_layer:
@@ -424,6 +429,7 @@ def crop_all(cache: Any, length: int) -> None:
 
 
 def crop_to(cache: Any, lengths: list[int]) -> None:
+    """Crop each cache layer to its length in ``lengths`` (layers already shorter are left)."""
     for layer, length in zip(cache.layers, lengths):
         extra = (layer.get_seq_length() if layer.is_initialized else 0) - length
         if extra > 0:
@@ -603,9 +609,11 @@ class EndOnce(BaseStreamer):
         self.ended = False
 
     def put(self, value: torch.Tensor) -> None:
+        """Pass ``value`` on to the streamer."""
         self.streamer.put(value)
 
     def end(self) -> None:
+        """End the stream, the first time only."""
         if not self.ended:
             self.ended = True
             self.streamer.end()

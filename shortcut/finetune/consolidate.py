@@ -402,6 +402,7 @@ def finetune(model: nn.Module, skills_folder: str | Path, output: str | Path, *,
         config: the run's settings (:class:`FinetuneConfig`).
         resume: continue from the latest checkpoint in ``output`` (same settings only).
         overwrite: replace whatever run or skills ``output`` holds.
+        progress: show progress bars.
 
     Returns:
         The summary (also written to ``output/finetune_summary.json``).
@@ -523,6 +524,7 @@ def write_output(output: Path, source: Path, manifest: dict[str, Any], learned: 
 
 # -- command line -------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    """The ``shortcut-finetune`` argument parser (defaults from :class:`FinetuneConfig`)."""
     d = FinetuneConfig()
     p = argparse.ArgumentParser(prog="shortcut-finetune", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

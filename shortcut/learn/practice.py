@@ -50,6 +50,7 @@ class ReplayBuffer:
         return self._size
 
     def add(self, states: dict[int, torch.Tensor], final: torch.Tensor, sig: Signature, tokens: torch.Tensor) -> None:
+        """Store one forward's positions, dropping the oldest chunks beyond ``capacity``."""
         chunk = {
             "states": {l: states[l].detach().to(torch.float16) for l in self.exit_layers},
             "final": final.detach().to(torch.float16),
@@ -85,6 +86,7 @@ class LearnStats:
     last_fit: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
+        """The fields by name."""
         return dict(self.__dict__)
 
 
@@ -170,6 +172,7 @@ class Learner:
         self._handles.append(self.model.register_forward_hook(self._after_forward))
 
     def uninstall(self) -> None:
+        """Remove the recording hooks."""
         if self._capture is not None:
             self._capture.remove()
             self._capture = None
@@ -209,7 +212,7 @@ class Learner:
     # -- learning -------------------------------------------------------------------
     @torch.no_grad()
     def outcomes(self, states: dict[int, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-        """[T, n_exit] booleans: does each exit head (shortlist scoring) agree with the full model?"""
+        """[T, n_exit] booleans: whether each exit head (shortlist scoring) agrees with the full model."""
         columns = []
         for layer in self.policy.exit_layers:
             if self.heads.shortlist.numel() == 0:

@@ -61,6 +61,7 @@ class SequenceMemory:
 
     @property
     def tokens(self) -> int:
+        """Total number of tokens stored."""
         return self._tokens
 
     def add(self, ids: Iterable[int], start: int | None = None) -> bool:
@@ -91,6 +92,7 @@ class SequenceMemory:
         return True
 
     def extend(self, sequences: Iterable[Iterable[int]]) -> None:
+        """Store each of ``sequences`` (see :meth:`add`)."""
         for seq in sequences:
             self.add(seq)
 

@@ -135,6 +135,7 @@ class ExitPolicy:
 
     @property
     def memory_len(self) -> int:
+        """Number of signatures in the memory."""
         return int(self.memory_indices.shape[0])
 
     def _matrix(self) -> torch.Tensor:
@@ -246,6 +247,7 @@ class ExitPolicy:
 
     # -- persistence --------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The learned tensors and exit layers, for safetensors."""
         return {
             "weights": self.weights, "bias": self.bias, "trials": self.trials,
             "agreements": self.agreements, "feature_counts": self.feature_counts,
@@ -255,6 +257,7 @@ class ExitPolicy:
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a :meth:`state_dict`; ``ValueError`` if its exit layers or width differ."""
         layers = state["exit_layers"].tolist()
         if layers != self.exit_layers or state["weights"].shape != self.weights.shape:
             raise ValueError(

@@ -134,10 +134,12 @@ class ExitHeads(nn.Module):
 
     @property
     def final_norm(self) -> nn.Module:
+        """The base model's final norm (borrowed: not in the heads' parameters)."""
         return self._base[0]
 
     @property
     def unembed(self) -> nn.Module:
+        """The base model's unembedding (borrowed: not in the heads' parameters)."""
         return self._base[1]
 
     def _translator(self, layer: int) -> nn.Linear:

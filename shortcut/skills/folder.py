@@ -78,6 +78,7 @@ def fingerprint(model: nn.Module, parts: ModelParts) -> dict[str, Any]:
 
 
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], folder: Path) -> None:
+    """Raise :class:`SkillsMismatchError` naming the differences if the fingerprints differ."""
     if saved != current:
         diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
         raise SkillsMismatchError(
@@ -106,6 +107,7 @@ def write_atomically(folder: str | Path, fill: Callable[[Path], None], *, overwr
 
 
 def write_manifest(folder: Path, fingerprint_: dict[str, Any], contents: dict[str, Any]) -> None:
+    """Write the folder's ``manifest.json``: format version, base model fingerprint, contents."""
     manifest = {"format_version": FORMAT_VERSION, "base_model": fingerprint_, "contents": contents}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 

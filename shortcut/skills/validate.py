@@ -84,6 +84,7 @@ def read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
 
 
 def expect_object(value: Any, path: Path, what: str) -> dict[str, Any]:
+    """``value`` if it is a json object; ``SkillsFileError`` naming ``path`` and ``what`` if not."""
     if not isinstance(value, dict):
         raise SkillsFileError(f"{path}: {what} must be a json object, not {type(value).__name__}")
     return value
@@ -194,7 +195,7 @@ def check_adapter(folder: Path, model: torch.nn.Module) -> None:
     weights = folder / "adapter_model.safetensors"
     state = read_tensors(weights, "adapter weights")
     modules = dict(model.named_modules())
-    for key, value in state.items():
+    for key in state:
         if ".lora_A." not in key and ".lora_B." not in key:
             raise SkillsFileError(f"{weights}: unexpected field {key!r}")
         name = key.split(".lora_")[0]
