@@ -129,8 +129,10 @@ def main(argv: list[str] | None = None) -> dict:
     new_states, _, new_tokens = answer_states(model, parts, novel, exits)
     with torch.no_grad():
         result["tuned_heads"] = {
-            str(e): {"practised": float((heads.predict(e, states[e], use_shortlist=False).token_ids == tokens).float().mean()),
-                     "new": float((heads.predict(e, new_states[e], use_shortlist=False).token_ids == new_tokens).float().mean())}
+            str(e): {"practised": float((heads.predict(e, states[e], use_shortlist=False).token_ids
+                                         == tokens).float().mean()),
+                     "new": float((heads.predict(e, new_states[e], use_shortlist=False).token_ids
+                                   == new_tokens).float().mean())}
             for e in exits}
 
     handle = shortcut.wrap(model)

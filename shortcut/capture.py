@@ -50,13 +50,16 @@ class StateCapture:
         self.layers = sorted({int(layer) for layer in layers})
         bad = [layer for layer in self.layers if not 0 <= layer <= parts.num_layers]
         if bad:
-            raise ValueError(f"layers {bad} are outside 0..{parts.num_layers} (the model has {parts.num_layers} layers)")
+            raise ValueError(
+                f"layers {bad} are outside 0..{parts.num_layers} (the model has {parts.num_layers} layers)"
+            )
         self.states: dict[int, torch.Tensor] = {}
         self._keep = keep
         self._handles: list[Any] = []
         for layer in self.layers:
             if layer < parts.num_layers:
-                self._handles.append(parts.layers[layer].register_forward_pre_hook(self._before(layer), with_kwargs=True))
+                handle = parts.layers[layer].register_forward_pre_hook(self._before(layer), with_kwargs=True)
+                self._handles.append(handle)
             else:
                 self._handles.append(parts.layers[-1].register_forward_hook(self._after(layer)))
 

@@ -97,7 +97,9 @@ class ShortcutConfig:
         if not 0.0 <= self.policy_threshold <= 1.0:
             raise ValueError(f"policy_threshold={self.policy_threshold} must be in [0, 1]")
         if self.consolidate_every < 0:
-            raise ValueError(f"consolidate_every={self.consolidate_every} must be 0 (only after practice rounds) or more")
+            raise ValueError(
+                f"consolidate_every={self.consolidate_every} must be 0 (only after practice rounds) or more"
+            )
         if self.fit_steps < 1:
             raise ValueError(f"fit_steps={self.fit_steps} must be at least 1")
         for name in ("observer_layers", "exit_layers"):

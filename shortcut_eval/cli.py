@@ -48,9 +48,11 @@ class UsageError(ValueError):
 def build_parser() -> argparse.ArgumentParser:
     """The ``shortcut-eval`` argument parser; the module doc is its help text."""
     parser = argparse.ArgumentParser(prog="shortcut-eval", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("task", choices=TASKS, help="what to measure")
-    parser.add_argument("--model", default="smollm2", help="alias (smollm2, gemma3-270m), local folder, .gguf or hub id")
+    parser.add_argument("--model", default="smollm2",
+                        help="alias (smollm2, gemma3-270m), local folder, .gguf or hub id")
     parser.add_argument("--skills", default=None, help="skills folder to start from (default: fresh skills)")
     parser.add_argument("--compare", default=None, help="a second skills folder measured beside --skills")
     parser.add_argument("--mode", choices=("lossless", "fast", "both"), default="lossless")
@@ -169,7 +171,8 @@ def _measure(args: argparse.Namespace, argv: list[str], data, folder: Path, star
     log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
     common = {"dtype": args.dtype, "seed": args.seed, "corpus": args.corpus, "sae_steps": args.sae_steps,
               "progress": not args.quiet, "observer_layer": args.observer_layer, "exit_layers": args.exit_layers}
-    systems = [load_system(Path(args.skills).name if args.skills else "fresh", args.model, skills=args.skills, **common)]
+    label = Path(args.skills).name if args.skills else "fresh"
+    systems = [load_system(label, args.model, skills=args.skills, **common)]
     if args.compare:
         systems.append(load_system(Path(args.compare).name, args.model, skills=args.compare, **common))
         if systems[1].label == systems[0].label:

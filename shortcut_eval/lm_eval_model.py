@@ -207,9 +207,10 @@ def load_jsonl(jsonl: str = "choice.jsonl", split: str = "test", where: str | No
                **_metadata: Any) -> Any:
     """Task data from a committed JSONL file, for task YAMLs' ``custom_dataset``.
 
-    ``jsonl`` is relative to shortcut's eval data folder (``shortcut_eval/data``) unless absolute; ``where`` keeps only rows whose field of
-    that name is not null. lm-eval also passes the task metadata (model arguments
-    included) as keyword arguments; they are ignored.
+    ``jsonl`` is relative to shortcut's eval data folder (``shortcut_eval/data``) unless
+    absolute; ``where`` keeps only rows whose field of that name is not null. lm-eval
+    also passes the task metadata (model arguments included) as keyword arguments; they
+    are ignored.
 
     Returns:
         ``datasets.DatasetDict`` with the one split ``split``.

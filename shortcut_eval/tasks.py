@@ -258,11 +258,13 @@ def choice(args: Any, systems: list[System], items: list[dict], log: Callable[[s
                 "accuracy": correct[("unwrapped", None)] / n}]
     for system, mode in combos:
         key = (system.label, mode)
-        results.append({"set": "choice", "method": f"shortcut {mode}" + (f" [{system.label}]" if len(systems) > 1 else ""),
-                        "questions": n, "accuracy": correct[key] / n, "same_choice_as_unwrapped": same_pick[key] / n})
+        method = f"shortcut {mode}" + (f" [{system.label}]" if len(systems) > 1 else "")
+        results.append({"set": "choice", "method": method, "questions": n, "accuracy": correct[key] / n,
+                        "same_choice_as_unwrapped": same_pick[key] / n})
     for r in results:
         log(f"{r['method']:<28} accuracy {100 * r['accuracy']:.1f}%"
-            + (f"  same choice as unwrapped {100 * r['same_choice_as_unwrapped']:.1f}%" if "same_choice_as_unwrapped" in r else ""))
+            + (f"  same choice as unwrapped {100 * r['same_choice_as_unwrapped']:.1f}%"
+               if "same_choice_as_unwrapped" in r else ""))
     return {"tests": results, "raw": {"questions": raw}}
 
 

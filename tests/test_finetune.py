@@ -249,7 +249,8 @@ def test_layerskip_schedule_helpers():
     from shortcut.finetune.layerskip import active_exits, dropout_rates, exit_weights
 
     assert [active_exits(s, 8, [7, 11, 15], "rotational") for s in range(4)] == [[7], [11], [15], [7]]
-    assert active_exits(0, 9, [7, 11, 15], "gradual") == [15] and active_exits(8, 9, [7, 11, 15], "gradual") == [7, 11, 15]
+    assert active_exits(0, 9, [7, 11, 15], "gradual") == [15]
+    assert active_exits(8, 9, [7, 11, 15], "gradual") == [7, 11, 15]
     rates = dropout_rates(30, 0.2)
     assert rates[0] == 0.0 and abs(rates[-1] - 0.2) < 1e-9 and rates == sorted(rates)
     w = exit_weights([7, 19], 30, 1.0)

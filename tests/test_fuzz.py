@@ -277,7 +277,8 @@ def run_case(model: Any, handle: Any, case: Case, tokenizer: Any) -> tuple[bool,
 
 
 def describe(case: Case) -> str:
-    return (f"mode={case.mode} ids={case.input_ids.tolist()} mask={None if case.attention_mask is None else case.attention_mask.tolist()} "
+    mask = None if case.attention_mask is None else case.attention_mask.tolist()
+    return (f"mode={case.mode} ids={case.input_ids.tolist()} mask={mask} "
             f"options={case.options} seed={case.seed} streamer={case.streamer} stop={case.stop_strings} "
             f"via_config={case.via_config}")
 

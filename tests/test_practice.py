@@ -56,7 +56,8 @@ def practised(practised_folder):
     handle.remove()
 
 
-@pytest.mark.parametrize("kw", [dict(do_sample=False), dict(do_sample=True), dict(do_sample=True, top_k=5, temperature=0.7)])
+@pytest.mark.parametrize("kw", [dict(do_sample=False), dict(do_sample=True),
+                                dict(do_sample=True, top_k=5, temperature=0.7)])
 def test_lossless_identical_to_unwrapped(practised, kw):
     model, handle, _ = practised
     accepted = 0.0
@@ -197,7 +198,8 @@ def test_acceptance_counts_every_matching_draft_token_including_the_end(practise
                 for (start, tokens), (drafted, accepted) in zip(drafts, records[1:]):  # records[0]: the prefill
                     assert drafted == len(tokens)
                     matching = 0
-                    while matching < len(tokens) and start + matching < len(out) and tokens[matching] == int(out[start + matching]):
+                    while (matching < len(tokens) and start + matching < len(out)
+                           and tokens[matching] == int(out[start + matching])):
                         matching += 1
                     assert accepted == matching
                     ended += bool(tokens) and tokens[-1] == eos and matching == len(tokens)
@@ -214,8 +216,10 @@ def test_padded_batch_and_unsupported_options_take_full_path(practised, caplog):
         ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
         ref_beam = model.generate(input_ids=PROMPTS[0], max_new_tokens=8, num_beams=2, do_sample=False)
     with caplog.at_level(logging.WARNING):
-        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0), ref)
-        assert torch.equal(model.generate(input_ids=PROMPTS[0], max_new_tokens=8, num_beams=2, do_sample=False), ref_beam)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert torch.equal(out, ref)
+        out_beam = model.generate(input_ids=PROMPTS[0], max_new_tokens=8, num_beams=2, do_sample=False)
+        assert torch.equal(out_beam, ref_beam)
     assert "batch size 2" in caplog.text and "num_beams=2" in caplog.text
 
 
@@ -392,7 +396,8 @@ def _check_prefill_replay(model, handle, kw):
     memory = handle.learner.sequences
     handle.set_learning(False)
     try:
-        for practised_seq, most_verifies in ((answer, 0), (answer[:fork] + [(answer[fork] + 1) % 96] + answer[fork + 1:], 6)):
+        forked = answer[:fork] + [(answer[fork] + 1) % 96] + answer[fork + 1:]
+        for practised_seq, most_verifies in ((answer, 0), (forked, 6)):
             handle.learner.sequences = SequenceMemory()
             handle.learner.sequences.add(practised_seq)
             before = handle.decode_stats.copy()
@@ -583,7 +588,8 @@ def test_fast_mode_commits_the_practised_answer_with_no_layer(practised):
     prompt = PROMPTS[0]
     with handle.disabled():
         ref = model.generate(input_ids=prompt, max_new_tokens=24, do_sample=False)
-    controller, saved = handle.fast, (handle.fast.min_confidence, handle.fast.base_confidence, handle.fast.audit_fraction)
+    controller = handle.fast
+    saved = (controller.min_confidence, controller.base_confidence, controller.audit_fraction)
     memory = handle.learner.sequences
     handle.learner.sequences = SequenceMemory()  # as if practised once, for 16 tokens
     handle.learner.sequences.add(ref[0, :prompt.shape[1] + 16].tolist())

@@ -204,6 +204,7 @@ def test_eval_harness_smoke_on_real_model(tmp_path):
     for test_set in ("exact repeats", "near-duplicates", "novel"):
         for method in ("shortcut lossless", "early-exit E=22", "prompt lookup"):
             assert rows[(test_set, method)]["identical"] == 1.0, (test_set, method)
-    assert rows[("exact repeats", "shortcut lossless")]["bytes_rel"] < 0.9 < rows[("novel", "shortcut lossless")]["bytes_rel"]
+    assert (rows[("exact repeats", "shortcut lossless")]["bytes_rel"] < 0.9
+            < rows[("novel", "shortcut lossless")]["bytes_rel"])
     assert rows[("exact repeats", "oracle")]["mean_layers"] < 30
     assert (out / "practice_curve.png").stat().st_size > 10_000

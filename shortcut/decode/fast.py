@@ -11,10 +11,11 @@ than a pending token's) first catches up: the cache is cropped to the last exact
 position and one batched full forward runs over the pending tokens and the new one.
 So every full-path token attends to the full model's keys and values, and the
 deviations from the full model are exactly the committed tokens that differed (why
-not CALM-style propagated keys/values: ``docs/findings.md``). The catch-up forward also tells, for free, which pending tokens the full model would have
-picked: every comparison is an audit. Pending tokens at the end of a call are the
-saving; a seeded random ``audit_fraction`` of calls catches up at the end too, so the
-error rate is measured even where nothing needed the full path.
+not CALM-style propagated keys/values: ``docs/findings.md``). The catch-up forward
+also tells, for free, which pending tokens the full model would have picked: every
+comparison is an audit. Pending tokens at the end of a call are the saving; a seeded
+random ``audit_fraction`` of calls catches up at the end too, so the error rate is
+measured even where nothing needed the full path.
 
 Audits calibrate two bars: the head's confidence and the signature's familiarity
 (cosine similarity to the nearest practised signature; the policy's own bar is the
@@ -141,8 +142,8 @@ class FastController:
         return {"exits": self.exits, "replayed": self.replayed, "unsure": self.unsure, "vetoes": self.vetoes,
                 "full_steps": self.full_steps,
                 "catch_ups": self.catch_ups, "lossless_calls": self.lossless_calls, "audits": self.audits,
-                "audit_errors": self.errors, "measured_error_rate": self.error_rate, "min_confidence": self.min_confidence,
-                "min_familiarity": self.min_familiarity}
+                "audit_errors": self.errors, "measured_error_rate": self.error_rate,
+                "min_confidence": self.min_confidence, "min_familiarity": self.min_familiarity}
 
 
 class FastStep(DraftStep):

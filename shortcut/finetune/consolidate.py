@@ -162,7 +162,8 @@ class FinetuneConfig:
             raise ValueError(f"lora_final_target={self.lora_final_target!r} must be 'base' or 'tokens'")
         if not 0.0 <= self.heldout < 0.5:
             raise ValueError(f"heldout={self.heldout} must be in [0, 0.5)")
-        positive = ("max_new_tokens", "max_length", "steps", "batch_size", "eval_every", "lora_steps", "lora_batch_size", "lora_rank")
+        positive = ("max_new_tokens", "max_length", "steps", "batch_size", "eval_every",
+                    "lora_steps", "lora_batch_size", "lora_rank")
         bad = [name for name in positive if getattr(self, name) < 1]
         if bad:
             raise ValueError(f"{', '.join(bad)} must be at least 1")
@@ -173,7 +174,8 @@ class FinetuneConfig:
         for name in ("checkpoint_every", "keep_checkpoints"):
             key.pop(name)
         if self.level == "heads":
-            key = {k: v for k, v in key.items() if not k.startswith("lora_") and k not in ("exit_scale", "curriculum", "layer_dropout")}
+            adapter_only = ("exit_scale", "curriculum", "layer_dropout")
+            key = {k: v for k, v in key.items() if not k.startswith("lora_") and k not in adapter_only}
         return key
 
 
@@ -208,13 +210,17 @@ def check_output(output: Path, run: dict[str, Any], *, resume: bool, overwrite: 
             previous = json.loads(path.read_text()).get("run")
             break
     if previous is None and not (output / skills.MANIFEST).is_file():
-        raise FileExistsError(f"{output} is not empty and is neither a skills folder nor a finetune run; refusing to touch it")
+        raise FileExistsError(
+            f"{output} is not empty and is neither a skills folder nor a finetune run; refusing to touch it"
+        )
     if overwrite:
         return "fresh"
     if previous is None:
         raise FileExistsError(f"{output} already holds skills; pass --overwrite to replace them")
     if not resume:
-        raise FileExistsError(f"{output} already holds a finetune run; pass --resume to continue it or --overwrite to replace it")
+        raise FileExistsError(
+            f"{output} already holds a finetune run; pass --resume to continue it or --overwrite to replace it"
+        )
     if previous != run:
         flat = [_flatten(previous), _flatten(run)]
         diff = sorted(k for k in set(flat[0]) | set(flat[1]) if flat[0].get(k) != flat[1].get(k))
@@ -292,7 +298,8 @@ def fit_heads(heads: ExitHeads, states: dict[int, torch.Tensor], final: torch.Te
             sums = torch.zeros(2 * len(inner.layers) + 1, device=accelerator.device)
             with torch.no_grad():
                 for idx in mine.split(1024):
-                    _, losses = inner({layer: states[layer][idx] for layer in states}, targets[idx], score, cfg.hard_weight)
+                    batch = {layer: states[layer][idx] for layer in states}
+                    _, losses = inner(batch, targets[idx], score, cfg.hard_weight)
                     for j, layer in enumerate(inner.layers):
                         pred = heads.shortlist[inner.logits(layer, states[layer][idx], score).argmax(-1)]
                         sums[j] += losses[layer] * len(idx)
@@ -302,7 +309,8 @@ def fit_heads(heads: ExitHeads, states: dict[int, torch.Tensor], final: torch.Te
             count = float(sums[-1].clamp_min(1))
             per_loss = {str(layer): float(sums[j]) / count for j, layer in enumerate(inner.layers)}
             return {"loss": sum(per_loss.values()), "per_layer_loss": per_loss,
-                    "agreement": {str(layer): float(sums[len(inner.layers) + j]) / count for j, layer in enumerate(inner.layers)}}
+                    "agreement": {str(layer): float(sums[len(inner.layers) + j]) / count
+                                  for j, layer in enumerate(inner.layers)}}
 
         state = train_loop(stage, accelerator, optimizer, loss_fn, steps=steps, lr=cfg.lr, warmup=cfg.warmup, ckpt=ckpt,
                            eval_fn=eval_fn if evaluate else None, eval_every=cfg.eval_every, patience=cfg.patience,
@@ -427,7 +435,9 @@ def finetune(model: nn.Module, skills_folder: str | Path, output: str | Path, *,
     extra_prompts = [prompt_input_ids(tokenizer, r)[0].tolist() for r in records if "text" not in r]
     texts = [ids for ids in (tokenizer(r["text"])["input_ids"][:limit] for r in records if "text" in r) if len(ids) > 1]
     if not prompts and not extra_prompts and not texts:
-        raise ValueError(f"empty dataset: the replay log of {skills_folder} lists no prompts and there is no extra text")
+        raise ValueError(
+            f"empty dataset: the replay log of {skills_folder} lists no prompts and there is no extra text"
+        )
     learned = skills.load_learned(skills_folder, manifest, parts, fingerprint)  # every file checked before any work
     run = {"config": cfg.run_key(), "base_model": fingerprint, "skills": _files_digest(skills_folder),
            "extra": _digest([extra_prompts, texts])}
@@ -456,9 +466,11 @@ def finetune(model: nn.Module, skills_folder: str | Path, output: str | Path, *,
         if cfg.level == "layerskip":
             from .layerskip import train_adapter
 
-            peft_model, summary["layerskip"] = train_adapter(model, parts, learned.heads.layers, examples, cfg, ckpt, tokenizer=tokenizer,
-                                                             quality_texts=quality_texts, progress=progress)
-            examples = build_examples(model, replay, texts, cfg.max_new_tokens, accelerator, ckpt, "replay-adapted", progress)
+            peft_model, summary["layerskip"] = train_adapter(model, parts, learned.heads.layers, examples, cfg, ckpt,
+                                                             tokenizer=tokenizer, quality_texts=quality_texts,
+                                                             progress=progress)
+            examples = build_examples(model, replay, texts, cfg.max_new_tokens, accelerator, ckpt, "replay-adapted",
+                                      progress)
         summary["heads"] = consolidate_heads(model, parts, learned, examples, cfg, ckpt, progress)
         log = practised_log(learned, replay, examples, extra_prompts, adapted=peft_model is not None)
         summary["practised_sequences"] = len(log["sequences"])
@@ -475,8 +487,8 @@ def finetune(model: nn.Module, skills_folder: str | Path, output: str | Path, *,
     return summary
 
 
-def practised_log(learned: skills.Skills, replay: list[list[int]], examples: list[Example], extra_prompts: list[list[int]],
-                  adapted: bool) -> dict[str, list[list[int]]]:
+def practised_log(learned: skills.Skills, replay: list[list[int]], examples: list[Example],
+                  extra_prompts: list[list[int]], adapted: bool) -> dict[str, list[list[int]]]:
     """The consolidated folder's replay log. Its practised sequences (what lossless
     drafts replay, :mod:`shortcut.sequences`) gain every replayed prompt with the
     continuation the model gave it here, extra prompts included; after a LayerSkip
@@ -507,9 +519,11 @@ def write_output(output: Path, source: Path, manifest: dict[str, Any], learned: 
         shutil.copytree(source / contents["observer"], tmp / contents["observer"])
         shutil.copy(source / "config.json", tmp / "config.json")
         (tmp / skills.REPLAY_LOG).write_text(json.dumps(log) + "\n")
-        save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, str(tmp / skills.HEADS_FILE))
+        heads_state = {k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}
+        save_file(heads_state, str(tmp / skills.HEADS_FILE))
         save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, str(tmp / skills.POLICY_FILE))
-        contents.update(heads=skills.HEADS_FILE, policy=skills.POLICY_FILE, replay_log=skills.REPLAY_LOG, consolidation=brief)
+        contents.update(heads=skills.HEADS_FILE, policy=skills.POLICY_FILE, replay_log=skills.REPLAY_LOG,
+                        consolidation=brief)
         contents.pop("adapter", None)
         if peft_model is not None:
             peft_model.save_pretrained(str(tmp / skills.ADAPTER_DIR))
@@ -551,7 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-scale", type=float, default=d.exit_scale)
     p.add_argument("--curriculum", choices=("rotational", "gradual"), default=d.curriculum)
     p.add_argument("--layer-dropout", type=float, default=d.layer_dropout)
-    p.add_argument("--quality", default=str(DEFAULT_QUALITY), help="JSONL of {'text'} passages for the perplexity report")
+    p.add_argument("--quality", default=str(DEFAULT_QUALITY),
+                   help="JSONL of {'text'} passages for the perplexity report")
     p.add_argument("--quality-split", default="heldout", help="split of --quality to use ('' for all records)")
     p.add_argument("--quality-passages", type=int, default=70)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
@@ -580,10 +595,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     h = summary["heads"]
     fit = h["fit"]
     exits = [str(e) for e in h["exit_layers"]]
-    lines = [(f"level {summary['level']}: {summary['replayed_prompts']} replayed prompts (of {summary['replay_log_entries']} "
-              f"log entries), {summary['extra_prompts']} extra "
-              f"prompts, {summary['extra_texts']} extra texts; {fit['positions']} positions ({fit['heldout_positions']} "
-              f"held out); replay {summary['replay_seconds']:.0f} s, total {summary['seconds']:.0f} s"),
+    lines = [(f"level {summary['level']}: {summary['replayed_prompts']} replayed prompts "
+              f"(of {summary['replay_log_entries']} log entries), {summary['extra_prompts']} extra "
+              f"prompts, {summary['extra_texts']} extra texts; {fit['positions']} positions "
+              f"({fit['heldout_positions']} held out); replay {summary['replay_seconds']:.0f} s, "
+              f"total {summary['seconds']:.0f} s"),
              f"{'exit layer':<22}" + "".join(f"{e:>8}" for e in exits),
              f"{'agreement before':<22}" + "".join(f"{100 * h['agreement_before'][e]:>7.1f}%" for e in exits),
              f"{'agreement after':<22}" + "".join(f"{100 * h['agreement_after'][e]:>7.1f}%" for e in exits)]
@@ -600,7 +616,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"layerskip: {ls['steps']} LoRA steps, objective {ls['objective_before']:.4f} -> "
                      f"{ls['objective_after']:.4f}")
         if ls.get("perplexity_base") is not None:
-            lines.append(f"held-out perplexity base {ls['perplexity_base']:.3f}, adapted {ls['perplexity_adapted']:.3f} "
+            lines.append(f"held-out perplexity base {ls['perplexity_base']:.3f}, "
+                         f"adapted {ls['perplexity_adapted']:.3f} "
                          f"({100 * (ls['perplexity_adapted'] / ls['perplexity_base'] - 1):+.2f}%)")
     return "\n".join(lines)
 
@@ -624,8 +641,8 @@ def main(argv: list[str] | None = None) -> int:
             records = read_jsonl(args.quality, required=("text",))
             quality = [r["text"] for r in records if not args.quality_split or r.get("split") == args.quality_split]
             quality = quality[:args.quality_passages]
-        summary = finetune(model, args.skills, output, tokenizer=tokenizer, extra=extra, quality_texts=quality, config=cfg,
-                           resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+        summary = finetune(model, args.skills, output, tokenizer=tokenizer, extra=extra, quality_texts=quality,
+                           config=cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     except (DataFileError, FileNotFoundError, FileExistsError, ValueError, ModuleNotFoundError) as err:
         print(f"shortcut-finetune: error: {err}", file=sys.stderr)
         return 2

@@ -90,7 +90,8 @@ def dropout_rates(num_layers: int, p_max: float) -> list[float]:
     return [p_max * (math.exp(i * math.log(2) / (num_layers - 1)) - 1) for i in range(num_layers)]
 
 
-def make_batch(examples: Sequence[Any], index: Sequence[int], device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_batch(examples: Sequence[Any], index: Sequence[int],
+               device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and next-token ``labels`` (-100
     where no loss is taken: before an example's ``start`` and at padding)."""
     seqs = [examples[i] for i in index]
@@ -195,7 +196,8 @@ def train_adapter(model: nn.Module, parts: ModelParts, exits: Sequence[int], exa
         probe_base = base_logits(peft_model, probe) if anchored else None
         with torch.no_grad():
             before = float(objective(peft_model, parts, capture, probe, exits, cfg.exit_scale, probe_base))
-        optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=cfg.lora_lr, weight_decay=0.0)
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lora_lr, weight_decay=0.0)
         prepared, optimizer = accelerator.prepare(peft_model, optimizer)
 
         def loss_fn(step: int) -> torch.Tensor:

@@ -40,9 +40,12 @@ def read_skills(folder: str | Path) -> tuple[dict[str, Any], list[list[int]]]:
         raise ValueError(f"{folder} holds a config only (no observer, heads or policy): practise first")
     log = inside(folder, contents.get("replay_log", skills.REPLAY_LOG), "contents.replay_log")
     if not log.exists():
-        raise FileNotFoundError(f"{folder} has no replay log ({log.name}): consolidation replays the practised prompts it lists")
+        raise FileNotFoundError(
+            f"{folder} has no replay log ({log.name}): consolidation replays the practised prompts it lists"
+        )
     prompts = expect_object(read_json(log, "replay log"), log, "the replay log").get("prompts")
-    if not isinstance(prompts, list) or not all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompts):
+    if not isinstance(prompts, list) or not all(isinstance(p, list) and p and all(isinstance(t, int) for t in p)
+                                                for p in prompts):
         raise ValueError(f"{log}: 'prompts' must be a list of non-empty lists of token ids")
     return manifest, prompts
 
@@ -70,9 +73,11 @@ def greedy_continuations(model: nn.Module, prompts: list[list[int]], max_new_tok
 
     mine = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
     done = []
-    for index in tqdm(mine, desc="replay (greedy)", disable=not (progress and accelerator.is_local_main_process), leave=False):
+    show = progress and accelerator.is_local_main_process
+    for index in tqdm(mine, desc="replay (greedy)", disable=not show, leave=False):
         ids = torch.tensor([prompts[index]], device=accelerator.device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False)
         done.append((index, out[0].tolist()))
     return [seq for _, seq in sorted(gather_object(done))]
 

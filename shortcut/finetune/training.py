@@ -144,7 +144,8 @@ def train_loop(stage: str, accelerator: Any, optimizer: torch.optim.Optimizer, l
         accelerator.load_state(str(found), strict=False)
         state = json.loads((found / "trainer_state.json").read_text())
         logger.info("%s: resumed from %s", stage, found)
-    bar = tqdm(total=steps, initial=state["step"], desc=stage, disable=not (progress and accelerator.is_local_main_process), leave=False)
+    bar = tqdm(total=steps, initial=state["step"], desc=stage,
+               disable=not (progress and accelerator.is_local_main_process), leave=False)
     while state["step"] < steps:
         step = state["step"]
         for group in optimizer.param_groups:

@@ -263,7 +263,8 @@ class Learner:
             "tokens": int(tokens.shape[0]),
             "seconds": took,
             "final_loss": {int(l): float(v[-1]) for l, v in losses.items() if v},
-            "agreement": {l: float(a) for l, a in zip(self.policy.exit_layers, self.policy.agreements / self.policy.trials.clamp_min(1))},
+            "agreement": {l: float(a) for l, a in zip(self.policy.exit_layers,
+                                                      self.policy.agreements / self.policy.trials.clamp_min(1))},
         }
         logger.info("consolidated %d tokens in %.1fs: %s", tokens.shape[0], took, self.stats.last_fit["agreement"])
         return self.stats.last_fit

@@ -119,7 +119,8 @@ class ExitPolicy:
         indices, activity = self._activity(sig)
         indices, activity = indices.reshape(-1, indices.shape[-1]), activity.reshape(-1, activity.shape[-1])
         if self.memory_indices.numel() == 0:
-            self.memory_indices, self.memory_values = indices[-self.memory_size:].clone(), activity[-self.memory_size:].clone()
+            self.memory_indices = indices[-self.memory_size:].clone()
+            self.memory_values = activity[-self.memory_size:].clone()
             self.memory_start += max(0, indices.shape[0] - self.memory_size)
         else:
             self.memory_start += max(0, self.memory_len + indices.shape[0] - self.memory_size)
@@ -282,8 +283,11 @@ class ExitPolicy:
         n_self, n_other = self.trials[:, None], other.trials[:, None]
         total = n_self + n_other
         seen = total > 0  # layers neither worker tried keep their values
-        self.weights = torch.where(seen, (self.weights * n_self + other.weights * n_other) / total.clamp_min(1), self.weights)
-        self.bias = torch.where(seen[:, 0], (self.bias * n_self[:, 0] + other.bias * n_other[:, 0]) / total[:, 0].clamp_min(1), self.bias)
+        self.weights = torch.where(seen, (self.weights * n_self + other.weights * n_other) / total.clamp_min(1),
+                                   self.weights)
+        self.bias = torch.where(seen[:, 0],
+                                (self.bias * n_self[:, 0] + other.bias * n_other[:, 0]) / total[:, 0].clamp_min(1),
+                                self.bias)
         self.trials += other.trials
         self.agreements += other.agreements
         self.feature_counts += other.feature_counts

@@ -93,7 +93,9 @@ class ExitHeads(nn.Module):
             raise ValueError("ExitHeads needs at least one exit layer")
         bad = [layer for layer in layers if not 0 <= layer <= self.num_layers]
         if bad:
-            raise ValueError(f"exit layers {bad} are outside 0..{self.num_layers} (the model has {self.num_layers} layers)")
+            raise ValueError(
+                f"exit layers {bad} are outside 0..{self.num_layers} (the model has {self.num_layers} layers)"
+            )
         # Borrowed, not registered: keeps base weights out of state_dict/parameters().
         self._base: tuple[nn.Module, nn.Module] = (parts.final_norm, parts.unembed)
         self.translators = nn.ModuleDict()
@@ -118,13 +120,15 @@ class ExitHeads(nn.Module):
         heads.load_state_dict(dict(state))
         return heads
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[override]
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,  # type: ignore[override]
+                              missing_keys, unexpected_keys, error_msgs):
         key = prefix + "shortlist"
         if key in state_dict:
             # Resize first: a saved shortlist has its own length.
             self.shortlist = torch.empty_like(state_dict[key], dtype=torch.long, device=self.shortlist.device)
             self._short_cache = None
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # -- introspection ----------------------------------------------------------------
     @property
@@ -150,7 +154,9 @@ class ExitHeads(nn.Module):
 
     def _check_hidden(self, hidden: torch.Tensor, what: str = "hidden") -> None:
         if hidden.dim() == 0 or hidden.shape[-1] != self.width:
-            raise ValueError(f"{what} width {tuple(hidden.shape)[-1:] or '()'} does not match the model width {self.width}")
+            raise ValueError(
+                f"{what} width {tuple(hidden.shape)[-1:] or '()'} does not match the model width {self.width}"
+            )
 
     def head_cost(self, layer: int) -> dict[str, int]:
         """Parameters read per token by the head at ``layer``.
@@ -194,7 +200,8 @@ class ExitHeads(nn.Module):
         at each of those positions. Returns how many ids were new."""
         parts = [self.shortlist.cpu()]
         if token_ids is not None:
-            parts.append(torch.as_tensor(token_ids if isinstance(token_ids, torch.Tensor) else list(token_ids)).reshape(-1).long().cpu())
+            ids = torch.as_tensor(token_ids if isinstance(token_ids, torch.Tensor) else list(token_ids))
+            parts.append(ids.reshape(-1).long().cpu())
         if final_hidden is not None and top_k > 0:
             self._check_hidden(final_hidden, "final_hidden")
             h = final_hidden.reshape(-1, self.width)
@@ -259,7 +266,8 @@ class ExitHeads(nn.Module):
         return Prediction(idx, conf)
 
     @torch.no_grad()
-    def kl(self, layer: int, hidden: torch.Tensor, final_hidden: torch.Tensor, *, vocab: Literal["full", "shortlist"] = "full") -> float:
+    def kl(self, layer: int, hidden: torch.Tensor, final_hidden: torch.Tensor, *,
+           vocab: Literal["full", "shortlist"] = "full") -> float:
         """Mean KL(full model || head) per token at ``layer`` over ``vocab``."""
         self._check_hidden(hidden)
         self._check_hidden(final_hidden, "final_hidden")

@@ -100,7 +100,9 @@ def write_atomically(folder: str | Path, fill: Callable[[Path], None], *, overwr
             raise FileExistsError(f"{folder} exists and is not a folder")
         if any(folder.iterdir()):
             if not (folder / MANIFEST).exists():
-                raise FileExistsError(f"{folder} is not empty and is not a shortcut skills folder; refusing to overwrite it")
+                raise FileExistsError(
+                    f"{folder} is not empty and is not a shortcut skills folder; refusing to overwrite it"
+                )
             if not overwrite:
                 raise FileExistsError(f"{folder} already holds skills; pass overwrite=True to replace them")
     return replace_folder(folder, fill)
@@ -229,7 +231,9 @@ def load_learned(folder: Path, manifest: dict[str, Any], parts: ModelParts, fing
     layers = check_policy(policy_state, policy_path, d_sae=observer.d_sae, num_layers=parts.num_layers)
     heads = ExitHeads.from_state_dict(parts, heads_state)
     if sorted(heads.layers) != layers:
-        raise SkillsFileError(f"{heads_path}: heads at layers {list(heads.layers)} but the policy decides over {layers}")
+        raise SkillsFileError(
+            f"{heads_path}: heads at layers {list(heads.layers)} but the policy decides over {layers}"
+        )
     if config is None:
         config = load_config(folder, manifest)
     policy = ExitPolicy(layers, observer.d_sae, threshold=config.policy_threshold)
