@@ -9,7 +9,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from .observe import Observer
 from .policy.exits import ExitPolicy
 from .policy.heads import ExitHeads
 from .skills import folder as skills
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +144,7 @@ class Shortcut:
             raise ValueError(f"observer width {observer.d_model} does not match the model's residual width {width}")
         if observer.layer >= self.num_layers:
             raise ValueError(f"observer layer {observer.layer} out of range 0..{self.num_layers - 1}")
+        assert self.config.exit_layers is not None  # the handle's config is resolved for its model
         exits = [e for e in self.config.exit_layers if e > observer.layer]
         if not exits:
             raise ValueError(f"no exit layer in {self.config.exit_layers} lies above observer layer {observer.layer}")
@@ -167,6 +171,7 @@ class Shortcut:
         from .observe import DEFAULT_MAX_TOKENS, collect_activations, sae_quality, train_sae
 
         self._check_live()
+        assert self.config.observer_layers is not None  # the handle's config is resolved for its model
         layer = self.config.observer_layers[0]
         with self.disabled():
             acts = collect_activations(self.model, self.parts.layers[layer], texts, tokenizer,
@@ -200,7 +205,8 @@ class Shortcut:
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         prompt = input_ids[0].tolist() if isinstance(input_ids, torch.Tensor) and input_ids.shape[0] == 1 else None
         mask = kwargs.get("attention_mask")
-        if prompt is not None and isinstance(mask, torch.Tensor) and mask.shape == input_ids.shape:
+        if (prompt is not None and isinstance(input_ids, torch.Tensor) and isinstance(mask, torch.Tensor)
+                and mask.shape == input_ids.shape):
             prompt = [t for t, keep in zip(prompt, mask[0].tolist()) if keep]  # the text without its padding
         commit = self.config.mode == "fast" and (  # asked before this call is logged
             not self.config.fast_practised_prompts_only or (prompt is not None and learner.was_practised(prompt)))
@@ -210,21 +216,24 @@ class Shortcut:
         if bad:
             self._warn_full_path(", ".join(bad))
             return original(*args, **kwargs)
+        assert isinstance(input_ids, torch.Tensor)  # anything else is an unsupported option
+        fast = self.fast
+        assert fast is not None  # attach_observer sets it with the learner
         # generate hands custom_generate no streamer or tokenizer: see custom_generate_kwargs.
         kwargs, stream = custom_generate_kwargs(self.model, kwargs)
         trail = Trail(learner.observer, learner.policy, self.parts.layers[learner.signature_layer], self.decode_stats)
         try:
             if commit:
-                if self.fast.calibrated_for != learner.stats.consolidations:
-                    self.fast.recalibrate(learner.stats.consolidations)
-                step = FastStep(learner.observer, learner.policy, learner.heads, self.fast, trail,
+                if fast.calibrated_for != learner.stats.consolidations:
+                    fast.recalibrate(learner.stats.consolidations)
+                step = FastStep(learner.observer, learner.policy, learner.heads, fast, trail,
                                 sequences=learner.sequences if self.config.replay_sequences else None)
-                decoder = make_fast_decoder(self._runtime, step, self.fast, self.decode_stats, streamer=stream,
+                decoder = make_fast_decoder(self._runtime, step, fast, self.decode_stats, streamer=stream,
                                             on_fallback=self._warn_full_path)
                 return original(*args, custom_generate=decoder, **kwargs)
             if self.config.mode == "fast":
-                self.fast.lossless_calls += 1  # a prompt never practised verbatim: verify, do not commit
-                self.fast.committed = []
+                fast.lossless_calls += 1  # a prompt never practised verbatim: verify, do not commit
+                fast.committed = []
             drafter = ShallowDrafter(self.model, self._runtime, learner.observer, learner.heads, learner.policy, trail,
                                      max_draft=self.config.max_draft, min_confidence=self.config.draft_confidence,
                                      stats=self.decode_stats, on_full_path=learner.learn_recorded,
@@ -341,8 +350,10 @@ def wrap(model: PreTrainedModel, config: ShortcutConfig | None = None) -> Shortc
     config = (config or ShortcutConfig()).resolved(parts.num_layers)
     handle = Shortcut(model, parts, config)
     handle._runtime.install()
-    original_generate = model.generate
-    model.generate = functools.update_wrapper(functools.partial(handle._generate, original_generate), original_generate)
+    original_generate = cast("GenerationMixin", model).generate
+    # An instance attribute shadows the class's generate; remove() pops it again.
+    model.__dict__["generate"] = functools.update_wrapper(functools.partial(handle._generate, original_generate),
+                                                          original_generate)
     _HANDLES[model] = handle
     return handle
 
@@ -376,9 +387,11 @@ def load(model: PreTrainedModel, folder: str | Path) -> Shortcut:
     try:
         if learned is not None:
             handle.attach_observer(learned.observer, heads=learned.heads, policy=learned.policy)
-            handle.learner.practised.extend(learned.practised[-handle.learner.log_capacity:])
-            handle.learner.sequences.extend(learned.sequences)
-            handle.learner.fitted_log = len(handle.learner.practised)  # saved skills: heads fitted on their log
+            learner = handle.learner
+            assert learner is not None  # attach_observer sets it
+            learner.practised.extend(learned.practised[-learner.log_capacity:])
+            learner.sequences.extend(learned.sequences)
+            learner.fitted_log = len(learner.practised)  # saved skills: heads fitted on their log
     except BaseException:
         handle.remove()
         raise

@@ -15,10 +15,13 @@ import pkgutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # (layer, hidden state entering the layer, position embeddings) -> (keys, values), shaped
 # [batch, kv_heads, seq, head_dim] exactly as the layer's attention passes them to
@@ -68,7 +71,7 @@ class ModelParts:
     model_type: str
     layers: nn.ModuleList
     final_norm: nn.Module
-    unembed: nn.Module
+    unembed: nn.Linear  # [vocab, d] weight, optional bias: the model's lm_head
 
     @property
     def num_layers(self) -> int:
@@ -159,10 +162,13 @@ def resolve(model: nn.Module) -> ModelParts:
 def _bind(model: nn.Module, spec: ArchSpec, model_type: str) -> ModelParts | None:
     layers = _get_path(model, spec.layers)
     norm = _get_path(model, spec.final_norm)
-    unembed = _get_path(model, spec.unembed) if spec.unembed else model.get_output_embeddings()
+    if spec.unembed:
+        unembed = _get_path(model, spec.unembed)
+    else:
+        unembed = cast("PreTrainedModel", model).get_output_embeddings()
     if not isinstance(layers, nn.ModuleList) or norm is None or unembed is None:
         return None
-    return ModelParts(spec, model_type, layers, norm, unembed)
+    return ModelParts(spec, model_type, layers, norm, cast(nn.Linear, unembed))
 
 
 def _generic_llama_like(model: nn.Module, model_type: str) -> ModelParts | None:
@@ -207,7 +213,7 @@ def rotate_keys(attn: nn.Module, keys: torch.Tensor, position_embeddings: Any) -
     return rotated
 
 
-def llama_like_kv(layer: nn.Module, hidden: torch.Tensor, position_embeddings: Any):
+def llama_like_kv(layer: Any, hidden: torch.Tensor, position_embeddings: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys/values of llama, mistral, qwen2, qwen3 and gemma3 style layers
     (pre-norm ``input_layernorm``, ``self_attn.k_proj``/``v_proj``, optional ``k_norm``)."""
     attn = layer.self_attn

@@ -17,6 +17,7 @@ target at a time: a second writer's temporary folder would be taken for a leftov
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from collections.abc import Callable
@@ -41,7 +42,7 @@ def recover(folder: str | Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def replace_folder(folder: str | Path, fill: Callable[[Path], None]) -> Path:
+def replace_folder(folder: str | os.PathLike[str], fill: Callable[[Path], None]) -> Path:
     """Create or replace ``folder`` with what ``fill(tmp)`` writes into an empty
     temporary folder beside it (see the module doc). If ``fill`` raises, nothing changes
     and the temporary folder is removed."""

@@ -125,8 +125,9 @@ class ShortcutConfig:
             else:  # optional list of layer indices
                 ok = value is None or (isinstance(value, list) and all(type(v) is int for v in value))
             if not ok:
-                expected = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(
-                    kind, "null or a list of integers")
+                names: dict[type | None, str] = {bool: "true or false", int: "an integer", float: "a finite number",
+                                                 str: "a string"}
+                expected = names.get(kind, "null or a list of integers")
                 raise TypeError(f"{f.name}={value!r} must be {expected}")
 
     def resolved(self, num_layers: int) -> ShortcutConfig:

@@ -136,7 +136,7 @@ def load_model(
     name = str(name_or_path)
     key = ALIASES.get(name.lower(), name.lower())
     if key in PACKAGED:
-        folder = _converted_packaged(key)
+        folder: str | Path = _converted_packaged(key)
     elif name.endswith(".gguf"):
         path = Path(name)
         if not path.is_file():
@@ -149,7 +149,9 @@ def load_model(
                 f"{name!r} is neither a packaged alias ({', '.join(sorted(PACKAGED))}), an "
                 "existing folder or .gguf file, nor a hub id of the form owner/name"
             )
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    # Typed as a Module: transformers wraps ``PreTrainedModel.to`` in a way type checkers read as unbound.
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model = model.to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:

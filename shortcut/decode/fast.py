@@ -57,7 +57,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..learn.sequences import SHORT_MATCH, SequenceMemory
 from ..policy.heads import ExitHeads
@@ -170,7 +169,7 @@ class FastStep(DraftStep):
     def should_run(self, layer_idx: int, hidden: torch.Tensor) -> bool:
         """As :meth:`DraftStep.should_run`, but commit an exit only when familiar and confident enough."""
         run = super().should_run(layer_idx, hidden)
-        if (layer_idx == self.signature_layer and self.exit_layer is not None
+        if (layer_idx == self.signature_layer and self.exit_layer is not None and self.decision is not None
                 and self.decision.familiarity < self.controller.min_familiarity):
             self.exit_layer = None  # familiar enough to draft, not to commit
             return self.unfamiliar_runs_full
@@ -207,7 +206,7 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController, 
     heads = step.heads
 
     @torch.no_grad()
-    def fast_decode(model: nn.Module, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
+    def fast_decode(model: Any, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
                     generation_config: Any, synced_gpus: bool = False, **model_kwargs: Any) -> torch.Tensor:
         controller.committed = []
         reason = cannot_decode(model, input_ids, generation_config, model_kwargs, synced_gpus)
@@ -299,14 +298,16 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController, 
             if step.checked_layer is not None:
                 stats.head_params += heads.head_cost(step.checked_layer)["shortlist"]
             if step.exit_layer is not None:  # committed: pending until something catches up
+                committed = step.shortlist_logits
+                assert committed is not None  # a committed exit keeps its head's shortlist logits
                 controller.exits += 1
                 stats.exited(step.exit_layer)
                 if step.ceiling is None:  # later exits must not need layers this one skipped
                     step.ceiling = step.exit_layer
-                shallow_top.append(int(heads.shortlist[step.shortlist_logits.argmax(-1)]))
+                shallow_top.append(int(heads.shortlist[committed.argmax(-1)]))
                 controller.committed.append(input_ids.shape[1])  # where the next token lands
                 logits = torch.full((1, vocab), float("-inf"), device=input_ids.device)
-                logits[:, heads.shortlist] = step.shortlist_logits.float()
+                logits[:, heads.shortlist] = committed.float()
                 continue
             controller.full_steps += 1
             controller.unsure += int(step.checked_layer is not None)

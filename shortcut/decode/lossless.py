@@ -59,7 +59,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -73,6 +73,9 @@ from ..observe import Observer, Signature
 from ..policy.exits import ExitPolicy, PolicyDecision
 from ..policy.heads import ExitHeads, Prediction
 from .stats import DecodeStats
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +261,7 @@ class DraftStep:
 class ShallowDrafter:
     """Drafts tokens with the shallow path of the model itself."""
 
-    def __init__(self, model: nn.Module, runtime: Any, observer: Observer, heads: ExitHeads,
+    def __init__(self, model: PreTrainedModel, runtime: Any, observer: Observer, heads: ExitHeads,
                  policy: ExitPolicy, trail: Trail, *, max_draft: int, min_confidence: float,
                  stats: DecodeStats, on_full_path: Callable[[torch.Tensor], None] | None = None,
                  num_draft: int | None = None, sequences: SequenceMemory | None = None) -> None:
@@ -350,6 +353,7 @@ class ShallowDrafter:
                 if self.step.unsure:
                     self.stats.draft_unsure += 1
                     break
+                assert pred is not None  # the step has heads: they predict at every exit
                 token = pred.token_ids.view(1, 1)
                 drafted.append(token)
                 if int(token) in stop_ids:  # nothing after the end is ever accepted
@@ -407,7 +411,7 @@ class ShallowDrafter:
             self.num_draft = max(1, min(self.num_draft - 1, accepted + 1))
 
 
-def full_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def full_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """The LM's logits for the last layer's (normed) ``hidden``: its unembedding, then
     logit soft-capping where the model has it (Gemma 2 style; the LM's forward applies
     it after lm_head)."""
@@ -502,7 +506,10 @@ def cannot_decode(model: nn.Module, input_ids: torch.Tensor, generation_config: 
     return None
 
 
-def plain_decode(model: nn.Module, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
+# The decoding loops, plain_decode and prefill take the model ``generate`` hands them as
+# ``Any``: they call its private generation steps (``_sample``, ``_prefill``), which
+# transformers types against its own internal protocol, not against its model classes.
+def plain_decode(model: Any, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
                  generation_config: Any, synced_gpus: bool, streamer: Any, model_kwargs: dict[str, Any]) -> Any:
     """The decoding ``generate`` itself runs for greedy and sampled calls (its
     ``_sample``), on what it prepared: the full path, same tokens."""
@@ -511,7 +518,7 @@ def plain_decode(model: nn.Module, input_ids: torch.Tensor, logits_processor: An
                                synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
 
 
-def prefill(model: nn.Module, input_ids: torch.Tensor, drafts: torch.Tensor, generation_config: Any,
+def prefill(model: Any, input_ids: torch.Tensor, drafts: torch.Tensor, generation_config: Any,
             model_kwargs: dict[str, Any], inputs: SequenceInputs | None = None) -> torch.Tensor:
     """Run the prompt [1, T] through the full model as plain decoding's prefill does,
     with ``drafts`` [1, k] after it in the same forward (the prompt's replayed
@@ -543,7 +550,7 @@ def make_decoder(drafter: ShallowDrafter, stats: DecodeStats, *, streamer: Any =
     goes to ``on_fallback``."""
 
     @torch.no_grad()
-    def speculative_decode(model: nn.Module, input_ids: torch.Tensor, logits_processor: Any,
+    def speculative_decode(model: Any, input_ids: torch.Tensor, logits_processor: Any,
                            stopping_criteria: Any, generation_config: Any, synced_gpus: bool = False,
                            **model_kwargs: Any) -> torch.Tensor:
         reason = cannot_decode(model, input_ids, generation_config, model_kwargs, synced_gpus)

@@ -439,6 +439,7 @@ def finetune(model: nn.Module, skills_folder: str | Path, output: str | Path, *,
             f"empty dataset: the replay log of {skills_folder} lists no prompts and there is no extra text"
         )
     learned = skills.load_learned(skills_folder, manifest, parts, fingerprint)  # every file checked before any work
+    assert learned is not None  # read_skills refused a folder without learned skills
     run = {"config": cfg.run_key(), "base_model": fingerprint, "skills": _files_digest(skills_folder),
            "extra": _digest([extra_prompts, texts])}
     accelerator = make_accelerator()

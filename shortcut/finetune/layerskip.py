@@ -177,13 +177,13 @@ def train_adapter(model: nn.Module, parts: ModelParts, exits: Sequence[int], exa
     done = ckpt.result("lora")
     if done is not None:
         peft_model = PeftModel.from_pretrained(model, str(ckpt.folder / ADAPTER_CHECKPOINT))
-        peft_model.shortcut_requires_grad = flags
+        peft_model.shortcut_requires_grad = flags  # type: ignore[assignment]  # read back by remove_adapter
         return peft_model, done
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                                       target_modules=targets))
-    peft_model.shortcut_requires_grad = flags
+    peft_model.shortcut_requires_grad = flags  # type: ignore[assignment]  # read back by remove_adapter
     accelerator = make_accelerator()
     device = accelerator.device
     probe = make_batch(examples, range(min(len(examples), 16)), device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -20,6 +20,9 @@ from ..data import DataFileError, read_jsonl
 from ..skills import folder as skills
 from ..skills.validate import expect_object, inside, read_json
 from .training import Checkpoints
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin
 
 
 @dataclass
@@ -74,10 +77,11 @@ def greedy_continuations(model: nn.Module, prompts: list[list[int]], max_new_tok
     mine = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
     done = []
     show = progress and accelerator.is_local_main_process
+    generate = cast("GenerationMixin", model).generate
     for index in tqdm(mine, desc="replay (greedy)", disable=not show, leave=False):
         ids = torch.tensor([prompts[index]], device=accelerator.device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False)
+        out = generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                       do_sample=False)
         done.append((index, out[0].tolist()))
     return [seq for _, seq in sorted(gather_object(done))]
 

@@ -106,7 +106,7 @@ class SequenceMemory:
         candidates = self._index.get(tuple(ids[-KEY:]))
         if not candidates:
             return [], 0
-        best, best_match = None, 0
+        best, best_match = candidates[-1], 0  # every candidate matches at least KEY tokens
         for s, end in reversed(candidates[-MAX_CANDIDATES:]):
             seq = self.sequences[s]
             match = KEY

@@ -15,10 +15,14 @@ shortlist or the whole vocabulary), through the model's own final norm.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from .heads import ExitHeads
 
 Score = Callable[[torch.Tensor], torch.Tensor]
 
@@ -30,7 +34,7 @@ class TranslatorFit(nn.Module):
     ``precondition=False`` both scales are 1 (plain Adam on ``W, b``).
     :meth:`write_to` puts the result back into the heads."""
 
-    def __init__(self, heads: nn.Module, states: Mapping[int, torch.Tensor], *, layers: list[int] | None = None,
+    def __init__(self, heads: ExitHeads, states: Mapping[int, torch.Tensor], *, layers: list[int] | None = None,
                  precondition: bool = True) -> None:
         super().__init__()
         self.layers = sorted(int(layer) for layer in (layers if layers is not None else states))
@@ -74,7 +78,7 @@ class TranslatorFit(nn.Module):
         return total, losses
 
     @torch.no_grad()
-    def write_to(self, heads: nn.Module) -> None:
+    def write_to(self, heads: ExitHeads) -> None:
         """Copy the trained translators back into ``heads`` (in their own dtype)."""
         for layer in self.layers:
             s, r = getattr(self, f"s{layer}"), getattr(self, f"r{layer}")

@@ -97,7 +97,7 @@ class ExitHeads(nn.Module):
                 f"exit layers {bad} are outside 0..{self.num_layers} (the model has {self.num_layers} layers)"
             )
         # Borrowed, not registered: keeps base weights out of state_dict/parameters().
-        self._base: tuple[nn.Module, nn.Module] = (parts.final_norm, parts.unembed)
+        self._base: tuple[nn.Module, nn.Linear] = (parts.final_norm, parts.unembed)
         self.translators = nn.ModuleDict()
         for layer in layers:
             lin = nn.Linear(self.width, self.width, device=weight.device, dtype=weight.dtype)
@@ -120,7 +120,7 @@ class ExitHeads(nn.Module):
         heads.load_state_dict(dict(state))
         return heads
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,  # type: ignore[override]
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
         key = prefix + "shortlist"
         if key in state_dict:
@@ -142,7 +142,7 @@ class ExitHeads(nn.Module):
         return self._base[0]
 
     @property
-    def unembed(self) -> nn.Module:
+    def unembed(self) -> nn.Linear:
         """The base model's unembedding (borrowed: not in the heads' parameters)."""
         return self._base[1]
 
