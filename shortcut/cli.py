@@ -183,6 +183,8 @@ def _merge(args: argparse.Namespace) -> int:
     from .skills.merge import merge_skills
 
     output = check_output_folder(args.output, "-o/--output")
+    if (output / "shortcut.json").is_file() and not args.overwrite:
+        raise FileExistsError(f"-o/--output {output} already holds skills; pass --overwrite to replace them")
     folder = merge_skills([Path(p) for p in args.skills], output, overwrite=args.overwrite)
     print(f"merged {len(args.skills)} skills folders into {folder}")
     return 0

@@ -33,6 +33,8 @@ def read_jsonl(path: str | Path, *, required: tuple[str, ...] = (), types: dict[
     where)`` (``where`` names file and line for its message) must not raise. Files over
     :data:`MAX_FILE_BYTES` are refused."""
     path = Path(path)
+    if path.is_dir():
+        raise DataFileError(f"{path}: a folder, not a JSONL file")
     if not path.is_file():
         raise DataFileError(f"{path}: no such file")
     size = path.stat().st_size

@@ -49,7 +49,7 @@ class UsageError(ValueError):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="shortcut-eval", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                    formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("task", choices=TASKS, help="what to measure")
     parser.add_argument("--model", default="smollm2", help="alias (smollm2, gemma3-270m), local folder, .gguf or hub id")
     parser.add_argument("--skills", default=None, help="skills folder to start from (default: fresh skills)")

@@ -707,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(format_summary(summary))
     if args.summary:
+        Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
         Path(args.summary).write_text(json.dumps(summary, indent=2, default=float) + "\n")
     print(f"consolidated skills written to {output} (summary: {output / SUMMARY_FILE})")
     return 0
