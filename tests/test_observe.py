@@ -268,7 +268,6 @@ def test_attached_observer_keeps_logits_identical(model, sae, acts):
 # ----------------------------------------------------------------------------- real model
 def _real_texts() -> tuple[list[str], list[str]]:
     """Real English (train, held-out): the evals passages if present, else stdlib docstrings."""
-    from pathlib import Path
 
     p = DEFAULT_PASSAGES
     if p.exists():
