@@ -232,11 +232,8 @@ def choice(args: Any, systems: list[System], items: list[dict], log: Callable[[s
     same_pick = {(s.label, m): 0 for s, m in combos}
     raw = []
     for number, item in enumerate(tqdm(items, desc="shortcut-eval choice", disable=args.quiet, unit="question")):
-        context = f"Question: {item['question']}\nAnswer:"
-        context_ids = tokenizer(context, return_tensors="pt")["input_ids"]
         scores: dict[tuple, list[float]] = {key: [] for key in correct}
-        for option in item["choices"]:
-            option_ids = tokenizer(" " + option, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        for context_ids, option_ids in choice_sequences(tokenizer, item):
             sequence = torch.cat([context_ids, option_ids], dim=1)
             span = slice(context_ids.shape[1] - 1, sequence.shape[1] - 1)
             targets = sequence[0, context_ids.shape[1]:]
@@ -266,6 +263,13 @@ def choice(args: Any, systems: list[System], items: list[dict], log: Callable[[s
             + (f"  same choice as unwrapped {100 * r['same_choice_as_unwrapped']:.1f}%"
                if "same_choice_as_unwrapped" in r else ""))
     return {"tests": results, "raw": {"questions": raw}}
+
+
+def choice_sequences(tokenizer: Any, item: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The token ids [1, T] of a question's context and of each of its choices, as scored."""
+    context_ids = tokenizer(f"Question: {item['question']}\nAnswer:", return_tensors="pt")["input_ids"]
+    return [(context_ids, tokenizer(" " + option, add_special_tokens=False, return_tensors="pt")["input_ids"])
+            for option in item["choices"]]
 
 
 def _loglik(logits: torch.Tensor, targets: torch.Tensor) -> float:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 import shortcut
-from shortcut.data import DataFileError, prompt_input_ids, read_jsonl, read_prompts
+from shortcut.data import DataFileError, check_prompt, prompt_input_ids, read_jsonl, read_passages, read_prompts
 from shortcut.decode.accounting import ParamSizes, decode_only, plain_cost, shortcut_cost, stats_delta
 from shortcut.decode.stats import DecodeStats
 from shortcut.models import cache_root
@@ -92,7 +92,7 @@ def _default_observer(handle: Any, tokenizer: Any, corpus: Path, steps: int, pro
         handle.attach_observer(load_observer(folder, d_model=width, n_layers=handle.num_layers,
                                              expected_fingerprint=handle.fingerprint))
         return 0.0
-    records = read_jsonl(corpus, required=("text",))
+    records = read_passages(corpus)
     texts = [r["text"] for r in records if r.get("split", "train") == "train"] or [r["text"] for r in records]
     start = time.perf_counter()
     observer = handle.train_observer(texts, tokenizer, steps=steps, progress=progress)
@@ -120,13 +120,34 @@ def prompt_sets(prompts: Path, near: Path | None, *, n_practice: int, n_test: in
         record.setdefault("id", f"{prompts.name}#{number}")
     sets = {"practice": practice, "exact repeats": practice[:n_test], "novel": novel[:n_test]}
     if near is not None:
-        by_origin = {r["of"]: r for r in read_jsonl(near, required=("of", "prompt"))}
+        by_origin = {r["of"]: r for r in read_jsonl(near, check=_check_near_duplicate)}
         sets["near-duplicates"] = [by_origin[r["id"]] for r in practice if r["id"] in by_origin][:n_test]
         if not sets["near-duplicates"]:
             raise DataFileError(f"{near}: no record's 'of' names a practised prompt id of {prompts}")
     if not sets["novel"]:
         raise DataFileError(f"{prompts}: no novel prompts left after the {len(practice)} practised ones")
     return {name: sets[name] for name in ("practice", "exact repeats", "near-duplicates", "novel") if name in sets}
+
+
+def _check_near_duplicate(record: dict, where: str) -> None:
+    check_prompt(record, where)
+    if not isinstance(record.get("of"), str):
+        raise DataFileError(f"{where}: 'of' must be the id (a string) of a practised prompt, got {record.get('of')!r}")
+
+
+def read_choices(path: Path) -> list[dict]:
+    """Multiple-choice items: ``question`` (a string), ``choices`` (two or more
+    non-empty strings) and ``answer`` (the index of the right choice)."""
+    return read_jsonl(path, required=("question", "choices", "answer"),
+                      types={"question": str, "choices": list, "answer": int, "id": str}, check=_check_choice)
+
+
+def _check_choice(item: dict, where: str) -> None:
+    choices = item["choices"]
+    if len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+        raise DataFileError(f"{where}: 'choices' must be a list of two or more non-empty strings")
+    if not 0 <= item["answer"] < len(choices):
+        raise DataFileError(f"{where}: 'answer' {item['answer']} must index into 'choices' (0..{len(choices) - 1})")
 
 
 def input_ids(system: System, record: dict) -> torch.Tensor:

@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import ModelParts, resolve
-from ..data import DEFAULT_PASSAGES, DataFileError, prompt_input_ids, read_jsonl
+from ..data import DEFAULT_PASSAGES, DataFileError, prompt_input_ids
 from ..policy.fit import TranslatorFit, adam
 from ..policy.heads import ExitHeads, collect_states
 from ..skills import folder as skills
@@ -541,36 +541,39 @@ def write_output(output: Path, source: Path, manifest: dict[str, Any], learned: 
 def build_parser() -> argparse.ArgumentParser:
     """The ``shortcut-finetune`` argument parser (defaults from :class:`FinetuneConfig`)."""
     d = FinetuneConfig()
-    p = argparse.ArgumentParser(prog="shortcut-finetune", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from ..cli import Parser, integer, real
+
+    p = Parser(prog="shortcut-finetune", description=__doc__.splitlines()[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("skills", help="skills folder with a replay log (shortcut practice / save_pretrained)")
     p.add_argument("-o", "--output", required=True, help="the consolidated skills folder to write")
     p.add_argument("--model", default="smollm2", help="base model: alias, local folder, .gguf file or hub id")
     p.add_argument("--level", choices=LEVELS, default=d.level)
     p.add_argument("--extra", default=None, help="JSONL of extra {'text'} passages or {'prompt'} prompts")
-    p.add_argument("--new-tokens", type=int, default=d.max_new_tokens, help="greedy tokens per replayed prompt")
-    p.add_argument("--steps", type=int, default=d.steps, help="most exit-head steps")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--heldout", type=float, default=d.heldout, help="fraction of positions held out for early stopping")
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--patience", type=int, default=d.patience)
-    p.add_argument("--lora-steps", type=int, default=d.lora_steps)
-    p.add_argument("--lora-lr", type=float, default=d.lora_lr)
-    p.add_argument("--lora-batch-size", type=int, default=d.lora_batch_size)
-    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="LoRA rank (alpha = 2 x rank)")
+    p.add_argument("--new-tokens", type=integer(1), default=d.max_new_tokens, help="greedy tokens per replayed prompt")
+    p.add_argument("--steps", type=integer(1), default=d.steps, help="most exit-head steps")
+    p.add_argument("--batch-size", type=integer(1), default=d.batch_size)
+    p.add_argument("--lr", type=real(0, include_low=False), default=d.lr)
+    p.add_argument("--heldout", type=real(0, 0.5), default=d.heldout,
+                   help="fraction of positions held out for early stopping")
+    p.add_argument("--eval-every", type=integer(1), default=d.eval_every)
+    p.add_argument("--patience", type=integer(0), default=d.patience)
+    p.add_argument("--lora-steps", type=integer(1), default=d.lora_steps)
+    p.add_argument("--lora-lr", type=real(0, include_low=False), default=d.lora_lr)
+    p.add_argument("--lora-batch-size", type=integer(1), default=d.lora_batch_size)
+    p.add_argument("--lora-rank", type=integer(1), default=d.lora_rank, help="LoRA rank (alpha = 2 x rank)")
     p.add_argument("--lora-targets", choices=("attention", "mlp"), default=d.lora_targets)
     p.add_argument("--lora-final-target", choices=("base", "tokens"), default=d.lora_final_target,
                    help="final layer's target while the adapter trains: the base model's distribution (KL) "
                         "or the replayed tokens (cross-entropy, LayerSkip's recipe)")
-    p.add_argument("--exit-scale", type=float, default=d.exit_scale)
+    p.add_argument("--exit-scale", type=real(0), default=d.exit_scale)
     p.add_argument("--curriculum", choices=("rotational", "gradual"), default=d.curriculum)
-    p.add_argument("--layer-dropout", type=float, default=d.layer_dropout)
+    p.add_argument("--layer-dropout", type=real(0, 1), default=d.layer_dropout)
     p.add_argument("--quality", default=str(DEFAULT_QUALITY),
                    help="JSONL of {'text'} passages for the perplexity report")
     p.add_argument("--quality-split", default="heldout", help="split of --quality to use ('' for all records)")
-    p.add_argument("--quality-passages", type=int, default=70)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--quality-passages", type=integer(1), default=70)
+    p.add_argument("--checkpoint-every", type=integer(0), default=d.checkpoint_every)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
     p.add_argument("--overwrite", action="store_true", help="replace a run or skills already in the output folder")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -624,35 +627,65 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``shortcut-finetune`` command; bad input exits with code 2 and one line."""
+    """The ``shortcut-finetune`` command; bad input exits with code 2 and one line.
+
+    Options, files and the output path are checked before the model loads; prompt
+    lengths against the model's context right after."""
+    from ..cli import INPUT_ERRORS, check_output_folder, report_error
+    from ..data import check_prompt, check_prompt_lengths, context_length, read_passages
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         cfg = _config(args)
-        read_skills(args.skills)  # cheap checks before the slow model load
+        _, replayed = read_skills(args.skills)  # cheap checks before the slow model load
         extra = read_extra(args.extra)
-        output = Path(args.output)
-        if output.exists() and (not output.is_dir() or any(output.iterdir())) and not (args.resume or args.overwrite):
+        for number, record in enumerate(extra, start=1):
+            where = f"{args.extra}, record {number}"
+            if "text" in record:
+                if not isinstance(record["text"], str):
+                    raise DataFileError(f"{where}: 'text' must be a string, got {type(record['text']).__name__}")
+            else:
+                check_prompt(record, where)
+        output = check_output_folder(args.output, "-o/--output")
+        if output.exists() and any(output.iterdir()) and not (args.resume or args.overwrite):
             check_output(output, {}, resume=False, overwrite=False)
+        if args.summary:
+            summary_path = Path(args.summary)
+            if summary_path.is_dir():
+                raise IsADirectoryError(f"--summary {summary_path} is a folder; give a file name")
+            check_output_folder(summary_path, "--summary")
+        quality = None
+        if cfg.level == "layerskip" and args.quality:
+            records = read_passages(args.quality)
+            quality = [r["text"] for r in records if not args.quality_split or r.get("split") == args.quality_split]
+            if not quality:
+                raise DataFileError(f"{args.quality}: no records with split={args.quality_split!r} "
+                                    "(--quality-split '' uses all)")
+            quality = quality[:args.quality_passages]
         from ..models import load_model
 
         model, tokenizer = load_model(args.model)
-        quality = None
-        if cfg.level == "layerskip" and args.quality:
-            records = read_jsonl(args.quality, required=("text",))
-            quality = [r["text"] for r in records if not args.quality_split or r.get("split") == args.quality_split]
-            quality = quality[:args.quality_passages]
+        context = context_length(model, tokenizer)
+        check_prompt_lengths(tokenizer, [r for r in extra if "text" not in r], max_new_tokens=cfg.max_new_tokens,
+                             context=context, source=str(args.extra))
+        longest = max((len(p) for p in replayed), default=0)
+        if context is not None and longest + cfg.max_new_tokens > context:
+            room = (f"--new-tokens may be at most {context - longest}" if longest < context
+                    else "it does not fit at all")
+            raise ValueError(f"{args.skills}: a prompt in the replay log has {longest} tokens and the model's context "
+                             f"is {context} tokens, so {room} (got --new-tokens {cfg.max_new_tokens})")
         summary = finetune(model, args.skills, output, tokenizer=tokenizer, extra=extra, quality_texts=quality,
                            config=cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
-    except (DataFileError, FileNotFoundError, FileExistsError, ValueError, ModuleNotFoundError) as err:
-        print(f"shortcut-finetune: error: {err}", file=sys.stderr)
-        return 2
+    except INPUT_ERRORS as err:
+        return report_error("shortcut-finetune", err)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
         return 0
     print(format_summary(summary))
     if args.summary:
+        Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
         Path(args.summary).write_text(json.dumps(summary, indent=2, default=float) + "\n")
     print(f"consolidated skills written to {output} (summary: {output / SUMMARY_FILE})")
     return 0
