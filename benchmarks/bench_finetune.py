@@ -24,11 +24,11 @@ written by ``shortcut-eval practice --out runs/eval/full``: 30 prompts x 5 round
    adapted; then measures the adapted skills' speed like the others (each prompt against
    the adapted model's own plain generate: lossless means identical to the adapted model).
 
-    python evals/bench_finetune.py                          # 30 + 30 test prompts
-    python evals/bench_finetune.py --test-prompts 15        # faster
-    python evals/bench_finetune.py --layerskip              # also the LoRA level
-    python evals/bench_finetune.py --replay on              # replay on only (half the time)
-    python evals/bench_finetune.py --layerskip --quality-only   # only the LoRA level's quality
+    python benchmarks/bench_finetune.py                          # 30 + 30 test prompts
+    python benchmarks/bench_finetune.py --test-prompts 15        # faster
+    python benchmarks/bench_finetune.py --layerskip              # also the LoRA level
+    python benchmarks/bench_finetune.py --replay on              # replay on only (half the time)
+    python benchmarks/bench_finetune.py --layerskip --quality-only   # only the LoRA level's quality
 
 Skills whose replay log is empty (written before practice calls were logged) get a
 copy whose log holds the prompts the practice benchmark practised (the first
@@ -51,10 +51,10 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import torch
 
 import shortcut
-from shortcut.finetune import consolidate as ft
 from shortcut.data import DEFAULT_PASSAGES, prompt_input_ids, read_jsonl
-from shortcut_eval.workload import prompt_sets
+from shortcut.finetune import consolidate as ft
 from shortcut.policy.heads import collect_states
+from shortcut_eval.workload import prompt_sets
 
 DATA = Path(__file__).resolve().parent.parent / "shortcut_eval" / "data"
 
@@ -75,7 +75,7 @@ def measure(handle, ids: torch.Tensor, new_tokens: int, plain_first: bool) -> di
     model = handle.model
     gen = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": new_tokens, "do_sample": False}
     outs, seconds = {}, {}
-    counters = dict(handle.draft_counters)
+    counters = handle.decode_stats.copy()
     calls = handle.stats.total.layer_calls
     for kind in (("plain", "wrapped") if plain_first else ("wrapped", "plain")):
         start = time.perf_counter()
@@ -86,16 +86,16 @@ def measure(handle, ids: torch.Tensor, new_tokens: int, plain_first: bool) -> di
             outs[kind] = model.generate(**gen)
         seconds[kind] = time.perf_counter() - start
     new = outs["plain"].shape[1] - ids.shape[1]
-    delta = {k: v - counters.get(k, 0.0) for k, v in handle.draft_counters.items()}
+    delta = handle.decode_stats - counters
     return {
-        "replayed": delta.get("replay_accepted", 0.0),
+        "replayed": float(delta.replay_accepted),
         "new_tokens": new,
         "identical": bool(torch.equal(outs["plain"], outs["wrapped"])),
         "speed_ratio": seconds["plain"] / seconds["wrapped"],
         "wrapped_tok_s": new / seconds["wrapped"],
         "plain_tok_s": new / seconds["plain"],
-        "drafted": delta.get("drafted", 0.0),
-        "accepted": delta.get("accepted", 0.0),
+        "drafted": float(delta.drafted),
+        "accepted": float(delta.accepted),
         "layer_calls_per_token": (handle.stats.total.layer_calls - calls) / max(new, 1),
         "oracle": oracle_layers(handle, outs["plain"][0], ids.shape[1]),
     }
@@ -139,7 +139,8 @@ def run_finetune(model, tokenizer, skills: Path, out: Path, cfg: ft.FinetuneConf
     try:
         summary = ft.finetune(model, skills, out, tokenizer=tokenizer, quality_texts=quality, config=cfg, resume=True)
     except (ValueError, FileExistsError):
-        summary = ft.finetune(model, skills, out, tokenizer=tokenizer, quality_texts=quality, config=cfg, overwrite=True)
+        summary = ft.finetune(model, skills, out, tokenizer=tokenizer, quality_texts=quality, config=cfg,
+                              overwrite=True)
     return summary, time.perf_counter() - start
 
 
@@ -164,8 +165,8 @@ def heads_benchmark(model, tokenizer, args: argparse.Namespace, n_test: int, set
                     result: dict) -> list:
     """Steps 1-2 of the module doc: the practised skills, heads consolidation, the
     consolidated skills; rows and summary go into ``result``; returns the checks."""
-    print(f"model={args.model} greedy new_tokens={args.new_tokens} test prompts={n_test} threads={torch.get_num_threads()} "
-          "(lossless; speed = tokens/s vs plain generate, same run)")
+    print(f"model={args.model} greedy new_tokens={args.new_tokens} test prompts={n_test} "
+          f"threads={torch.get_num_threads()} (lossless; speed = tokens/s vs plain generate, same run)")
     print(_header())
     rows = measure_skills(model, args.skills, sets, args.new_tokens, "practised", replays)
     cfg = ft.FinetuneConfig(max_new_tokens=args.new_tokens, steps=args.steps, seed=args.seed)
@@ -192,7 +193,8 @@ def heads_benchmark(model, tokenizer, args: argparse.Namespace, n_test: int, set
              1 - exact_a["oracle_exit_layer"] / exact_b["oracle_exit_layer"], 0.30),
             (f"{tag}: near-duplicates speed after / before (>= 0.97)", paired("near-duplicates", replay), 0.97),
             (f"{tag}: novel speed after / before (>= 0.97)", paired("novel", replay), 0.97),
-            (f"{tag}: novel speed after vs plain (>= 0.97)", by["novel", "consolidated", replay]["speed_ratio_median"], 0.97),
+            (f"{tag}: novel speed after vs plain (>= 0.97)", by["novel", "consolidated", replay]["speed_ratio_median"],
+             0.97),
         ]
     checks += [
         ("all: identical tokens (100%)", min(r["identical"] for r in rows), 1.0),
@@ -233,8 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     result = {"model": args.model, "skills": str(args.skills), "new_tokens": args.new_tokens, "test_prompts": n_test,
               "threads": torch.get_num_threads(), "rows": []}
-    prompts = prompt_sets(DATA / "prompts.jsonl", DATA / "near_duplicates.jsonl", n_practice=args.prompts, n_test=n_test)
-    sets = {name: [prompt_input_ids(tokenizer, r) for r in prompts[name]] for name in ("exact repeats", "near-duplicates", "novel")}
+    prompts = prompt_sets(DATA / "prompts.jsonl", DATA / "near_duplicates.jsonl", n_practice=args.prompts,
+                          n_test=n_test)
+    sets = {name: [prompt_input_ids(tokenizer, r) for r in prompts[name]]
+            for name in ("exact repeats", "near-duplicates", "novel")}
     replays = {"on": [True], "off": [False], "both": [True, False]}[args.replay]
     checks: list = []
     if not args.quality_only:
@@ -257,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         ls = ls_summary["layerskip"]
         ppl_change = ls["perplexity_adapted"] / ls["perplexity_base"] - 1
         print(f"layerskip: perplexity base {ls['perplexity_base']:.3f} adapted {ls['perplexity_adapted']:.3f} "
-              f"({100 * ppl_change:+.2f}%); choice accuracy base {100 * acc_base:.1f}% adapted {100 * acc_adapted:.1f}% "
+              f"({100 * ppl_change:+.2f}%); choice accuracy base {100 * acc_base:.1f}% "
+              f"adapted {100 * acc_adapted:.1f}% "
               f"({len(choice)} questions); run {ls_seconds / 60:.1f} min")
         checks += [("layerskip: held-out perplexity change (<= +3%)", -ppl_change, -0.03),
                    ("layerskip: choice accuracy change in points (>= -1)", 100 * (acc_adapted - acc_base), -1.0)]
@@ -265,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                       choice_accuracy_adapted=acc_adapted)
         if not args.quality_only:  # speed of the adapted skills, each prompt against the adapted model's plain run
             fresh, _ = shortcut.load_model(args.model)  # loading the folder merges the adapter into it
-            result["rows"] += measure_skills(fresh, args.work / "layerskip", sets, args.new_tokens, "layerskip", replays)
+            result["rows"] += measure_skills(fresh, args.work / "layerskip", sets, args.new_tokens, "layerskip",
+                                             replays)
 
     if result["rows"]:
         print()
@@ -286,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _header() -> str:
-    return (f"{'set':<17}{'skills':<14}{'replay':>7}{'speed x':>8}{'tok/s':>7}{'ident':>7}{'accept':>8}{'draft/tok':>10}"
-            f"{'replayed':>9}{'layer calls/tok':>16}{'oracle exit':>12}")
+    return (f"{'set':<17}{'skills':<14}{'replay':>7}{'speed x':>8}{'tok/s':>7}{'ident':>7}{'accept':>8}"
+            f"{'draft/tok':>10}{'replayed':>9}{'layer calls/tok':>16}{'oracle exit':>12}")
 
 
 def _row(r: dict) -> str:

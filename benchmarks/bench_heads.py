@@ -7,8 +7,8 @@ tokens and on novel prompts' answers (heads never trained on them), for full-voc
 and shortlist scoring, the confidence calibration, and the wall time of one head
 evaluation vs one decoder layer at batch 1, seq 1.
 
-    python evals/bench_heads.py            # 8 practice + 8 novel prompts, 64 tokens
-    python evals/bench_heads.py --quick    # 4 + 4 prompts, 32 tokens, fewer steps
+    python benchmarks/bench_heads.py            # 8 practice + 8 novel prompts, 64 tokens
+    python benchmarks/bench_heads.py --quick    # 4 + 4 prompts, 32 tokens, fewer steps
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def load_prompts(split: str, n: int) -> list[str]:
 
 
 @torch.no_grad()
-def generate(model, tok, prompts: list[str], new_tokens: int, cache_dir: Path | None = None) -> list[tuple[torch.Tensor, int]]:
+def generate(model, tok, prompts: list[str], new_tokens: int,
+             cache_dir: Path | None = None) -> list[tuple[torch.Tensor, int]]:
     """(prompt+answer ids [T], prompt length) per prompt, greedy, plain model."""
     if cache_dir is not None:
         key = hashlib.sha256(json.dumps([prompts, new_tokens]).encode()).hexdigest()[:16]
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--hard-weight", type=float, default=1.0, help="weight of the cross-entropy on the full model's argmax")
+    ap.add_argument("--hard-weight", type=float, default=1.0,
+                    help="weight of the cross-entropy on the full model's argmax")
     ap.add_argument("--no-precondition", action="store_true")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (0: torch's default). 1 by default: on a shared 2-core machine two "
@@ -221,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
         rs = [results[f"head_{n}_short"][l] for n in ("prac", "near", "novel")]
         print(line([(l, 5)] + [(f"{r['prec']:.3f}/{r['cov']:.3f}", 16) for r in rs]
                    + [(f"{r['t99']:.3f} ({r['cov99']:.3f})", 16) for r in rs]))
-    rows = [{"layer": l, **{k: v[l] for k, v in results.items()}, **{f"cost_{k}": v for k, v in heads.head_cost(l).items()}}
+    rows = [{"layer": l, **{k: v[l] for k, v in results.items()},
+             **{f"cost_{k}": v for k, v in heads.head_cost(l).items()}}
             for l in layers]
 
     h1 = p_states[layers[0]][:1].clone()
@@ -231,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     layer_params = sum(p.numel() for p in parts.layers[0].parameters())
 
     print()
-    print(f"batch 1, seq 1 wall time (median): decoder layer {t_layer * 1e3:.3f} ms ({layer_params / 1e6:.2f}M params); "
+    print(f"batch 1, seq 1 wall time (median): decoder layer {t_layer * 1e3:.3f} ms "
+          f"({layer_params / 1e6:.2f}M params); "
           f"head full vocab {t_full * 1e3:.3f} ms ({rows[0]['cost_full'] / 1e6:.2f}M params, "
           f"{t_full / t_layer:.2f} layers); head shortlist {t_short * 1e3:.3f} ms "
           f"({rows[0]['cost_shortlist'] / 1e6:.2f}M params, {t_short / t_layer:.2f} layers)")

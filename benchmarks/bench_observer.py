@@ -8,8 +8,8 @@ and its cost during decoding.
 3. Greedy decoding of N new tokens on real prompts with and without the observer hook
    encoding every new token (interleaved pairs, median ratio of tokens/s).
 
-    python evals/bench_observer.py                  # defaults of shortcut.observe
-    python evals/bench_observer.py --steps 300 --prompts 3
+    python benchmarks/bench_observer.py                  # defaults of shortcut.observe
+    python benchmarks/bench_observer.py --steps 300 --prompts 3
 """
 
 from __future__ import annotations
@@ -23,7 +23,15 @@ import torch
 
 import shortcut
 from shortcut.data import DEFAULT_PASSAGES, prompt_input_ids, read_jsonl, read_prompts
-from shortcut.observe.observer import DEFAULT_D_SAE, DEFAULT_K, DEFAULT_STEPS, Observer, collect_activations, sae_quality, train_sae
+from shortcut.observe import (
+    DEFAULT_D_SAE,
+    DEFAULT_K,
+    DEFAULT_STEPS,
+    Observer,
+    collect_activations,
+    sae_quality,
+    train_sae,
+)
 
 DATA = Path(__file__).resolve().parent.parent / "shortcut_eval" / "data"
 

@@ -4,8 +4,8 @@ Greedy decoding of N new tokens on real prompts with the packaged model, unwrapp
 wrapped (empty policy) interleaved pair by pair in one run; prints per-pair tokens/s and
 the median ratio wrapped / plain. Also checks the tokens are identical.
 
-    python evals/bench_overhead.py                 # 10 prompts x 64 tokens, 3 repeats
-    python evals/bench_overhead.py --prompts 3 --repeats 1 --new-tokens 16
+    python benchmarks/bench_overhead.py                 # 10 prompts x 64 tokens, 3 repeats
+    python benchmarks/bench_overhead.py --prompts 3 --repeats 1 --new-tokens 16
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Layer skip as well as early exit: do learned, per-situation skip sets pay on top of
 the exits, on the packaged SmolLM2-135M-Instruct?
 
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python evals/bench_skips.py              # 8 prompts per set, 64 tokens
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python evals/bench_skips.py --prompts 30 # scale up (about 4x longer)
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/bench_skips.py              # 8 prompts per set, 64 tokens
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/bench_skips.py --prompts 30 # scale up (about 4x longer)
 
 The default run takes about 6-7 minutes single-threaded on a shared 2-core machine
 (1.5 of them generating the continuations, which are cached under
@@ -85,8 +85,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import shortcut  # noqa: E402
 from shortcut.data import prompt_input_ids, read_jsonl, read_prompts  # noqa: E402
-from shortcut.policy.heads import collect_states  # noqa: E402
 from shortcut.models import cache_root  # noqa: E402
+from shortcut.policy.heads import collect_states  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "shortcut_eval" / "data"
 FINAL = "final"  # readout kinds: "final" (L = num_layers), "lens", "head"
@@ -1009,7 +1009,7 @@ def main(argv: list[str] | None = None) -> dict:
               + ", ".join(f"{n} {r['median_ms']:.2f} ms ({r['layers_run']} layers, {r['kv_projections']} kv)"
                           for n, r in res.items())
               + f"; paired skip/exit: no-kv {info['ratio_no_kv']:.3f}, kv {info['ratio_kv']:.3f}")
-    for s, info in timing.items():
+    for info in timing.values():
         res, k = info["plans"], info["layers_run"]
         layer_ms = (res["full"]["median_ms"] - res[f"exit after {k} (no-kv)"]["median_ms"]) / (L - k)
         kv_ms = (res[f"exit after {k} (kv)"]["median_ms"] - res[f"exit after {k} (no-kv)"]["median_ms"]) / (L - k)

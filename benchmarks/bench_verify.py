@@ -7,8 +7,8 @@ real prompt (the cache holds the prompt; cropped back after every forward), for 
 width, and prints the median relative to one token: the price of a draft that is longer
 by one token, and why short drafts of familiar-looking text can cost more than they save.
 
-    python evals/bench_verify.py                     # widths 1..33, 15 repeats each
-    python evals/bench_verify.py --threads 1 --repeats 9
+    python benchmarks/bench_verify.py                     # widths 1..33, 15 repeats each
+    python benchmarks/bench_verify.py --threads 1 --repeats 9
 """
 
 from __future__ import annotations

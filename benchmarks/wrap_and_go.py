@@ -61,9 +61,9 @@ class Meter:
             with self.handle.disabled():
                 self.plain[text] = self._timed(model, inputs)
         plain = self.plain[text]
-        replayed = self.handle.draft_counters["replay_accepted"]
+        replayed = self.handle.decode_stats.replay_accepted
         wrapped = self._timed(model, inputs)
-        wrapped["replayed"] = self.handle.draft_counters["replay_accepted"] - replayed
+        wrapped["replayed"] = self.handle.decode_stats.replay_accepted - replayed
         self.rows.setdefault(run, []).append({"plain": plain, "wrapped": wrapped})
         return wrapped["tokens"]
 

@@ -1,5 +1,7 @@
 """shortcut: HuggingFace causal LMs that get faster on what they have practised.
 
+Usage::
+
     import shortcut
     model, tokenizer = shortcut.load_model("smollm2")
     handle = shortcut.wrap(model)
@@ -10,9 +12,10 @@
 from .api import Shortcut, load, wrap
 from .arch import ArchSpec, UnsupportedArchitectureError, register_architecture, registered_model_types
 from .config import ShortcutConfig
-from .models import load_model
 from .decode.runtime import FixedPlan, LayerPolicy
+from .models import load_model
 from .skills.folder import SkillsMismatchError
+from .skills.validate import SkillsFileError
 
 __all__ = [
     "ArchSpec",
@@ -20,6 +23,7 @@ __all__ = [
     "LayerPolicy",
     "Shortcut",
     "ShortcutConfig",
+    "SkillsFileError",
     "SkillsMismatchError",
     "UnsupportedArchitectureError",
     "load",

@@ -5,30 +5,35 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 import weakref
-from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .skills import folder as skills
 from .arch import ModelParts, resolve
 from .config import ShortcutConfig
 from .decode.fast import FastController, FastStep, make_fast_decoder
-from .policy.heads import ExitHeads
-from .observe.auto import AutoObserver
-from .observe.observer import Observer
-from .policy.exits import ExitPolicy
-from .learn.practice import Experience, Learner
+from .decode.lossless import ShallowDrafter, Trail, custom_generate_kwargs, make_decoder, unsupported_options
 from .decode.runtime import FixedPlan, LayerPolicy, LayerRuntime, Stats
-from .decode.lossless import ShallowDrafter, Trail, make_decoder, unsupported_options
+from .decode.stats import DecodeStats
+from .learn.practice import Experience, Learner
+from .observe import Observer
+from .observe.auto import AutoObserver
+from .policy.exits import ExitPolicy
+from .policy.heads import ExitHeads
+from .skills import folder as skills
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin
 
 logger = logging.getLogger(__name__)
 
-_HANDLES: "weakref.WeakKeyDictionary[nn.Module, Shortcut]" = weakref.WeakKeyDictionary()
+_HANDLES: weakref.WeakKeyDictionary[nn.Module, Shortcut] = weakref.WeakKeyDictionary()
 
 
 class Shortcut:
@@ -43,8 +48,15 @@ class Shortcut:
     no setup: while learning, every plain greedy lossless ``generate`` call adds its
     answer, and later calls that repeat it draft it back for the full model to verify.
     The observer-dependent skills (SAE observer, exit heads, policy: the shallow path)
-    come with :meth:`attach_observer` or :meth:`train_observer` and share that
-    experience.
+    come with :meth:`attach_observer` or :meth:`train_observer` (or, by default, an
+    observer trained from the model's own traffic) and share that experience.
+
+    Threads: ``model.generate``, :meth:`practice`, :meth:`train_observer` and
+    :meth:`save_pretrained` take a per-handle lock, so calls from several threads are
+    serialised and each gets exactly the tokens it would get alone. The context
+    managers :meth:`disabled` and :meth:`reference`, :meth:`set_policy` and
+    :meth:`set_learning` change the handle for every thread. Direct ``model(...)``
+    forwards are not locked: while learning is on, run them from one thread at a time.
     """
 
     def __init__(self, model: PreTrainedModel, parts: ModelParts, config: ShortcutConfig) -> None:
@@ -53,12 +65,14 @@ class Shortcut:
         self.config = config
         self.fingerprint = skills.fingerprint(model, parts)
         self._runtime = LayerRuntime(model, parts)
+        # Decoding installs a per-call layer policy and learning mutates skills: one call
+        # at a time (re-entrant: generate calls the model's forward, practice calls generate).
+        self._lock = threading.RLock()
         self._removed = False
         self.experience = Experience()  # replay log and practised sequences, observer or not
         self.learner: Learner | None = None  # the observer-dependent skills, once attached
         self.auto_observer: AutoObserver | None = None  # trains the observer from traffic until one is attached
-        # Draft accounting of lossless generation (forwards, drafted/accepted tokens, ...).
-        self.draft_counters: defaultdict[str, float] = defaultdict(float)
+        self.decode_stats = DecodeStats()  # what lossless and fast decoding did, summed over calls
         self._draft_length: int | None = None  # lossless draft length reached by the latest call
         self._warned: set[str] = set()
         self._reference = False  # inside reference(): plain generate, counted, not learned
@@ -72,6 +86,7 @@ class Shortcut:
 
     @property
     def num_layers(self) -> int:
+        """Number of decoder layers of the wrapped model."""
         return self.parts.num_layers
 
     @property
@@ -116,14 +131,17 @@ class Shortcut:
     # -- skills -------------------------------------------------------------------
     @property
     def observer(self) -> Observer | None:
+        """The SAE observer, or ``None`` before one is trained or loaded."""
         return self.learner.observer if self.learner else None
 
     @property
     def heads(self) -> ExitHeads | None:
+        """The learned exit heads, or ``None`` without an observer."""
         return self.learner.heads if self.learner else None
 
     @property
     def exit_policy(self) -> ExitPolicy | None:
+        """The learned exit policy, or ``None`` without an observer."""
         return self.learner.policy if self.learner else None
 
     def attach_observer(self, observer: Observer, *, heads: ExitHeads | None = None,
@@ -139,6 +157,7 @@ class Shortcut:
             raise ValueError(f"observer width {observer.d_model} does not match the model's residual width {width}")
         if observer.layer >= self.num_layers:
             raise ValueError(f"observer layer {observer.layer} out of range 0..{self.num_layers - 1}")
+        assert self.config.exit_layers is not None  # the handle's config is resolved for its model
         exits = [e for e in self.config.exit_layers if e > observer.layer]
         if not exits:
             raise ValueError(f"no exit layer in {self.config.exit_layers} lies above observer layer {observer.layer}")
@@ -166,9 +185,10 @@ class Shortcut:
         """Train a sae-lens TopK SAE on this model's own residual stream at
         ``config.observer_layers[0]`` over ``texts``, measure it on a held-out slice,
         and attach it as the observer. ``train_kwargs`` go to :func:`observe.train_sae`."""
-        from .observe.observer import DEFAULT_MAX_TOKENS, collect_activations, sae_quality, train_sae
+        from .observe import DEFAULT_MAX_TOKENS, collect_activations, sae_quality, train_sae
 
         self._check_live()
+        assert self.config.observer_layers is not None  # the handle's config is resolved for its model
         layer = self.config.observer_layers[0]
         with self.disabled():
             acts = collect_activations(self.model, self.parts.layers[layer], texts, tokenizer,
@@ -177,7 +197,8 @@ class Shortcut:
         sae = train_sae(acts[:-n_heldout], seed=self.config.seed, progress=progress, **train_kwargs)
         quality = sae_quality(sae, acts[-n_heldout:])
         observer = Observer(sae, layer, meta={"quality": quality})
-        self.attach_observer(observer)
+        with self._lock:
+            self.attach_observer(observer)
         return observer
 
     def set_learning(self, enabled: bool) -> None:
@@ -189,11 +210,16 @@ class Shortcut:
     def _generate(self, original: Any, *args: Any, **kwargs: Any) -> Any:
         """``model.generate`` with what was practised: lossless drafting (practised
         sequences replayed, and the shallow path once an observer is attached) with
-        full-path verification, or fast mode's committed exits.
+        full-path verification, or fast mode's committed exits (see decode/lossless.py and
+        decode/fast.py). Calls from several threads run one at a time (the handle's lock).
 
         Fast mode needs the observer's skills to commit anything; without an observer it
         decodes losslessly (replaying practised answers, verified), so its output is the
         unwrapped model's."""
+        with self._lock:
+            return self._generate_locked(original, *args, **kwargs)
+
+    def _generate_locked(self, original: Any, *args: Any, **kwargs: Any) -> Any:
         if self._removed or self._runtime.bypass or self._reference or self._runtime.policy is not None:
             return original(*args, **kwargs)
         auto = self.auto_observer
@@ -207,54 +233,71 @@ class Shortcut:
         learner, experience = self.learner, self.experience
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         prompt = input_ids[0].tolist() if isinstance(input_ids, torch.Tensor) and input_ids.shape[0] == 1 else None
+        mask = kwargs.get("attention_mask")
+        if (prompt is not None and isinstance(input_ids, torch.Tensor) and isinstance(mask, torch.Tensor)
+                and mask.shape == input_ids.shape):
+            prompt = [t for t, keep in zip(prompt, mask[0].tolist()) if keep]  # the text without its padding
         commit = learner is not None and self.config.mode == "fast" and (  # asked before this call is logged
             not self.config.fast_practised_prompts_only or (prompt is not None and learner.was_practised(prompt)))
         if self.config.learn and prompt is not None:
-            experience.practised.append(prompt)  # the replay log consolidation reads
+            experience.log_prompt(prompt)  # the replay log consolidation reads
         bad = unsupported_options(self.model, kwargs, input_ids)
         if bad:
-            message = ", ".join(bad)
-            if message not in self._warned:
-                self._warned.add(message)
-                logger.warning("shortcut: %s mode cannot honour %s; using the full path", self.config.mode, message)
+            self._warn_full_path(", ".join(bad))
             return original(*args, **kwargs)
+        assert isinstance(input_ids, torch.Tensor)  # anything else is an unsupported option
+        fast = self.fast  # set by attach_observer with the learner
         sequences = experience.sequences if self.config.replay_sequences else None
+        # generate hands custom_generate no streamer or tokenizer: see custom_generate_kwargs.
+        kwargs, stream = custom_generate_kwargs(self.model, kwargs)
         collect = auto is not None and self.config.learn and prompt is not None
         if collect:
             auto.begin_call(prompt)
         trail = None
         if learner is not None:
             trail = Trail(learner.observer, learner.policy, self.parts.layers[learner.signature_layer],
-                          self.draft_counters)
+                          self.decode_stats)
         try:
             if commit:
-                if self.fast.calibrated_for != learner.stats.consolidations:
-                    self.fast.recalibrate(learner.stats.consolidations)
-                step = FastStep(learner.observer, learner.policy, learner.heads, self.fast, trail, sequences=sequences)
-                decoder = make_fast_decoder(self._runtime, step, self.fast, self.draft_counters)
+                assert learner is not None and fast is not None and trail is not None
+                if fast.calibrated_for != learner.stats.consolidations:
+                    fast.recalibrate(learner.stats.consolidations)
+                step = FastStep(learner.observer, learner.policy, learner.heads, fast, trail, sequences=sequences)
+                decoder = make_fast_decoder(self._runtime, step, fast, self.decode_stats, streamer=stream,
+                                            on_fallback=self._warn_full_path)
                 return original(*args, custom_generate=decoder, **kwargs)
-            if self.config.mode == "fast" and self.fast is not None:
-                self.fast.lossless_calls += 1  # a prompt never practised verbatim: verify, do not commit
-                self.fast.committed = []
+            if self.config.mode == "fast" and fast is not None:
+                fast.lossless_calls += 1  # a prompt never practised verbatim: verify, do not commit
+                fast.committed = []
             # Without an observer the drafter replays practised sequences only.
             observer, heads, policy = (learner.observer, learner.heads, learner.policy) if learner else (None,) * 3
             drafter = ShallowDrafter(self.model, self._runtime, observer, heads, policy, trail,
                                      max_draft=self.config.max_draft, min_confidence=self.config.draft_confidence,
-                                     counters=self.draft_counters,
+                                     stats=self.decode_stats,
                                      on_full_path=learner.learn_recorded if learner else None,
                                      num_draft=self._draft_length, sequences=sequences)
             try:
-                output = original(*args, custom_generate=make_decoder(drafter, self.draft_counters), **kwargs)
+                decoder = make_decoder(drafter, self.decode_stats, streamer=stream, on_fallback=self._warn_full_path)
+                output = original(*args, custom_generate=decoder, **kwargs)
             finally:
                 self._draft_length = drafter.num_draft
             if self.config.learn and drafter.plain_greedy:  # the full model's greedy answer: later calls may replay it
-                experience.sequences.add(output[0].tolist())
+                experience.sequences.add(output[0].tolist(), start=input_ids.shape[1])
             return output
         finally:
             if trail is not None:
                 trail.close()
             if collect:
                 auto.end_call(self.config.seed)
+            if stream is not None:  # ended once by the loop; here only when something raised first
+                stream.end()
+
+    def _warn_full_path(self, reason: str) -> None:
+        """Warn once per reason that a generate call takes the full path."""
+        if reason not in self._warned:
+            if len(self._warned) < 256:  # reasons name option values: keep the set bounded
+                self._warned.add(reason)
+            logger.warning("shortcut: %s mode cannot honour %s; using the full path", self.config.mode, reason)
 
     def practice(self, prompts: list[Any], *, rounds: int = 1, max_new_tokens: int = 64,
                  tokenizer: Any = None, shuffle: bool = True, progress: bool = True) -> list[dict[str, Any]]:
@@ -265,8 +308,9 @@ class Shortcut:
         from .learn.practice import run_rounds
 
         self._check_live()
-        return run_rounds(self, prompts, rounds=rounds, max_new_tokens=max_new_tokens, tokenizer=tokenizer,
-                          shuffle=shuffle, progress=progress)
+        with self._lock:
+            return run_rounds(self, prompts, rounds=rounds, max_new_tokens=max_new_tokens, tokenizer=tokenizer,
+                              shuffle=shuffle, progress=progress)
 
     # -- lifecycle ----------------------------------------------------------------
     def remove(self) -> PreTrainedModel:
@@ -301,7 +345,8 @@ class Shortcut:
                 contents.update(skills.save_replay_log(tmp, self.experience))
             skills.write_manifest(tmp, self.fingerprint, contents)
 
-        return skills.write_atomically(folder, fill, overwrite=overwrite)
+        with self._lock:
+            return skills.write_atomically(folder, fill, overwrite=overwrite)
 
     def __repr__(self) -> str:
         state = "removed" if self._removed else f"{self.parts.model_type}, {self.num_layers} layers"
@@ -351,7 +396,7 @@ def wrap(model: PreTrainedModel, config: ShortcutConfig | None = None, *,
       :class:`~shortcut.observe.auto.AutoObserver` to set how many and how it trains);
     - ``None`` or ``False``: none (practised sequences only, until
       :meth:`Shortcut.attach_observer` or :meth:`Shortcut.train_observer`);
-    - an :class:`~shortcut.observe.observer.Observer`: attached at once;
+    - an :class:`~shortcut.observe.Observer`: attached at once;
     - a skills folder (``str`` or ``Path``) saved for this base model: its observer.
 
     Raises:
@@ -370,13 +415,16 @@ def wrap(model: PreTrainedModel, config: ShortcutConfig | None = None, *,
     config = (config or ShortcutConfig()).resolved(parts.num_layers)
     handle = Shortcut(model, parts, config)
     handle._runtime.install()
-    original_generate = model.generate
-    model.generate = functools.update_wrapper(functools.partial(handle._generate, original_generate), original_generate)
+    original_generate = cast("GenerationMixin", model).generate
+    # An instance attribute shadows the class's generate; remove() pops it again.
+    model.__dict__["generate"] = functools.update_wrapper(functools.partial(handle._generate, original_generate),
+                                                          original_generate)
     _HANDLES[model] = handle
     try:
         if observer == "auto":
             observer = AutoObserver()
         if isinstance(observer, AutoObserver):
+            assert config.observer_layers is not None  # resolved above
             layer = config.observer_layers[0]
             observer.install(parts.layers[layer], layer)
             handle.auto_observer = observer
@@ -392,15 +440,13 @@ def wrap(model: PreTrainedModel, config: ShortcutConfig | None = None, *,
 
 def _folder_observer(folder: Path, handle: Shortcut) -> Observer:
     """The observer saved in the skills folder ``folder`` for this handle's base model."""
-    from .observe.observer import load_observer
-
     manifest = skills.read_manifest(folder)
     skills.check_fingerprint(manifest["base_model"], handle.fingerprint, folder)
-    rel = manifest.get("contents", {}).get("observer")
-    if rel is None:
+    learned = skills.load_learned(folder, manifest, handle.parts, handle.fingerprint,
+                                  config=skills.load_config(folder, manifest))
+    if learned is None:
         raise ValueError(f"skills folder {folder} holds no observer (its manifest lists no 'observer')")
-    return load_observer(folder / rel, d_model=int(handle.parts.unembed.weight.shape[1]),
-                         n_layers=handle.num_layers, expected_fingerprint=handle.fingerprint)
+    return learned.observer
 
 
 def load(model: PreTrainedModel, folder: str | Path) -> Shortcut:
@@ -417,22 +463,30 @@ def load(model: PreTrainedModel, folder: str | Path) -> Shortcut:
     _check_model(model)
     parts = resolve(model)
     skills.check_fingerprint(manifest["base_model"], skills.fingerprint(model, parts), folder)
+    # Everything is read and checked before the model changes: a bad file anywhere in
+    # the folder leaves the model as it was.
+    config = skills.load_config(folder, manifest)
+    try:
+        config.resolved(parts.num_layers)
+    except ValueError as err:
+        raise skills.SkillsFileError(f"{folder / 'config.json'}: {err}") from err
+    learned = skills.load_learned(folder, manifest, parts, manifest["base_model"], config=config)
+    if learned is not None:
+        practised, sequences = learned.practised, learned.sequences
+    else:  # practised sequences only (no observer yet)
+        practised, sequences = skills.load_replay_log(folder, manifest, int(parts.unembed.weight.shape[0]))
     adapter = manifest.get("contents", {}).get("adapter")
     if adapter:
-        skills.merge_adapter(model, folder / adapter)
-    config = ShortcutConfig.load(folder / "config.json")
+        skills.merge_adapter(model, skills.inside(folder, adapter, "contents.adapter"))
     handle = wrap(model, config)
     try:
-        learned = skills.load_learned(folder, manifest, handle.parts, manifest["base_model"], config=config)
         if learned is not None:
-            observer, heads, policy, practised, sequences = learned
-            handle.attach_observer(observer, heads=heads, policy=policy)
-        else:  # practised sequences only (no observer yet)
-            practised, sequences = skills.load_replay_log(folder, manifest)
-        handle.experience.practised.extend(practised)
-        handle.experience.sequences.extend(sequences)
+            handle.attach_observer(learned.observer, heads=learned.heads, policy=learned.policy)
+        experience = handle.experience
+        experience.practised.extend(practised[-experience.log_capacity:])
+        experience.sequences.extend(sequences)
         if learned is not None:
-            handle.experience.fitted_log = len(practised)  # saved skills: heads fitted on their log
+            experience.fitted_log = len(experience.practised)  # saved skills: heads fitted on their log
     except BaseException:
         handle.remove()
         raise

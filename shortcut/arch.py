@@ -13,11 +13,15 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # (layer, hidden state entering the layer, position embeddings) -> (keys, values), shaped
 # [batch, kv_heads, seq, head_dim] exactly as the layer's attention passes them to
@@ -67,10 +71,11 @@ class ModelParts:
     model_type: str
     layers: nn.ModuleList
     final_norm: nn.Module
-    unembed: nn.Module
+    unembed: nn.Linear  # [vocab, d] weight, optional bias: the model's lm_head
 
     @property
     def num_layers(self) -> int:
+        """Number of decoder layers."""
         return len(self.layers)
 
 
@@ -157,10 +162,13 @@ def resolve(model: nn.Module) -> ModelParts:
 def _bind(model: nn.Module, spec: ArchSpec, model_type: str) -> ModelParts | None:
     layers = _get_path(model, spec.layers)
     norm = _get_path(model, spec.final_norm)
-    unembed = _get_path(model, spec.unembed) if spec.unembed else model.get_output_embeddings()
+    if spec.unembed:
+        unembed = _get_path(model, spec.unembed)
+    else:
+        unembed = cast("PreTrainedModel", model).get_output_embeddings()
     if not isinstance(layers, nn.ModuleList) or norm is None or unembed is None:
         return None
-    return ModelParts(spec, model_type, layers, norm, unembed)
+    return ModelParts(spec, model_type, layers, norm, cast(nn.Linear, unembed))
 
 
 def _generic_llama_like(model: nn.Module, model_type: str) -> ModelParts | None:
@@ -199,12 +207,13 @@ def rotary_of(module: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tens
 
 
 def rotate_keys(attn: nn.Module, keys: torch.Tensor, position_embeddings: Any) -> torch.Tensor:
+    """Apply ``attn``'s rotary embedding (``position_embeddings`` = cos, sin) to ``keys``."""
     cos, sin = position_embeddings
     _, rotated = rotary_of(attn)(keys, keys, cos, sin)
     return rotated
 
 
-def llama_like_kv(layer: nn.Module, hidden: torch.Tensor, position_embeddings: Any):
+def llama_like_kv(layer: Any, hidden: torch.Tensor, position_embeddings: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys/values of llama, mistral, qwen2, qwen3 and gemma3 style layers
     (pre-norm ``input_layernorm``, ``self_attn.k_proj``/``v_proj``, optional ``k_norm``)."""
     attn = layer.self_attn

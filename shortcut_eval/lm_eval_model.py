@@ -1,9 +1,9 @@
-"""lm-evaluation-harness model type ``shortcut``: evaluate a wrapped model with lm-eval.
+r"""lm-evaluation-harness model type ``shortcut``: evaluate a wrapped model with lm-eval.
 
 Command line (same arguments as ``lm_eval``; run from anywhere)::
 
-    shortcut-lm-eval --model shortcut \\
-        --model_args pretrained=smollm2,skills=skills/,mode=lossless \\
+    shortcut-lm-eval --model shortcut \
+        --model_args pretrained=smollm2,skills=skills/,mode=lossless \
         --tasks shortcut_socialiqa --device cpu --batch_size 1 --limit 50
 
 lm-eval 0.4.13 (the version tested) looks ``--model`` up in its own registry and
@@ -198,7 +198,7 @@ class ShortcutLM(HFLM):  # type: ignore[misc,valid-type]
             "learn": handle.config.learn,
             "layers_per_token": handle.stats.total.layers_per_token,
             "num_layers": handle.num_layers,
-            "draft": {k: float(v) for k, v in sorted(handle.draft_counters.items())},
+            "draft": handle.decode_stats.as_dict(),
         }
         return info
 
@@ -207,9 +207,10 @@ def load_jsonl(jsonl: str = "choice.jsonl", split: str = "test", where: str | No
                **_metadata: Any) -> Any:
     """Task data from a committed JSONL file, for task YAMLs' ``custom_dataset``.
 
-    ``jsonl`` is relative to shortcut's eval data folder (``shortcut_eval/data``) unless absolute; ``where`` keeps only rows whose field of
-    that name is not null. lm-eval also passes the task metadata (model arguments
-    included) as keyword arguments; they are ignored.
+    ``jsonl`` is relative to shortcut's eval data folder (``shortcut_eval/data``) unless
+    absolute; ``where`` keeps only rows whose field of that name is not null. lm-eval
+    also passes the task metadata (model arguments included) as keyword arguments; they
+    are ignored.
 
     Returns:
         ``datasets.DatasetDict`` with the one split ``split``.

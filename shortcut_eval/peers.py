@@ -23,6 +23,7 @@ from .workload import Method, System, input_ids, measure_prompt
 
 
 def peer_methods(system: System, early_exit_layers: list[int], lookup_tokens: int) -> list[Method]:
+    """The peer methods: transformers' early-exit drafting at each layer, and prompt lookup."""
     methods = [Method(f"early-exit E={e}", "peer", system, options={"assistant_early_exit": e})
                for e in early_exit_layers]
     if lookup_tokens > 0:
@@ -76,6 +77,7 @@ def oracle(system: System, record: dict, output_ids: list[int]) -> dict[str, Any
 
 
 def summarise_oracle(rows: list[dict[str, Any]], num_layers: int) -> dict[str, Any]:
+    """Token-weighted mean layers and the summed exit histogram of the oracle rows."""
     tokens = sum(r["tokens"] for r in rows)
     histogram: dict[int, int] = {}
     for r in rows:

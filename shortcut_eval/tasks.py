@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import random
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -231,11 +232,8 @@ def choice(args: Any, systems: list[System], items: list[dict], log: Callable[[s
     same_pick = {(s.label, m): 0 for s, m in combos}
     raw = []
     for number, item in enumerate(tqdm(items, desc="shortcut-eval choice", disable=args.quiet, unit="question")):
-        context = f"Question: {item['question']}\nAnswer:"
-        context_ids = tokenizer(context, return_tensors="pt")["input_ids"]
         scores: dict[tuple, list[float]] = {key: [] for key in correct}
-        for option in item["choices"]:
-            option_ids = tokenizer(" " + option, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        for context_ids, option_ids in choice_sequences(tokenizer, item):
             sequence = torch.cat([context_ids, option_ids], dim=1)
             span = slice(context_ids.shape[1] - 1, sequence.shape[1] - 1)
             targets = sequence[0, context_ids.shape[1]:]
@@ -257,12 +255,21 @@ def choice(args: Any, systems: list[System], items: list[dict], log: Callable[[s
                 "accuracy": correct[("unwrapped", None)] / n}]
     for system, mode in combos:
         key = (system.label, mode)
-        results.append({"set": "choice", "method": f"shortcut {mode}" + (f" [{system.label}]" if len(systems) > 1 else ""),
-                        "questions": n, "accuracy": correct[key] / n, "same_choice_as_unwrapped": same_pick[key] / n})
+        method = f"shortcut {mode}" + (f" [{system.label}]" if len(systems) > 1 else "")
+        results.append({"set": "choice", "method": method, "questions": n, "accuracy": correct[key] / n,
+                        "same_choice_as_unwrapped": same_pick[key] / n})
     for r in results:
         log(f"{r['method']:<28} accuracy {100 * r['accuracy']:.1f}%"
-            + (f"  same choice as unwrapped {100 * r['same_choice_as_unwrapped']:.1f}%" if "same_choice_as_unwrapped" in r else ""))
+            + (f"  same choice as unwrapped {100 * r['same_choice_as_unwrapped']:.1f}%"
+               if "same_choice_as_unwrapped" in r else ""))
     return {"tests": results, "raw": {"questions": raw}}
+
+
+def choice_sequences(tokenizer: Any, item: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The token ids [1, T] of a question's context and of each of its choices, as scored."""
+    context_ids = tokenizer(f"Question: {item['question']}\nAnswer:", return_tensors="pt")["input_ids"]
+    return [(context_ids, tokenizer(" " + option, add_special_tokens=False, return_tensors="pt")["input_ids"])
+            for option in item["choices"]]
 
 
 def _loglik(logits: torch.Tensor, targets: torch.Tensor) -> float:

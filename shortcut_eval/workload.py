@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 import shortcut
+from shortcut.data import DataFileError, check_prompt, prompt_input_ids, read_jsonl, read_passages, read_prompts
 from shortcut.decode.accounting import ParamSizes, decode_only, plain_cost, shortcut_cost, stats_delta
-from shortcut.data import DataFileError, prompt_input_ids, read_jsonl, read_prompts
+from shortcut.decode.stats import DecodeStats
 from shortcut.models import cache_root
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -79,7 +80,7 @@ def _default_observer(handle: Any, tokenizer: Any, corpus: Path, steps: int, pro
     """Attach the model's default observer; returns the seconds spent training it (0 if
     cached). The cache key names everything the observer depends on: the model's weights,
     the layer, the corpus's bytes and the training settings."""
-    from shortcut.observe.observer import DEFAULT_D_SAE, DEFAULT_K, DEFAULT_MAX_TOKENS, load_observer, save_observer
+    from shortcut.observe import DEFAULT_D_SAE, DEFAULT_K, DEFAULT_MAX_TOKENS, load_observer, save_observer
 
     layer = handle.config.observer_layers[0]
     corpus_hash = hashlib.sha256(corpus.read_bytes()).hexdigest()[:8]
@@ -91,7 +92,7 @@ def _default_observer(handle: Any, tokenizer: Any, corpus: Path, steps: int, pro
         handle.attach_observer(load_observer(folder, d_model=width, n_layers=handle.num_layers,
                                              expected_fingerprint=handle.fingerprint))
         return 0.0
-    records = read_jsonl(corpus, required=("text",))
+    records = read_passages(corpus)
     texts = [r["text"] for r in records if r.get("split", "train") == "train"] or [r["text"] for r in records]
     start = time.perf_counter()
     observer = handle.train_observer(texts, tokenizer, steps=steps, progress=progress)
@@ -119,7 +120,7 @@ def prompt_sets(prompts: Path, near: Path | None, *, n_practice: int, n_test: in
         record.setdefault("id", f"{prompts.name}#{number}")
     sets = {"practice": practice, "exact repeats": practice[:n_test], "novel": novel[:n_test]}
     if near is not None:
-        by_origin = {r["of"]: r for r in read_jsonl(near, required=("of", "prompt"))}
+        by_origin = {r["of"]: r for r in read_jsonl(near, check=_check_near_duplicate)}
         sets["near-duplicates"] = [by_origin[r["id"]] for r in practice if r["id"] in by_origin][:n_test]
         if not sets["near-duplicates"]:
             raise DataFileError(f"{near}: no record's 'of' names a practised prompt id of {prompts}")
@@ -128,7 +129,29 @@ def prompt_sets(prompts: Path, near: Path | None, *, n_practice: int, n_test: in
     return {name: sets[name] for name in ("practice", "exact repeats", "near-duplicates", "novel") if name in sets}
 
 
+def _check_near_duplicate(record: dict, where: str) -> None:
+    check_prompt(record, where)
+    if not isinstance(record.get("of"), str):
+        raise DataFileError(f"{where}: 'of' must be the id (a string) of a practised prompt, got {record.get('of')!r}")
+
+
+def read_choices(path: Path) -> list[dict]:
+    """Multiple-choice items: ``question`` (a string), ``choices`` (two or more
+    non-empty strings) and ``answer`` (the index of the right choice)."""
+    return read_jsonl(path, required=("question", "choices", "answer"),
+                      types={"question": str, "choices": list, "answer": int, "id": str}, check=_check_choice)
+
+
+def _check_choice(item: dict, where: str) -> None:
+    choices = item["choices"]
+    if len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+        raise DataFileError(f"{where}: 'choices' must be a list of two or more non-empty strings")
+    if not 0 <= item["answer"] < len(choices):
+        raise DataFileError(f"{where}: 'answer' {item['answer']} must index into 'choices' (0..{len(choices) - 1})")
+
+
 def input_ids(system: System, record: dict) -> torch.Tensor:
+    """The prompt ids of ``record`` for ``system``'s tokenizer."""
     return prompt_input_ids(system.tokenizer, record)
 
 
@@ -137,7 +160,7 @@ def generate(method: Method, ids: torch.Tensor, new_tokens: int) -> dict[str, An
     system = method.system
     handle, model = system.handle, system.model
     gen = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
-    stats_before, counters_before = handle.stats.total.as_dict(), dict(handle.draft_counters)
+    stats_before, decode_before = handle.stats.total.as_dict(), handle.decode_stats.copy()
     learner = handle.learner
     learn_before = learner.stats.learn_seconds if learner else 0.0
     start = time.perf_counter()
@@ -157,15 +180,15 @@ def generate(method: Method, ids: torch.Tensor, new_tokens: int) -> dict[str, An
     new = int(out.shape[1] - ids.shape[1])
     if method.kind == "plain":
         cost = plain_cost(system.sizes, ids.shape[1], new)
-        counters: dict[str, float] = {}
+        decode = DecodeStats()
     else:
         stats = stats_delta(handle.stats.total.as_dict(), stats_before)
-        counters = {k: v - counters_before.get(k, 0.0) for k, v in handle.draft_counters.items()}
-        cost = decode_only(shortcut_cost(system.sizes, stats, counters), system.sizes, ids.shape[1])
+        decode = handle.decode_stats - decode_before
+        cost = decode_only(shortcut_cost(system.sizes, stats, decode), system.sizes, ids.shape[1])
     return {"output": out, "seconds": seconds, "new_tokens": new, "cost": cost,
-            "drafted": counters.get("drafted", 0.0), "accepted": counters.get("accepted", 0.0),
+            "drafted": float(decode.drafted), "accepted": float(decode.accepted),
             # tokens from practised sequences: accepted lossless drafts, committed fast-mode answers
-            "replayed": counters.get("replay_accepted", 0.0) + counters.get("replay_committed", 0.0),
+            "replayed": float(decode.replay_accepted + decode.replay_committed),
             "learn_seconds": (learner.stats.learn_seconds - learn_before) if learner else 0.0}
 
 
@@ -199,7 +222,8 @@ def measure_prompt(methods: list[Method], plain: Method, record: dict, new_token
             "prompt_id": record.get("id"), "prompt_tokens": int(ids.shape[1]), "new_tokens": run["new_tokens"],
             "seconds": run["seconds"], "tokens_per_second": run["new_tokens"] / run["seconds"],
             "speed_ratio": base["seconds"] / run["seconds"],
-            "bytes_rel": run["cost"]["bytes"] / reference["bytes"], "flops_rel": run["cost"]["flops"] / reference["flops"],
+            "bytes_rel": run["cost"]["bytes"] / reference["bytes"],
+            "flops_rel": run["cost"]["flops"] / reference["flops"],
             "identical": bool(torch.equal(run["output"], base["output"])), "agreed_tokens": agree,
             "drafted": run["drafted"], "accepted": run["accepted"], "replayed": run["replayed"],
             "learn_seconds": run["learn_seconds"],

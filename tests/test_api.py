@@ -17,7 +17,8 @@ from .conftest import TINY_CONFIGS, make_tiny
 
 
 def _state(model):
-    return [(n, "forward" in m.__dict__, len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()]
+    return [(n, "forward" in m.__dict__, len(m._forward_hooks), len(m._forward_pre_hooks))
+            for n, m in model.named_modules()]
 
 
 def test_rejects_non_causal_lm():
@@ -26,7 +27,8 @@ def test_rejects_non_causal_lm():
     base = LlamaModel(LlamaConfig(**{k: v for k, v in TINY_CONFIGS["llama"].items() if k != "model_type"}))
     with pytest.raises(TypeError, match="causal language model"):
         shortcut.wrap(base)
-    bert = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    bert = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=32))
     with pytest.raises(TypeError, match="causal language model"):
         shortcut.wrap(bert)
 

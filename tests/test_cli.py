@@ -27,7 +27,8 @@ def test_practice_inspect_merge(tiny_model_dir, tmp_path, capsys):
     assert cli.main(["inspect", str(a), "--timing", "--model", str(tiny_model_dir)]) == 0
     report = capsys.readouterr().out
     assert "observer share of decode time" in report
-    assert "exit after" in report and "decode-time decisions:" in report and "observer:" in report and "replay log: 10 practised prompts" in report  # 5 prompts x 2 rounds
+    assert "exit after" in report and "decode-time decisions:" in report and "observer:" in report
+    assert "replay log: 10 practised prompts" in report  # 5 prompts x 2 rounds
 
     assert _practice(tiny_model_dir, b, "--skills", str(a), "--rounds", "1") == 0
     assert cli.main(["merge", str(a), str(b), "-o", str(merged)]) == 0

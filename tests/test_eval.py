@@ -156,3 +156,14 @@ def test_bench_verify_times_every_width(tiny_model_dir, capsys):
     assert list(relative) == list(bench_verify.WIDTHS) and relative[1] == 1.0
     assert all(value > 0 for value in relative.values())
     assert "x one token" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_practice_runs_in_reduced_precision(tiny_model_dir, tmp_path, dtype):
+    out = tmp_path / dtype
+    assert cli.main(["practice", "--model", str(tiny_model_dir), "--rounds", "2", "--mode", "both",
+                     "--dtype", dtype, "--out", str(out), *FAST_PRACTICE]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["dtype"] == dtype
+    lossless = [row for row in results["tests"] if row["method"] == "shortcut lossless"]
+    assert len(lossless) == 3 and all(row["identical"] == 1.0 for row in lossless)

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 import shortcut
-from shortcut.finetune import consolidate as ft
 from shortcut.data import prompt_input_ids
-from shortcut.skills.folder import SkillsMismatchError
+from shortcut.finetune import consolidate as ft
 from shortcut.finetune.training import Checkpoints
+from shortcut.skills.folder import SkillsMismatchError
 
 from .conftest import make_tiny
 from .test_practice import PROMPTS, _observer
@@ -76,7 +76,7 @@ def _assert_lossless(model, folder):
             with handle.disabled():
                 ref = model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False)
             assert torch.equal(model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False), ref)
-        assert handle.draft_counters["accepted"] > 0  # the consolidated skills do draft
+        assert handle.decode_stats.accepted > 0  # the consolidated skills do draft
     finally:
         handle.remove()
 
@@ -249,7 +249,8 @@ def test_layerskip_schedule_helpers():
     from shortcut.finetune.layerskip import active_exits, dropout_rates, exit_weights
 
     assert [active_exits(s, 8, [7, 11, 15], "rotational") for s in range(4)] == [[7], [11], [15], [7]]
-    assert active_exits(0, 9, [7, 11, 15], "gradual") == [15] and active_exits(8, 9, [7, 11, 15], "gradual") == [7, 11, 15]
+    assert active_exits(0, 9, [7, 11, 15], "gradual") == [15]
+    assert active_exits(8, 9, [7, 11, 15], "gradual") == [7, 11, 15]
     rates = dropout_rates(30, 0.2)
     assert rates[0] == 0.0 and abs(rates[-1] - 0.2) < 1e-9 and rates == sorted(rates)
     w = exit_weights([7, 19], 30, 1.0)
@@ -263,7 +264,8 @@ def test_layerskip_final_layer_anchored_to_the_base_distribution():
     from peft import LoraConfig, get_peft_model
 
     from shortcut.arch import resolve
-    from shortcut.finetune.layerskip import ExitCapture, base_logits, exit_weights, make_batch, objective
+    from shortcut.capture import StateCapture
+    from shortcut.finetune.layerskip import base_logits, exit_weights, make_batch, objective
     from shortcut.finetune.replay import Example
 
     model = make_tiny("llama")
@@ -271,7 +273,7 @@ def test_layerskip_final_layer_anchored_to_the_base_distribution():
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     examples = [Example([5, 6, 7, 8, 9, 10, 11], 2), Example([12, 13, 14, 15, 16], 0)]
     batch = make_batch(examples, [0, 1], "cpu")
-    capture = ExitCapture(parts, [1])
+    capture = StateCapture(parts, [1], keep=lambda t: t)
     try:
         base = base_logits(peft_model, batch)
         with torch.no_grad():

@@ -6,19 +6,18 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-import shortcut
-from shortcut import models
-
-from .conftest import require_real_model
-
 import lm_eval  # a test dependency (pyproject [test])
+import pytest
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import sanitize_list
+
+import shortcut
+from shortcut import models
 from shortcut_eval import lm_eval_model
 from shortcut_eval.lm_eval_model import TASKS_DIR, ShortcutLM, load_jsonl
+
+from .conftest import require_real_model
 
 TASKS = ["shortcut_socialiqa", "shortcut_trivia"]
 LIMIT = 4  # documents per task: 12 log-likelihood requests, 4 generations

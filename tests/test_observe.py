@@ -13,7 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from shortcut.data import DEFAULT_PASSAGES
-from shortcut.observe.observer import (
+from shortcut.observe import (
     OBSERVER_META_FILENAME,
     Observer,
     Signature,
@@ -268,8 +268,6 @@ def test_attached_observer_keeps_logits_identical(model, sae, acts):
 # ----------------------------------------------------------------------------- real model
 def _real_texts() -> tuple[list[str], list[str]]:
     """Real English (train, held-out): the evals passages if present, else stdlib docstrings."""
-    from pathlib import Path
-
     p = DEFAULT_PASSAGES
     if p.exists():
         rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shortcut.observe.observer import Signature
+from shortcut.observe import Signature
 from shortcut.policy.exits import ExitPolicy
 
 

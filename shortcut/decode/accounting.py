@@ -22,6 +22,8 @@ from typing import Any
 
 from torch import nn
 
+from .stats import DecodeStats
+
 
 def _numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
@@ -39,7 +41,8 @@ class ParamSizes:
     bytes_per_param: int = 4
 
     @classmethod
-    def of(cls, handle: Any) -> "ParamSizes":
+    def of(cls, handle: Any) -> ParamSizes:
+        """The parameter counts of ``handle``'s model (and observer, if it has one)."""
         parts = handle.parts
         layer = parts.layers[0]
         attn = getattr(layer, parts.spec.attention)
@@ -71,11 +74,11 @@ def decode_only(cost: dict[str, float], sizes: ParamSizes, prompt_tokens: int) -
     return {k: cost[k] - prefill[k] for k in cost}
 
 
-def shortcut_cost(sizes: ParamSizes, stats: dict[str, Any], counters: dict[str, float]) -> dict[str, float]:
+def shortcut_cost(sizes: ParamSizes, stats: dict[str, Any], decode: DecodeStats) -> dict[str, float]:
     """Bytes and FLOPs from a :class:`~shortcut.decode.runtime.ComputeStats` dict (the
-    difference over the measured calls) and the handle's draft counters (likewise)."""
-    head_params = counters.get("head_params", 0.0)
-    observer = counters.get("observer_encodes", 0.0) * sizes.observer
+    difference over the measured calls) and the handle's decode statistics (likewise)."""
+    head_params = decode.head_params
+    observer = decode.observer_encodes * sizes.observer
     params_read = (stats["layer_calls"] * sizes.layer + stats["kv_projection_calls"] * sizes.kv_projection
                    + stats["unembed_calls"] * sizes.unembed + head_params + observer)
     macs = (stats["layers_run"] * sizes.layer + stats["kv_projections"] * sizes.kv_projection

@@ -10,20 +10,19 @@ The next token that needs the full path (unfamiliar, unsure, or wanting an exit 
 than a pending token's) first catches up: the cache is cropped to the last exact
 position and one batched full forward runs over the pending tokens and the new one.
 So every full-path token attends to the full model's keys and values, and the
-deviations from the full model are exactly the committed tokens that differed. (An
-earlier design propagated keys/values from the exit state, CALM-style; from layer 3 of
-30 that polluted the cache so much that 40% of later full-path tokens changed.) The
-catch-up forward also tells, for free, which pending tokens the full model would have
-picked: every comparison is an audit. Pending tokens at the end of a call are the
-saving; a seeded random ``audit_fraction`` of calls catches up at the end too, so the
-error rate is measured even where nothing needed the full path.
+deviations from the full model are exactly the committed tokens that differed (why
+not CALM-style propagated keys/values: ``docs/findings.md``). The catch-up forward
+also tells, for free, which pending tokens the full model would have picked: every
+comparison is an audit. Pending tokens at the end of a call are the saving; a seeded
+random ``audit_fraction`` of calls catches up at the end too, so the error rate is
+measured even where nothing needed the full path.
 
 Audits calibrate two bars: the head's confidence and the signature's familiarity
 (cosine similarity to the nearest practised signature; the policy's own bar is the
 floor). Each error raises both a step, each agreement lowers them by
 ``target_error_rate / (1 - target_error_rate)`` of a step, so they settle where about
 that share of audited tokens differ. Why both: on practised answers the heads are right
-at ~99.5% of positions, but one wrong token moves the text off the practised
+at nearly every position, but one wrong token moves the text off the practised
 trajectory, where the shallow signature still looks familiar and the heads would keep
 committing memorised tokens. The wrong first token is usually one the head is unsure of
 (confidence); on text that only resembles the practised one, the wrong heads are
@@ -33,14 +32,13 @@ call takes the full path.
 
 Forks: practised answers can share their start and part at a detail the shallow path
 cannot see (two trivia answers "The 1982 ..." and "The 1997 ..." part at a digit). Where
-the text agrees with a practised sequence (``shortcut/sequences.py``) for ``SHORT_MATCH``
-tokens or more and the head names another token than the one that followed there, the
-token takes the full path (``vetoes``). On SmolLM2 exact repeats this took agreement
-from 98.0% to 100% (README).
+the text agrees with a practised sequence (``shortcut/learn/sequences.py``) for
+``SHORT_MATCH`` tokens or more and the head names another token than the one that
+followed there, the token takes the full path (``vetoes``).
 
 Practised answers: in a plain greedy call (no sampling, no logits processor, no padding)
 whose prompt begins a practised sequence exactly, the sequence's continuation is the
-full model's own greedy answer to that prompt (``shortcut/sequences.py`` keeps only
+full model's own greedy answer to that prompt (``shortcut/learn/sequences.py`` keeps only
 those), so it is committed token by token with no layer at all: the top rung of the
 skill ladder. Those tokens are pending in every layer; where the answer ends before the
 call does, the next token catches up (one batched full forward, which audits them).
@@ -48,24 +46,32 @@ call does, the next token catches up (one batched full forward, which audits the
 Which calls commit at all: only those whose prompt was practised verbatim (in the replay
 log before the heads' latest re-fit; ``ShortcutConfig.fast_practised_prompts_only``).
 Every deep layer reads every prompt token, so a reworded prompt (another opening, one
-changed detail) moves the answer in ways the shallow path cannot see: on SmolLM2
-near-duplicate prompts committed 4.8% of tokens wrong at bars that keep exact repeats
-at 0.12 of plain FLOPs, and no bar on the layer-2/3 signals separated them (the wrong
-heads are confident, their signatures familiar). Other calls decode losslessly with the
-same skills (``lossless_calls``).
+changed detail) moves the answer in ways the shallow path cannot see, and no bar on the
+early-layer signals separates those tokens (measured in ``docs/findings.md``). Other
+calls decode losslessly with the same skills (``lossless_calls``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
-from torch import nn
 
-from ..policy.heads import ExitHeads
 from ..learn.sequences import SHORT_MATCH, SequenceMemory
-from .lossless import DraftStep, Trail, choose_next, crop_all, full_logits, plain_greedy
-
+from ..policy.heads import ExitHeads
+from .lossless import (
+    DraftStep,
+    SequenceInputs,
+    Trail,
+    cannot_decode,
+    choose_next,
+    crop_all,
+    full_logits,
+    plain_decode,
+    plain_greedy,
+)
+from .stats import DecodeStats
 
 CONFIDENCE_STEP = 0.05  # how far one audited error raises the confidence bar
 MAX_CONFIDENCE = 0.99  # above this a head hardly ever commits; errors there are not about confidence
@@ -111,6 +117,7 @@ class FastController:
         return self.errors / self.audits if self.audits else 0.0
 
     def audit_now(self) -> bool:
+        """Whether to audit the next committed token (true with probability ``audit_fraction``)."""
         return bool(torch.rand((), generator=self.generator) < self.audit_fraction)
 
     def record_audit(self, agreed: bool) -> None:
@@ -130,11 +137,12 @@ class FastController:
             self.min_familiarity = max(self.base_familiarity, self.min_familiarity - share * FAMILIARITY_STEP)
 
     def report(self) -> dict[str, float]:
+        """The counters and current bars, by name."""
         return {"exits": self.exits, "replayed": self.replayed, "unsure": self.unsure, "vetoes": self.vetoes,
                 "full_steps": self.full_steps,
                 "catch_ups": self.catch_ups, "lossless_calls": self.lossless_calls, "audits": self.audits,
-                "audit_errors": self.errors, "measured_error_rate": self.error_rate, "min_confidence": self.min_confidence,
-                "min_familiarity": self.min_familiarity}
+                "audit_errors": self.errors, "measured_error_rate": self.error_rate,
+                "min_confidence": self.min_confidence, "min_familiarity": self.min_familiarity}
 
 
 class FastStep(DraftStep):
@@ -154,12 +162,14 @@ class FastStep(DraftStep):
         self.expected: int | None = None  # the practised sequences' next token here, if they know it
 
     def begin(self, input_ids: torch.Tensor | None) -> None:
+        """Start a forward: forget the previous token's exit and shortlist."""
         super().begin(input_ids)
         self.checked_layer, self.shortlist_logits = None, None
 
     def should_run(self, layer_idx: int, hidden: torch.Tensor) -> bool:
+        """As :meth:`DraftStep.should_run`, but commit an exit only when familiar and confident enough."""
         run = super().should_run(layer_idx, hidden)
-        if (layer_idx == self.signature_layer and self.exit_layer is not None
+        if (layer_idx == self.signature_layer and self.exit_layer is not None and self.decision is not None
                 and self.decision.familiarity < self.controller.min_familiarity):
             self.exit_layer = None  # familiar enough to draft, not to commit
             return self.unfamiliar_runs_full
@@ -187,16 +197,26 @@ class FastStep(DraftStep):
                 self.expected = tokens[0]
 
 
-def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
-                      counters: dict[str, float]) -> Callable[..., torch.Tensor]:
-    """The fast-mode decoding loop for ``generate(custom_generate=...)``."""
+def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController, stats: DecodeStats, *,
+                      streamer: Any = None, on_fallback: Callable[[str], None] | None = None
+                      ) -> Callable[..., torch.Tensor]:
+    """The fast-mode decoding loop for ``generate(custom_generate=...)``. Every forward
+    carries the mask and positions plain decoding gives those positions
+    (``SequenceInputs``); ``streamer`` and ``on_fallback`` as in ``lossless.make_decoder``."""
     heads = step.heads
 
     @torch.no_grad()
-    def fast_decode(model: nn.Module, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
-                    generation_config: Any, synced_gpus: bool = False, streamer: Any = None,
-                    **model_kwargs: Any) -> torch.Tensor:
+    def fast_decode(model: Any, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
+                    generation_config: Any, synced_gpus: bool = False, **model_kwargs: Any) -> torch.Tensor:
+        controller.committed = []
+        reason = cannot_decode(model, input_ids, generation_config, model_kwargs, synced_gpus)
+        if reason is not None:
+            if on_fallback is not None:
+                on_fallback(reason)
+            return plain_decode(model, input_ids, logits_processor, stopping_criteria, generation_config,
+                                synced_gpus, streamer, model_kwargs)
         base = getattr(model, model.base_model_prefix)
+        inputs = SequenceInputs(model_kwargs)
         cache = model_kwargs["cache"]
         cache.activate_past_recording()  # catching up crops pending tokens
         step.trail.expect(0)
@@ -212,7 +232,6 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
             answer = step.sequences.answer(input_ids[0].tolist(), generation_config.max_length - prompt_length)
         following = bool(answer)
         unfed = False  # pending replayed tokens have keys/values in no layer
-        controller.committed = []
         shallow_top: list[int] = []  # the head's greedy token after each pending position
         # A committed token the full model would not have picked moved the text off the
         # practised trajectory: the rest of the call takes the full path.
@@ -224,9 +243,9 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
             nonlocal off_track
             controller.catch_ups += 1
             crop_all(cache, exact)
-            positions = torch.arange(exact, ids.shape[1], device=ids.device).unsqueeze(0)
             step.trail.expect(exact)
-            out = model(input_ids=ids[:, exact:], cache=cache, use_cache=True, position_ids=positions).logits
+            out = model(input_ids=ids[:, exact:], cache=cache, use_cache=True,
+                        **inputs(exact, ids.shape[1], ids.device)).logits
             for i, top in enumerate(shallow_top):
                 agreed = top == int(out[0, i].argmax())
                 controller.record_audit(agreed)
@@ -245,17 +264,17 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
             if off_track:
                 controller.full_steps += 1
                 logits = model(input_ids=token, cache=cache, use_cache=True,
-                               position_ids=torch.tensor([[newest]])).logits[:, -1]
+                               **inputs(newest, newest + 1, token.device)).logits[:, -1]
                 exact = input_ids.shape[1]
                 continue
             generated = input_ids.shape[1] - prompt_length
             following = following and generated <= len(answer) and int(token) == answer[generated - 1]
             if following and generated < len(answer):  # pending: the answer names the next token
                 controller.replayed += 1
-                counters["replay_committed"] += 1
+                stats.replay_committed += 1
                 shallow_top.append(answer[generated])
                 controller.committed.append(input_ids.shape[1])
-                logits = torch.full((1, vocab), float("-inf"))
+                logits = torch.full((1, vocab), float("-inf"), device=input_ids.device)
                 logits[0, answer[generated]] = 0.0
                 unfed = True
                 continue
@@ -272,21 +291,23 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController,
             previous, runtime.policy = runtime.policy, step
             try:
                 hidden = base(input_ids=token, cache=cache, use_cache=True,
-                              position_ids=torch.tensor([[newest]])).last_hidden_state
+                              **inputs(newest, newest + 1, token.device)).last_hidden_state
             finally:
                 runtime.policy = previous
-            counters["observer_encodes"] += 1
+            stats.observer_encodes += 1
             if step.checked_layer is not None:
-                counters["head_params"] += heads.head_cost(step.checked_layer)["shortlist"]
+                stats.head_params += heads.head_cost(step.checked_layer)["shortlist"]
             if step.exit_layer is not None:  # committed: pending until something catches up
+                committed = step.shortlist_logits
+                assert committed is not None  # a committed exit keeps its head's shortlist logits
                 controller.exits += 1
-                counters[f"exit_{step.exit_layer}"] += 1
+                stats.exited(step.exit_layer)
                 if step.ceiling is None:  # later exits must not need layers this one skipped
                     step.ceiling = step.exit_layer
-                shallow_top.append(int(heads.shortlist[step.shortlist_logits.argmax(-1)]))
+                shallow_top.append(int(heads.shortlist[committed.argmax(-1)]))
                 controller.committed.append(input_ids.shape[1])  # where the next token lands
-                logits = torch.full((1, vocab), float("-inf"))
-                logits[:, heads.shortlist] = step.shortlist_logits.float()
+                logits = torch.full((1, vocab), float("-inf"), device=input_ids.device)
+                logits[:, heads.shortlist] = committed.float()
                 continue
             controller.full_steps += 1
             controller.unsure += int(step.checked_layer is not None)

@@ -9,7 +9,7 @@ followed there rides along in the prefill forward as a draft
 forward that reads its prompt. Each step of the loop then
 
 1. drafts: where the text ends the way a practised sequence went on (the prompt and
-   output of an earlier lossless call, ``shortcut/sequences.py``), the drafter proposes
+   output of an earlier lossless call, ``shortcut/learn/sequences.py``), the drafter proposes
    what followed there and runs no layer at all (all a wrapped model without an
    observer drafts). Otherwise, once an observer is attached,
    :class:`ShallowDrafter` feeds the last token through the model's own layers
@@ -29,25 +29,112 @@ forward that reads its prompt. Each step of the loop then
 
 So greedy output equals plain greedy output, and sampling draws every token from the
 full model's distribution with the random stream plain sampling would use (a seeded
-call gives the same tokens). Numerically, a verified position's logits come from a
-several-token forward instead of a one-token forward; in float32 this changes logits by
-about 1e-6, which flips an argmax only at an exact near-tie.
+call gives the same tokens).
+
+Every forward the loop makes (the prefill with its draft, shallow draft forwards,
+verifications) gets what plain decoding's forward for those positions gets
+(:class:`SequenceInputs`): the attention mask over every key so far (left padding stays
+masked) and the position ids plain ``generate`` derives from that mask, plus any other
+model keyword the call passed. Streamers receive the prompt, then each chosen token as
+plain decoding puts it, then ``end()`` once; ``stop_strings`` work with ``tokenizer=``
+(:func:`custom_generate_kwargs`). Calls the loop cannot decode exactly (no cache, a
+cache it cannot crop, extra per-token model inputs, requested scores or other per-step
+outputs, batches of more than one row, beam search, ...) run plain decoding instead:
+same tokens, no drafting, a warning once per reason.
+
+What "identical" means: the same token ids as the unwrapped model's ``generate`` with
+the same arguments and random state, as long as the logits that pick each token are the
+same. A verified position's logits come from a forward over several tokens where plain
+decoding runs one, so the kernels reduce in another order; in float32 that moves logits
+in their last bits only. In reduced precision (bfloat16, float16) the same reordering
+can move a logit by an ulp of that format, so a greedy choice between two logits within
+that rounding of each other, or a sampled draw at the edge of such a token's
+probability mass, may go the other way. The contract is then: every token is chosen by
+the full model's own processors and sampling rule from the full model's logits for the
+text before it, exact up to that rounding; bit-identical ids across precisions are not
+promised.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
+from transformers.generation.streamers import BaseStreamer
 
-from ..policy.heads import ExitHeads, Prediction
-from ..observe.observer import Observer, Signature
-from ..policy.exits import ExitPolicy, PolicyDecision
+from ..capture import layer_input
 from ..learn.sequences import SequenceMemory
+from ..observe import Observer, Signature
+from ..policy.exits import ExitPolicy, PolicyDecision
+from ..policy.heads import ExitHeads, Prediction
+from .stats import DecodeStats
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
+
+
+# Model keywords the decoding loops set themselves for each forward.
+MANAGED_INPUTS = frozenset({"cache", "use_cache", "logits_to_keep", "attention_mask", "position_ids"})
+
+
+class SequenceInputs:
+    """What plain decoding hands each forward besides the tokens, for any span of the
+    sequence (prompt and generated tokens, indexed as in ``input_ids``).
+
+    Plain ``generate`` derives position ids from the 2-D attention mask (with left
+    padding the first real token is position 0) or takes the caller's, keeps the mask
+    only when it has padding, and grows both by one per generated token
+    (``_update_model_kwargs_for_generation``: mask ones, positions counting on from the
+    prompt's last). :meth:`__call__` gives the same for a forward over positions
+    ``start..end-1`` whose cache holds exactly the tokens before ``start``: the mask over
+    all ``end`` keys and the positions of the fed tokens, plus every other model keyword
+    of the call (forwarded as plain decoding forwards them).
+    """
+
+    def __init__(self, model_kwargs: dict[str, Any]) -> None:
+        self.mask: torch.Tensor | None = model_kwargs.get("attention_mask")
+        self.positions: torch.Tensor | None = model_kwargs.get("position_ids")
+        self.extra = {k: v for k, v in model_kwargs.items() if k not in MANAGED_INPUTS}
+
+    def mask_to(self, end: int) -> torch.Tensor | None:
+        """The 2-D mask over the first ``end`` tokens (``None``: no padding, no mask)."""
+        mask = self.mask
+        if mask is None:
+            return None
+        grown = end - mask.shape[-1]
+        if grown > 0:
+            return torch.cat([mask, mask.new_ones(mask.shape[0], grown)], dim=-1)
+        return mask[:, :end]
+
+    def positions_of(self, start: int, end: int, device: torch.device) -> torch.Tensor:
+        """Position ids of the tokens ``start..end-1``."""
+        positions = self.positions
+        if positions is None:  # the model would count from its cache length, which is ``start``
+            return torch.arange(start, end, device=device).unsqueeze(0)
+        grown = end - positions.shape[-1]
+        if grown > 0:
+            shape = [1] * (positions.dim() - 1) + [-1]
+            after = positions[..., -1:] + torch.arange(1, grown + 1, dtype=positions.dtype,
+                                                       device=positions.device).view(*shape)
+            positions = torch.cat([positions, after], dim=-1)
+        return positions[..., start:end]
+
+    def __call__(self, start: int, end: int, device: torch.device) -> dict[str, Any]:
+        """Model keywords for a forward over positions ``start..end-1``."""
+        kwargs = dict(self.extra)
+        mask = self.mask_to(end)
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+        kwargs["position_ids"] = self.positions_of(start, end, device)
+        return kwargs
 
 
 class Trail:
@@ -63,8 +150,8 @@ class Trail:
     :meth:`expect`.
     """
 
-    def __init__(self, observer: Observer, policy: ExitPolicy, layer: nn.Module, counters: dict[str, float]) -> None:
-        self.observer, self.policy, self.counters = observer, policy, counters
+    def __init__(self, observer: Observer, policy: ExitPolicy, layer: nn.Module, stats: DecodeStats) -> None:
+        self.observer, self.policy, self.stats = observer, policy, stats
         self.rows: dict[int, torch.Tensor] = {}
         self._hidden: torch.Tensor | None = None  # [seq, d] signature-layer input of a full forward
         self._start = 0  # position of its first row
@@ -73,7 +160,7 @@ class Trail:
 
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._armed is not None:
-            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = layer_input(args, kwargs)
             self._hidden, self._start, self._armed = hidden[0].detach(), self._armed, None
 
     def expect(self, start: int) -> None:
@@ -81,6 +168,7 @@ class Trail:
         self._armed = start
 
     def record(self, position: int, rows: torch.Tensor) -> None:
+        """Keep the memory rows matched by the token at ``position``."""
         self.rows[position] = rows
 
     def truncate(self, length: int) -> None:
@@ -98,12 +186,13 @@ class Trail:
         if self._hidden is None or not 0 <= previous - self._start < self._hidden.shape[0]:
             return None
         sig = self.observer.encode(self._hidden[previous - self._start])
-        self.counters["observer_encodes"] += 1
+        self.stats.observer_encodes += 1
         rows = self.policy.matches(self.policy.similarities(sig)[0])
         self.rows[previous] = rows
         return rows
 
     def close(self) -> None:
+        """Remove the pre-hook."""
         self._handle.remove()
 
 
@@ -142,10 +231,12 @@ class DraftStep:
         self.unfamiliar_runs_full = False  # a draft stops on an unfamiliar token instead
 
     def begin(self, input_ids: torch.Tensor | None) -> None:
+        """Start a forward: forget the previous token's decision."""
         self.exit_layer, self.exit_hidden, self.signature, self.decision = None, None, None, None
         self.prediction, self.unsure = None, False
 
     def should_run(self, layer_idx: int, hidden: torch.Tensor) -> bool:
+        """Run up to the signature layer, decide the exit there, and stop after it."""
         if layer_idx < self.signature_layer:
             return True
         if layer_idx == self.signature_layer:
@@ -177,9 +268,9 @@ class ShallowDrafter:
     practised before any observer was trained.
     """
 
-    def __init__(self, model: nn.Module, runtime: Any, observer: Observer | None, heads: ExitHeads | None,
+    def __init__(self, model: PreTrainedModel, runtime: Any, observer: Observer | None, heads: ExitHeads | None,
                  policy: ExitPolicy | None, trail: Trail | None, *, max_draft: int, min_confidence: float,
-                 counters: dict[str, float], on_full_path: Callable[[torch.Tensor], None] | None = None,
+                 stats: DecodeStats, on_full_path: Callable[[torch.Tensor], None] | None = None,
                  num_draft: int | None = None, sequences: SequenceMemory | None = None) -> None:
         self.base = getattr(model, model.base_model_prefix)
         self.model = model
@@ -193,7 +284,7 @@ class ShallowDrafter:
         # Doubles while every drafted token is accepted; the caller carries it from one
         # generate call to the next (a practised workload keeps its long drafts).
         self.num_draft = min(num_draft or 4, max_draft)
-        self.counters = counters
+        self.stats = stats
         self.sequences = sequences  # practised sequences: drafts that need no layer at all
         self.replayed = False  # whether the latest draft came from them
         # Back-off: after a draft attempt that produced nothing accepted, skip the next
@@ -209,17 +300,20 @@ class ShallowDrafter:
         self.plain_greedy = False  # whether the latest call's output is the model's plain greedy answer
 
     @torch.no_grad()
-    def draft(self, input_ids: torch.Tensor, cache: Any, limit: int, stop_ids: frozenset[int] = frozenset()) -> torch.Tensor:
+    def draft(self, input_ids: torch.Tensor, cache: Any, limit: int, stop_ids: frozenset[int] = frozenset(),
+              inputs: SequenceInputs | None = None) -> torch.Tensor:
         """Up to ``min(limit, adaptive length)`` draft tokens after ``input_ids`` [1, T],
         whose last token is not in ``cache`` yet; a drafted token in ``stop_ids`` (end of
-        sequence) is the last. Returns [1, k] (k may be 0); the cache is left as it was."""
+        sequence) is the last. ``inputs`` gives each draft forward its mask and positions
+        (default: no padding). Returns [1, k] (k may be 0); the cache is left as it was."""
+        inputs = inputs or SequenceInputs({})
         self.attempted, self.replayed = False, False
         self.full_logits = None
         if limit <= 0:
             return input_ids[:, :0]
         if self._skip > 0:
             self._skip -= 1
-            self.counters["draft_paused"] += 1
+            self.stats.draft_paused += 1
             return input_ids[:, :0]
         replay = self.replay(input_ids, min(limit, self.max_draft), stop_ids)
         if replay.shape[1]:
@@ -243,28 +337,32 @@ class ShallowDrafter:
                 self.step.position = position
                 self.step.prediction, self.step.unsure = None, False
                 hidden = self.base(input_ids=token, cache=cache, use_cache=True,
-                                   position_ids=torch.tensor([[position]], device=token.device)).last_hidden_state
-                self.counters["draft_forwards"] += 1
-                self.counters["observer_encodes"] += 1
+                                   **inputs(position, position + 1, token.device)).last_hidden_state
+                self.stats.draft_forwards += 1
+                self.stats.observer_encodes += 1
                 self.step.unfamiliar_runs_full = False
                 if self.step.exit_layer is None and index == 0:
-                    self.counters["full_path_steps"] += 1
-                    self.counters["draft_unsure" if self.step.unsure else "draft_unfamiliar"] += 1
+                    self.stats.full_path_steps += 1
+                    if self.step.unsure:
+                        self.stats.draft_unsure += 1
+                    else:
+                        self.stats.draft_unfamiliar += 1
                     self.full_logits = full_logits(self.model, hidden[:, -1:])
                     lengths = layer_lengths(cache)
                     if self.on_full_path is not None:
                         self.on_full_path(self.full_logits)
                     break
                 if self.step.exit_layer is None:
-                    self.counters["draft_refusals"] += 1
+                    self.stats.draft_refusals += 1
                     break
                 self.step.ceiling = self.step.exit_layer
-                self.counters[f"exit_{self.step.exit_layer}"] += 1
-                self.counters["head_params"] += self.heads.head_cost(self.step.exit_layer)["shortlist"]
+                self.stats.exited(self.step.exit_layer)
+                self.stats.head_params += self.heads.head_cost(self.step.exit_layer)["shortlist"]
                 pred = self.step.prediction
                 if self.step.unsure:
-                    self.counters["draft_unsure"] += 1
+                    self.stats.draft_unsure += 1
                     break
+                assert pred is not None  # the step has heads: they predict at every exit
                 token = pred.token_ids.view(1, 1)
                 drafted.append(token)
                 if int(token) in stop_ids:  # nothing after the end is ever accepted
@@ -274,7 +372,7 @@ class ShallowDrafter:
             self.runtime.policy = previous
             self.step.unfamiliar_runs_full = False
             crop_to(cache, lengths)
-        self.counters["drafted"] += len(drafted)
+        self.stats.drafted += len(drafted)
         return torch.cat(drafted, dim=-1) if drafted else input_ids[:, :0]
 
     def prompt_draft(self, input_ids: torch.Tensor, limit: int, stop_ids: frozenset[int],
@@ -298,8 +396,8 @@ class ShallowDrafter:
         if not tokens:
             return input_ids[:, :0]
         self.attempted, self.replayed = True, True
-        self.counters["drafted"] += len(tokens)
-        self.counters["replayed"] += len(tokens)
+        self.stats.drafted += len(tokens)
+        self.stats.replayed += len(tokens)
         return torch.tensor([tokens], dtype=input_ids.dtype, device=input_ids.device)
 
     def record(self, drafted: int, accepted: int) -> None:
@@ -312,9 +410,9 @@ class ShallowDrafter:
             self._pause = 0
         if drafted == 0:
             return
-        self.counters["accepted"] += accepted
+        self.stats.accepted += accepted
         if self.replayed:  # the shallow path's draft length adapts to its own drafts only
-            self.counters["replay_accepted"] += accepted
+            self.stats.replay_accepted += accepted
             return
         if accepted == drafted:
             self.num_draft = min(self.max_draft, 2 * self.num_draft)
@@ -322,7 +420,7 @@ class ShallowDrafter:
             self.num_draft = max(1, min(self.num_draft - 1, accepted + 1))
 
 
-def full_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def full_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """The LM's logits for the last layer's (normed) ``hidden``: its unembedding, then
     logit soft-capping where the model has it (Gemma 2 style; the LM's forward applies
     it after lm_head)."""
@@ -344,6 +442,7 @@ def crop_all(cache: Any, length: int) -> None:
 
 
 def crop_to(cache: Any, lengths: list[int]) -> None:
+    """Crop each cache layer to its length in ``lengths`` (layers already shorter are left)."""
     for layer, length in zip(cache.layers, lengths):
         extra = (layer.get_seq_length() if layer.is_initialized else 0) - length
         if extra > 0:
@@ -353,17 +452,19 @@ def crop_to(cache: Any, lengths: list[int]) -> None:
 def choose_next(input_ids: torch.Tensor, logits: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
                 do_sample: bool, streamer: Any) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Pick the next token from full-vocabulary ``logits`` [1, V] exactly as plain
-    decoding does (processors, then ``argmax`` or one ``multinomial`` draw); returns the
-    extended ids, the token [1, 1] and whether generation is finished."""
+    decoding does (processors, then ``argmax`` or one ``multinomial`` draw; the stopping
+    criteria get no scores and the streamer the token ids [1], as in ``_sample``);
+    returns the extended ids, the token [1, 1] and whether generation is finished."""
     scores = logits_processor(input_ids, logits.to(dtype=torch.float32, copy=True))
     if do_sample:
         token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
     else:
         token = scores.argmax(dim=-1, keepdim=True)
     input_ids = torch.cat([input_ids, token], dim=-1)
+    finished = bool(stopping_criteria(input_ids, None).all())
     if streamer is not None:
-        streamer.put(token.cpu())
-    return input_ids, token, bool(stopping_criteria(input_ids, scores).all())
+        streamer.put(token[:, 0].cpu())
+    return input_ids, token, finished
 
 
 def plain_greedy(generation_config: Any, logits_processor: Any, model_kwargs: dict[str, Any]) -> bool:
@@ -384,37 +485,93 @@ def can_extend_prefill(generation_config: Any, model_kwargs: dict[str, Any]) -> 
     return not per_token and generation_config.prefill_chunk_size is None
 
 
-def prefill(model: nn.Module, input_ids: torch.Tensor, drafts: torch.Tensor, generation_config: Any,
-            model_kwargs: dict[str, Any]) -> torch.Tensor:
+CROPPABLE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
+PER_STEP_OUTPUTS = ("return_dict_in_generate", "output_scores", "output_logits", "output_attentions",
+                    "output_hidden_states")
+
+
+def cannot_decode(model: nn.Module, input_ids: torch.Tensor, generation_config: Any, model_kwargs: dict[str, Any],
+                  synced_gpus: bool) -> str | None:
+    """Why the drafting loops cannot reproduce plain decoding for this prepared call
+    (``None``: they can). Checked on what ``generate`` prepared, so options set through a
+    ``GenerationConfig`` or the model's defaults count as well as keyword arguments."""
+    if input_ids.shape[0] != 1:
+        return f"batch size {input_ids.shape[0]} (drafts are verified one sequence at a time)"
+    if input_ids.device != model.device:  # generate moves such inputs per forward; the loops do not
+        return f"input_ids on {input_ids.device} while the model is on {model.device}"
+    for name in PER_STEP_OUTPUTS:
+        if getattr(generation_config, name, False):
+            return f"{name}=True"
+    if synced_gpus:
+        return "synced_gpus=True"
+    cache = model_kwargs.get("cache")
+    if not model_kwargs.get("use_cache", True) or cache is None:
+        return "use_cache=False"
+    if not all(type(layer) in CROPPABLE_LAYERS for layer in getattr(cache, "layers", [None])):
+        return f"a {type(cache).__name__} (drafts need a dynamic cache they can crop)"
+    tensors = sorted(k for k, v in model_kwargs.items() if isinstance(v, torch.Tensor) and k not in MANAGED_INPUTS)
+    if tensors:  # per-token inputs such as token_type_ids would have to grow with every draft
+        return f"model input {', '.join(tensors)}"
+    return None
+
+
+# The decoding loops, plain_decode and prefill take the model ``generate`` hands them as
+# ``Any``: they call its private generation steps (``_sample``, ``_prefill``), which
+# transformers types against its own internal protocol, not against its model classes.
+def plain_decode(model: Any, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
+                 generation_config: Any, synced_gpus: bool, streamer: Any, model_kwargs: dict[str, Any]) -> Any:
+    """The decoding ``generate`` itself runs for greedy and sampled calls (its
+    ``_sample``), on what it prepared: the full path, same tokens."""
+    return type(model)._sample(model, input_ids, logits_processor=logits_processor,
+                               stopping_criteria=stopping_criteria, generation_config=generation_config,
+                               synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+
+
+def prefill(model: Any, input_ids: torch.Tensor, drafts: torch.Tensor, generation_config: Any,
+            model_kwargs: dict[str, Any], inputs: SequenceInputs | None = None) -> torch.Tensor:
     """Run the prompt [1, T] through the full model as plain decoding's prefill does,
     with ``drafts`` [1, k] after it in the same forward (the prompt's replayed
     continuation: an exact repeat verifies its answer with the forward that reads the
-    prompt). Returns the logits [1, k + 1, V] that pick the first k + 1 new tokens."""
+    prompt), their mask and positions extended as ``inputs`` extends them. Returns the
+    logits [1, k + 1, V] that pick the first k + 1 new tokens."""
     k = drafts.shape[1]
     if k:
+        inputs = inputs or SequenceInputs(model_kwargs)
+        end = input_ids.shape[1] + k
         model_kwargs = dict(model_kwargs)
-        mask = model_kwargs.get("attention_mask")
-        if mask is not None:
-            model_kwargs["attention_mask"] = torch.cat([mask, mask.new_ones(mask.shape[0], k)], dim=-1)
-        positions = model_kwargs.get("position_ids")
-        if positions is not None:
-            after = positions[:, -1:] + torch.arange(1, k + 1, device=positions.device)
-            model_kwargs["position_ids"] = torch.cat([positions, after], dim=-1)
+        if model_kwargs.get("attention_mask") is not None:
+            model_kwargs["attention_mask"] = inputs.mask_to(end)
+        if model_kwargs.get("position_ids") is not None:
+            model_kwargs["position_ids"] = inputs.positions_of(0, end, input_ids.device)
         if "logits_to_keep" in model_kwargs:
             model_kwargs["logits_to_keep"] = k + 1
         input_ids = torch.cat([input_ids, drafts], dim=-1)
     return model._prefill(input_ids, generation_config, model_kwargs).logits[:, -(k + 1):]
 
 
-def make_decoder(drafter: ShallowDrafter, counters: dict[str, float]) -> Callable[..., torch.Tensor]:
-    """The decoding loop handed to ``generate(custom_generate=...)`` (see the module doc)."""
+def make_decoder(drafter: ShallowDrafter, stats: DecodeStats, *, streamer: Any = None,
+                 on_fallback: Callable[[str], None] | None = None) -> Callable[..., torch.Tensor]:
+    """The decoding loop handed to ``generate(custom_generate=...)`` (see the module doc).
+
+    ``generate`` hands a callable ``custom_generate`` no ``streamer``: the caller passes
+    it here (the same object it gives ``generate``, which puts the prompt). A call the
+    loop cannot decode exactly (:func:`cannot_decode`) runs plain decoding; its reason
+    goes to ``on_fallback``."""
 
     @torch.no_grad()
-    def speculative_decode(model: nn.Module, input_ids: torch.Tensor, logits_processor: Any,
+    def speculative_decode(model: Any, input_ids: torch.Tensor, logits_processor: Any,
                            stopping_criteria: Any, generation_config: Any, synced_gpus: bool = False,
-                           streamer: Any = None, **model_kwargs: Any) -> torch.Tensor:
+                           **model_kwargs: Any) -> torch.Tensor:
+        reason = cannot_decode(model, input_ids, generation_config, model_kwargs, synced_gpus)
+        if reason is not None:
+            drafter.plain_greedy = False
+            if on_fallback is not None:
+                on_fallback(reason)
+            return plain_decode(model, input_ids, logits_processor, stopping_criteria, generation_config,
+                                synced_gpus, streamer, model_kwargs)
         do_sample = bool(generation_config.do_sample)
         drafter.plain_greedy = plain_greedy(generation_config, logits_processor, model_kwargs)
+        inputs = SequenceInputs(model_kwargs)
         cache = model_kwargs["cache"]
         cache.activate_past_recording()  # sliding-window layers must be able to roll back
         eos = generation_config.eos_token_id
@@ -425,7 +582,7 @@ def make_decoder(drafter: ShallowDrafter, counters: dict[str, float]) -> Callabl
         limit = generation_config.max_length - input_ids.shape[1] - 1
         drafts = drafter.prompt_draft(input_ids, limit, stop_ids, do_sample) \
             if can_extend_prefill(generation_config, model_kwargs) else input_ids[:, :0]
-        pending = prefill(model, input_ids, drafts, generation_config, model_kwargs)
+        pending = prefill(model, input_ids, drafts, generation_config, model_kwargs, inputs)
         while True:
             accepted, finished = 0, False
             for i in range(pending.shape[1]):
@@ -444,20 +601,80 @@ def make_decoder(drafter: ShallowDrafter, counters: dict[str, float]) -> Callabl
             if finished:
                 break
             limit = generation_config.max_length - input_ids.shape[1] - 1
-            drafts = drafter.draft(input_ids, cache, limit, stop_ids)
+            drafts = drafter.draft(input_ids, cache, limit, stop_ids, inputs)
             if drafter.full_logits is not None:  # the newest token already took the full path
                 pending = drafter.full_logits
                 continue
             verify = torch.cat([input_ids[:, -1:], drafts], dim=-1)
-            counters["verify_forwards"] += 1
+            stats.verify_forwards += 1
             if trail is not None:
                 trail.expect(valid)
-            pending = model(input_ids=verify, cache=cache, use_cache=True).logits
+            pending = model(input_ids=verify, cache=cache, use_cache=True,
+                            **inputs(valid, valid + verify.shape[1], verify.device)).logits
         if streamer is not None:
             streamer.end()
         return input_ids
 
     return speculative_decode
+
+
+class EndOnce(BaseStreamer):
+    """A streamer seen through a guard that passes on ``end()`` once: the decoding loop
+    ends the stream when it finishes, the caller again (a no-op then) when anything on
+    the way raised, so a consumer of ``TextIteratorStreamer`` is never left waiting."""
+
+    def __init__(self, streamer: Any) -> None:
+        self.streamer = streamer
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        """Pass ``value`` on to the streamer."""
+        self.streamer.put(value)
+
+    def end(self) -> None:
+        """End the stream, the first time only."""
+        if not self.ended:
+            self.ended = True
+            self.streamer.end()
+
+
+def generation_option(model: nn.Module, kwargs: dict[str, Any], name: str) -> Any:
+    """The value ``generate`` will use for generation option ``name``: the keyword
+    argument, else the passed ``generation_config``'s value, else the model's default."""
+    if name in kwargs:
+        return kwargs[name]
+    given = kwargs.get("generation_config")
+    value = getattr(given, name, None) if given is not None else None
+    return value if value is not None else getattr(model.generation_config, name, None)
+
+
+def custom_generate_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> tuple[dict[str, Any], EndOnce | None]:
+    """The keyword arguments for ``generate(custom_generate=...)`` that give the same
+    call as ``kwargs`` to plain ``generate``, and the guarded streamer (``None`` without
+    one) to hand the decoding loop.
+
+    ``generate`` passes a callable ``custom_generate`` neither ``streamer`` nor
+    ``tokenizer``: the streamer is guarded (:class:`EndOnce`) and handed on by the
+    caller, and ``stop_strings`` become the ``StopStringCriteria`` plain ``generate``
+    would build from the tokenizer (without a tokenizer, ``generate`` raises as it does
+    unwrapped)."""
+    kwargs = dict(kwargs)
+    stream = None
+    if kwargs.get("streamer") is not None:
+        stream = kwargs["streamer"] = EndOnce(kwargs["streamer"])
+    stop_strings = generation_option(model, kwargs, "stop_strings")
+    tokenizer = kwargs.get("tokenizer")
+    if stop_strings is not None and tokenizer is not None:
+        given = list(kwargs.get("stopping_criteria") or [])
+        if not any(isinstance(c, StopStringCriteria) for c in given):  # a caller's own one takes precedence
+            given.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
+        kwargs["stopping_criteria"] = StoppingCriteriaList(given)
+        if "stop_strings" not in kwargs and kwargs.get("generation_config") is not None:
+            kwargs["generation_config"] = copy.deepcopy(kwargs["generation_config"])
+            kwargs["generation_config"].stop_strings = None
+        else:  # a keyword argument overrides the config's value (and the model's default)
+            kwargs["stop_strings"] = None
+    return kwargs, stream
 
 
 UNSUPPORTED = {
@@ -466,6 +683,12 @@ UNSUPPORTED = {
     "assistant_model": lambda v: v is not None,
     "prompt_lookup_num_tokens": lambda v: v is not None,
     "assistant_early_exit": lambda v: v is not None,
+    "use_mtp": bool,
+    # Decoding methods other than greedy/sampling (beam variants, contrastive, DoLa).
+    "constraints": lambda v: v is not None,
+    "force_words_ids": lambda v: v is not None,
+    "penalty_alpha": lambda v: v is not None and v > 0,
+    "dola_layers": lambda v: v is not None,
     "custom_generate": lambda v: v is not None,
     "inputs_embeds": lambda v: v is not None,
     "return_dict_in_generate": bool,
@@ -476,15 +699,17 @@ UNSUPPORTED = {
     "use_cache": lambda v: v is False,
     "past_key_values": lambda v: v is not None,
     "cache": lambda v: v is not None,
+    "token_healing": bool,  # needs the tokenizer, which generate does not hand on
 }
 
 
 def unsupported_options(model: nn.Module, kwargs: dict[str, Any], input_ids: Any) -> list[str]:
     """Generate options lossless drafting cannot honour; the call then takes the full
-    path (same tokens as the unwrapped model, no drafting)."""
-    config = kwargs.get("generation_config") or model.generation_config
-    bad = [f"{name}={kwargs.get(name, getattr(config, name, None))!r}" for name, test in UNSUPPORTED.items()
-           if test(kwargs.get(name, getattr(config, name, None)))]
+    path (same tokens as the unwrapped model, no drafting). Options are read as
+    ``generate`` resolves them (keyword, then ``generation_config``, then the model's
+    defaults)."""
+    bad = [f"{name}={value!r}" for name, test in UNSUPPORTED.items()
+           if test(value := generation_option(model, kwargs, name))]
     if not isinstance(input_ids, torch.Tensor):
         bad.append("input_ids not given as a tensor")
     elif input_ids.shape[0] != 1:

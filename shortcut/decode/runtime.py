@@ -27,6 +27,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from ..arch import ModelParts
+from ..capture import layer_input
 
 
 @runtime_checkable
@@ -41,9 +42,11 @@ class LayerPolicy(Protocol):
 
     propagate_kv: bool
 
-    def begin(self, input_ids: torch.Tensor | None) -> None: ...
+    def begin(self, input_ids: torch.Tensor | None) -> None:
+        """Start a model forward over ``input_ids``."""
 
-    def should_run(self, layer_idx: int, hidden: torch.Tensor) -> bool: ...
+    def should_run(self, layer_idx: int, hidden: torch.Tensor) -> bool:
+        """Whether decoder layer ``layer_idx`` runs on ``hidden``."""
 
 
 @dataclass
@@ -60,6 +63,7 @@ class FixedPlan:
         self.skip = frozenset(self.skip)
 
     def validate(self, num_layers: int) -> None:
+        """Raise ``ValueError`` if ``exit_after`` or a ``skip`` layer is not a layer of the model."""
         if self.exit_after is not None and not 0 <= self.exit_after < num_layers:
             raise ValueError(
                 f"exit_after={self.exit_after} is out of range: the model has layers 0..{num_layers - 1}"
@@ -69,9 +73,11 @@ class FixedPlan:
             raise ValueError(f"skip layers {bad} are out of range: the model has layers 0..{num_layers - 1}")
 
     def begin(self, input_ids: torch.Tensor | None) -> None:
+        """Nothing to reset: the plan is the same for every forward."""
         pass
 
     def should_run(self, layer_idx: int, hidden: torch.Tensor) -> bool:
+        """Whether the plan runs layer ``layer_idx``."""
         if self.exit_after is not None and layer_idx > self.exit_after:
             return False
         return layer_idx not in self.skip
@@ -97,9 +103,11 @@ class ComputeStats:
 
     @property
     def layers_per_token(self) -> float:
+        """Mean number of decoder layers run per token."""
         return self.layers_run / self.tokens if self.tokens else 0.0
 
     def as_dict(self) -> dict[str, Any]:
+        """The counters (and ``layers_per_token``) by name."""
         return {
             "forwards": self.forwards,
             "tokens": self.tokens,
@@ -124,6 +132,7 @@ class Stats:
         self.reset()
 
     def reset(self) -> None:
+        """Zero both ``last`` and ``total``."""
         self.total = ComputeStats(per_layer_runs=[0] * self._num_layers)
         self.last = ComputeStats(per_layer_runs=[0] * self._num_layers)
 
@@ -153,6 +162,7 @@ class Stats:
             s.unembed_tokens += n_tokens
 
     def as_dict(self) -> dict[str, Any]:
+        """``last`` and ``total`` as dicts."""
         return {"last": self.last.as_dict(), "total": self.total.as_dict()}
 
 
@@ -181,6 +191,7 @@ class LayerRuntime:
 
     # -- installation -------------------------------------------------------------
     def install(self) -> None:
+        """Wrap each decoder layer's forward and hook the model and unembedding; undone on failure."""
         try:
             for idx, layer in enumerate(self.parts.layers):
                 had_own = "forward" in layer.__dict__
@@ -196,6 +207,7 @@ class LayerRuntime:
             raise
 
     def uninstall(self) -> None:
+        """Remove the hooks and restore each layer's own forward."""
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles.clear()
@@ -225,7 +237,7 @@ class LayerRuntime:
         def forward(*args: Any, **kwargs: Any) -> Any:
             if self.bypass:
                 return original(*args, **kwargs)
-            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = layer_input(args, kwargs)
             n_tokens = hidden.shape[0] * hidden.shape[1]
             policy = self.policy
             if policy is None or policy.should_run(idx, hidden):

@@ -1,0 +1,1 @@
+"""Offline consolidation of practised skills: the ``shortcut-finetune`` command."""

@@ -11,9 +11,7 @@ trains much longer and more carefully. Two levels:
     are collected for every practised position (and for any extra text, teacher-forced);
     the exit heads are re-fitted from the logit lens with a warm-up + cosine schedule,
     first on a training split with early stopping on a held-out split of the replayed
-    positions, then on all positions for the number of steps that worked best (on
-    SmolLM2: 1200 steps instead of practice's 300, 100% agreement with the full model
-    at every exit on the replay, vs 99.3% at exit 7 after practice); the policy statistics are then
+    positions, then on all positions for the number of steps that worked best; the policy statistics are then
     re-learned from the new heads' outcomes (as ``Learner.consolidate`` does). Lossless
     decoding stays exactly lossless: only the drafts change.
 
@@ -77,13 +75,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..skills import folder as skills
 from ..arch import ModelParts, resolve
-from ..data import DEFAULT_PASSAGES, DataFileError, prompt_input_ids, read_jsonl
-from ..policy.heads import ExitHeads, _adam, collect_states
+from ..data import DEFAULT_PASSAGES, DataFileError, prompt_input_ids
+from ..policy.fit import TranslatorFit, adam
+from ..policy.heads import ExitHeads, collect_states
+from ..skills import folder as skills
 from .replay import Example, build_examples, read_extra, read_skills
 from .training import Checkpoints, batch_indices, make_accelerator, train_loop
-
 
 LEVELS = ("heads", "layerskip")
 SUMMARY_FILE = "finetune_summary.json"
@@ -164,7 +162,8 @@ class FinetuneConfig:
             raise ValueError(f"lora_final_target={self.lora_final_target!r} must be 'base' or 'tokens'")
         if not 0.0 <= self.heldout < 0.5:
             raise ValueError(f"heldout={self.heldout} must be in [0, 0.5)")
-        positive = ("max_new_tokens", "max_length", "steps", "batch_size", "eval_every", "lora_steps", "lora_batch_size", "lora_rank")
+        positive = ("max_new_tokens", "max_length", "steps", "batch_size", "eval_every",
+                    "lora_steps", "lora_batch_size", "lora_rank")
         bad = [name for name in positive if getattr(self, name) < 1]
         if bad:
             raise ValueError(f"{', '.join(bad)} must be at least 1")
@@ -175,7 +174,8 @@ class FinetuneConfig:
         for name in ("checkpoint_every", "keep_checkpoints"):
             key.pop(name)
         if self.level == "heads":
-            key = {k: v for k, v in key.items() if not k.startswith("lora_") and k not in ("exit_scale", "curriculum", "layer_dropout")}
+            adapter_only = ("exit_scale", "curriculum", "layer_dropout")
+            key = {k: v for k, v in key.items() if not k.startswith("lora_") and k not in adapter_only}
         return key
 
 
@@ -210,13 +210,17 @@ def check_output(output: Path, run: dict[str, Any], *, resume: bool, overwrite: 
             previous = json.loads(path.read_text()).get("run")
             break
     if previous is None and not (output / skills.MANIFEST).is_file():
-        raise FileExistsError(f"{output} is not empty and is neither a skills folder nor a finetune run; refusing to touch it")
+        raise FileExistsError(
+            f"{output} is not empty and is neither a skills folder nor a finetune run; refusing to touch it"
+        )
     if overwrite:
         return "fresh"
     if previous is None:
         raise FileExistsError(f"{output} already holds skills; pass --overwrite to replace them")
     if not resume:
-        raise FileExistsError(f"{output} already holds a finetune run; pass --resume to continue it or --overwrite to replace it")
+        raise FileExistsError(
+            f"{output} already holds a finetune run; pass --resume to continue it or --overwrite to replace it"
+        )
     if previous != run:
         flat = [_flatten(previous), _flatten(run)]
         diff = sorted(k for k in set(flat[0]) | set(flat[1]) if flat[0].get(k) != flat[1].get(k))
@@ -259,51 +263,6 @@ def oracle_exit_layer(agrees: torch.Tensor, exit_layers: Sequence[int], num_laye
 
 
 # -- exit heads -------------------------------------------------------------------------
-class Translators(nn.Module):
-    """The exit heads' translators as a trainable module, in ``ExitHeads.fit``'s
-    preconditioned parametrisation (``W = r V diag(1/s)``, ``b = r c``), scored over the
-    shortlist through the model's final norm."""
-
-    def __init__(self, heads: ExitHeads, states: dict[int, torch.Tensor]) -> None:
-        super().__init__()
-        self.layers = list(heads.layers)
-        self.V, self.c = nn.ParameterDict(), nn.ParameterDict()
-        with torch.no_grad():
-            for layer in self.layers:
-                lin = heads.translators[str(layer)]
-                x = states[layer].float()
-                s = x.pow(2).mean(0).sqrt().clamp_min(1e-8)
-                r = x.pow(2).mean(1).sqrt().median().clamp_min(1e-8)
-                self.register_buffer(f"s{layer}", s)
-                self.register_buffer(f"r{layer}", r)
-                self.V[str(layer)] = nn.Parameter(lin.weight.float() * s / r)
-                self.c[str(layer)] = nn.Parameter(lin.bias.float() / r)
-        self._norm = (heads.final_norm,)  # borrowed, not registered
-
-    def logits(self, layer: int, h: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        s, r = getattr(self, f"s{layer}"), getattr(self, f"r{layer}")
-        delta = F.linear(h.float() / s, self.V[str(layer)], self.c[str(layer)]) * r
-        return F.linear(self._norm[0](h + delta.to(h.dtype)), rows, bias).float()
-
-    def forward(self, xs: dict[int, torch.Tensor], target: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None,
-                hard_weight: float) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        hard = target.argmax(-1)
-        losses = {}
-        for layer in self.layers:
-            logp = self.logits(layer, xs[layer], rows, bias).log_softmax(-1)
-            loss = F.kl_div(logp, target, log_target=True, reduction="batchmean")
-            losses[layer] = loss + hard_weight * F.nll_loss(logp, hard) if hard_weight else loss
-        return sum(losses.values()), losses  # type: ignore[return-value]
-
-    @torch.no_grad()
-    def write_to(self, heads: ExitHeads) -> None:
-        for layer in self.layers:
-            s, r = getattr(self, f"s{layer}"), getattr(self, f"r{layer}")
-            lin = heads.translators[str(layer)]
-            lin.weight.copy_(self.V[str(layer)] * r / s)
-            lin.bias.copy_(self.c[str(layer)] * r)
-
-
 def fit_heads(heads: ExitHeads, states: dict[int, torch.Tensor], final: torch.Tensor, tokens: torch.Tensor,
               cfg: FinetuneConfig, ckpt: Checkpoints, progress: bool) -> dict[str, Any]:
     """Re-fit ``heads`` on all positions: a select phase on a training split with early
@@ -314,19 +273,23 @@ def fit_heads(heads: ExitHeads, states: dict[int, torch.Tensor], final: torch.Te
     n_held = int(n * cfg.heldout) if n >= 20 else 0
     held, train = order[:n_held], order[n_held:]
     rows, bias = heads._shortlist_weights()
+
+    def score(x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, rows, bias)
+
     with torch.no_grad():
         normed = heads.final_norm(final)
-        targets = torch.cat([F.linear(c, rows, bias).float().log_softmax(-1) for c in normed.split(1024)])
+        targets = torch.cat([score(c).float().log_softmax(-1) for c in normed.split(1024)])
 
-    def run(stage: str, index: torch.Tensor, steps: int, evaluate: bool) -> tuple[dict[str, Any], Translators]:
+    def run(stage: str, index: torch.Tensor, steps: int, evaluate: bool) -> tuple[dict[str, Any], TranslatorFit]:
         accelerator = make_accelerator()
-        module = Translators(heads, states).to(accelerator.device)
-        optimizer = _adam(list(module.parameters()), lr=cfg.lr)
+        module = TranslatorFit(heads, states).to(accelerator.device)
+        optimizer = adam(list(module.parameters()), lr=cfg.lr)
         module, optimizer = accelerator.prepare(module, optimizer)
 
         def loss_fn(step: int) -> torch.Tensor:
             idx = index[batch_indices(len(index), step, cfg.batch_size, cfg.seed, accelerator)].to(targets.device)
-            total, _ = module({layer: states[layer][idx] for layer in states}, targets[idx], rows, bias, cfg.hard_weight)
+            total, _ = module({layer: states[layer][idx] for layer in states}, targets[idx], score, cfg.hard_weight)
             return total
 
         def eval_fn() -> dict[str, Any]:
@@ -335,9 +298,10 @@ def fit_heads(heads: ExitHeads, states: dict[int, torch.Tensor], final: torch.Te
             sums = torch.zeros(2 * len(inner.layers) + 1, device=accelerator.device)
             with torch.no_grad():
                 for idx in mine.split(1024):
-                    _, losses = inner({layer: states[layer][idx] for layer in states}, targets[idx], rows, bias, cfg.hard_weight)
+                    batch = {layer: states[layer][idx] for layer in states}
+                    _, losses = inner(batch, targets[idx], score, cfg.hard_weight)
                     for j, layer in enumerate(inner.layers):
-                        pred = heads.shortlist[inner.logits(layer, states[layer][idx], rows, bias).argmax(-1)]
+                        pred = heads.shortlist[inner.logits(layer, states[layer][idx], score).argmax(-1)]
                         sums[j] += losses[layer] * len(idx)
                         sums[len(inner.layers) + j] += (pred == tokens[idx]).sum()
                     sums[-1] += len(idx)
@@ -345,7 +309,8 @@ def fit_heads(heads: ExitHeads, states: dict[int, torch.Tensor], final: torch.Te
             count = float(sums[-1].clamp_min(1))
             per_loss = {str(layer): float(sums[j]) / count for j, layer in enumerate(inner.layers)}
             return {"loss": sum(per_loss.values()), "per_layer_loss": per_loss,
-                    "agreement": {str(layer): float(sums[len(inner.layers) + j]) / count for j, layer in enumerate(inner.layers)}}
+                    "agreement": {str(layer): float(sums[len(inner.layers) + j]) / count
+                                  for j, layer in enumerate(inner.layers)}}
 
         state = train_loop(stage, accelerator, optimizer, loss_fn, steps=steps, lr=cfg.lr, warmup=cfg.warmup, ckpt=ckpt,
                            eval_fn=eval_fn if evaluate else None, eval_every=cfg.eval_every, patience=cfg.patience,
@@ -384,7 +349,7 @@ def fit_heads(heads: ExitHeads, states: dict[int, torch.Tensor], final: torch.Te
 def relearn_policy(observer: Any, policy: Any, sig_states: torch.Tensor, agrees: torch.Tensor) -> None:
     """Forget the policy's statistics and learn them again from the new heads' outcomes
     on every replayed position (delta rule + familiarity memory), as practice does."""
-    from ..observe.observer import Signature
+    from ..observe import Signature
 
     parts = [observer.encode(chunk) for chunk in sig_states.split(1024)]
     sig = Signature(torch.cat([s.indices for s in parts]).cpu(), torch.cat([s.values for s in parts]).cpu())
@@ -393,10 +358,10 @@ def relearn_policy(observer: Any, policy: Any, sig_states: torch.Tensor, agrees:
     policy.remember(sig)
 
 
-def consolidate_heads(model: nn.Module, parts: ModelParts, learned: tuple, examples: list[Example],
+def consolidate_heads(model: nn.Module, parts: ModelParts, learned: skills.Skills, examples: list[Example],
                       cfg: FinetuneConfig, ckpt: Checkpoints, progress: bool) -> dict[str, Any]:
     """Collect states over ``examples``, re-fit the heads, re-learn the policy (in place)."""
-    observer, heads, policy = learned[:3]
+    observer, heads, policy = learned.observer, learned.heads, learned.policy
     sig_layer = observer.layer + 1
     layers = sorted(set(heads.layers) | {sig_layer})
     states, final, tokens = collect(model, parts, examples, layers, progress)
@@ -445,6 +410,7 @@ def finetune(model: nn.Module, skills_folder: str | Path, output: str | Path, *,
         config: the run's settings (:class:`FinetuneConfig`).
         resume: continue from the latest checkpoint in ``output`` (same settings only).
         overwrite: replace whatever run or skills ``output`` holds.
+        progress: show progress bars.
 
     Returns:
         The summary (also written to ``output/finetune_summary.json``).
@@ -469,7 +435,11 @@ def finetune(model: nn.Module, skills_folder: str | Path, output: str | Path, *,
     extra_prompts = [prompt_input_ids(tokenizer, r)[0].tolist() for r in records if "text" not in r]
     texts = [ids for ids in (tokenizer(r["text"])["input_ids"][:limit] for r in records if "text" in r) if len(ids) > 1]
     if not prompts and not extra_prompts and not texts:
-        raise ValueError(f"empty dataset: the replay log of {skills_folder} lists no prompts and there is no extra text")
+        raise ValueError(
+            f"empty dataset: the replay log of {skills_folder} lists no prompts and there is no extra text"
+        )
+    learned = skills.load_learned(skills_folder, manifest, parts, fingerprint)  # every file checked before any work
+    assert learned is not None  # read_skills refused a folder without learned skills
     run = {"config": cfg.run_key(), "base_model": fingerprint, "skills": _files_digest(skills_folder),
            "extra": _digest([extra_prompts, texts])}
     accelerator = make_accelerator()
@@ -482,7 +452,6 @@ def finetune(model: nn.Module, skills_folder: str | Path, output: str | Path, *,
     accelerator.wait_for_everyone()
     ckpt = Checkpoints(output / CHECKPOINTS, run, cfg.checkpoint_every, cfg.keep_checkpoints, accelerator)
     model.to(accelerator.device)
-    learned = skills.load_learned(skills_folder, manifest, parts, fingerprint)
     # The log holds one entry per practised generate call; greedy replay of a repeat adds nothing.
     unique = [list(p) for p in dict.fromkeys(tuple(p) for p in prompts)]
     replay = unique + extra_prompts
@@ -498,9 +467,11 @@ def finetune(model: nn.Module, skills_folder: str | Path, output: str | Path, *,
         if cfg.level == "layerskip":
             from .layerskip import train_adapter
 
-            peft_model, summary["layerskip"] = train_adapter(model, parts, learned[1].layers, examples, cfg, ckpt, tokenizer=tokenizer,
-                                                             quality_texts=quality_texts, progress=progress)
-            examples = build_examples(model, replay, texts, cfg.max_new_tokens, accelerator, ckpt, "replay-adapted", progress)
+            peft_model, summary["layerskip"] = train_adapter(model, parts, learned.heads.layers, examples, cfg, ckpt,
+                                                             tokenizer=tokenizer, quality_texts=quality_texts,
+                                                             progress=progress)
+            examples = build_examples(model, replay, texts, cfg.max_new_tokens, accelerator, ckpt, "replay-adapted",
+                                      progress)
         summary["heads"] = consolidate_heads(model, parts, learned, examples, cfg, ckpt, progress)
         log = practised_log(learned, replay, examples, extra_prompts, adapted=peft_model is not None)
         summary["practised_sequences"] = len(log["sequences"])
@@ -517,8 +488,8 @@ def finetune(model: nn.Module, skills_folder: str | Path, output: str | Path, *,
     return summary
 
 
-def practised_log(learned: tuple, replay: list[list[int]], examples: list[Example], extra_prompts: list[list[int]],
-                  adapted: bool) -> dict[str, list[list[int]]]:
+def practised_log(learned: skills.Skills, replay: list[list[int]], examples: list[Example],
+                  extra_prompts: list[list[int]], adapted: bool) -> dict[str, list[list[int]]]:
     """The consolidated folder's replay log. Its practised sequences (what lossless
     drafts replay, :mod:`shortcut.sequences`) gain every replayed prompt with the
     continuation the model gave it here, extra prompts included; after a LayerSkip
@@ -528,17 +499,17 @@ def practised_log(learned: tuple, replay: list[list[int]], examples: list[Exampl
 
     memory = SequenceMemory()
     if not adapted:
-        memory.extend(learned[4])
+        memory.extend(learned.sequences)
     memory.extend(example.ids for example in examples[:len(replay)])  # prompts first, texts after
-    return {"prompts": [list(p) for p in learned[3]] + extra_prompts, "sequences": memory.sequences}
+    return {"prompts": [list(p) for p in learned.practised] + extra_prompts, "sequences": memory.sequences}
 
 
-def write_output(output: Path, source: Path, manifest: dict[str, Any], learned: tuple, log: dict[str, Any],
+def write_output(output: Path, source: Path, manifest: dict[str, Any], learned: skills.Skills, log: dict[str, Any],
                  summary: dict[str, Any], peft_model: Any = None) -> None:
     """Write the consolidated skills folder atomically; finished checkpoints are dropped."""
     from safetensors.torch import save_file
 
-    _, heads, policy = learned[:3]
+    heads, policy = learned.heads, learned.policy
     contents = dict(manifest["contents"])
     brief = {k: summary[k] for k in ("level", "replayed_prompts", "extra_prompts", "extra_texts", "seconds")}
     brief["heads"] = {k: v for k, v in summary["heads"].items() if k != "fit"}
@@ -549,9 +520,11 @@ def write_output(output: Path, source: Path, manifest: dict[str, Any], learned: 
         shutil.copytree(source / contents["observer"], tmp / contents["observer"])
         shutil.copy(source / "config.json", tmp / "config.json")
         (tmp / skills.REPLAY_LOG).write_text(json.dumps(log) + "\n")
-        save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, str(tmp / skills.HEADS_FILE))
+        heads_state = {k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}
+        save_file(heads_state, str(tmp / skills.HEADS_FILE))
         save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, str(tmp / skills.POLICY_FILE))
-        contents.update(heads=skills.HEADS_FILE, policy=skills.POLICY_FILE, replay_log=skills.REPLAY_LOG, consolidation=brief)
+        contents.update(heads=skills.HEADS_FILE, policy=skills.POLICY_FILE, replay_log=skills.REPLAY_LOG,
+                        consolidation=brief)
         contents.pop("adapter", None)
         if peft_model is not None:
             peft_model.save_pretrained(str(tmp / skills.ADAPTER_DIR))
@@ -566,36 +539,41 @@ def write_output(output: Path, source: Path, manifest: dict[str, Any], learned: 
 
 # -- command line -------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    """The ``shortcut-finetune`` argument parser (defaults from :class:`FinetuneConfig`)."""
     d = FinetuneConfig()
-    p = argparse.ArgumentParser(prog="shortcut-finetune", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from ..cli import Parser, integer, real
+
+    p = Parser(prog="shortcut-finetune", description=__doc__.splitlines()[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("skills", help="skills folder with a replay log (shortcut practice / save_pretrained)")
     p.add_argument("-o", "--output", required=True, help="the consolidated skills folder to write")
     p.add_argument("--model", default="smollm2", help="base model: alias, local folder, .gguf file or hub id")
     p.add_argument("--level", choices=LEVELS, default=d.level)
     p.add_argument("--extra", default=None, help="JSONL of extra {'text'} passages or {'prompt'} prompts")
-    p.add_argument("--new-tokens", type=int, default=d.max_new_tokens, help="greedy tokens per replayed prompt")
-    p.add_argument("--steps", type=int, default=d.steps, help="most exit-head steps")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--heldout", type=float, default=d.heldout, help="fraction of positions held out for early stopping")
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--patience", type=int, default=d.patience)
-    p.add_argument("--lora-steps", type=int, default=d.lora_steps)
-    p.add_argument("--lora-lr", type=float, default=d.lora_lr)
-    p.add_argument("--lora-batch-size", type=int, default=d.lora_batch_size)
-    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="LoRA rank (alpha = 2 x rank)")
+    p.add_argument("--new-tokens", type=integer(1), default=d.max_new_tokens, help="greedy tokens per replayed prompt")
+    p.add_argument("--steps", type=integer(1), default=d.steps, help="most exit-head steps")
+    p.add_argument("--batch-size", type=integer(1), default=d.batch_size)
+    p.add_argument("--lr", type=real(0, include_low=False), default=d.lr)
+    p.add_argument("--heldout", type=real(0, 0.5), default=d.heldout,
+                   help="fraction of positions held out for early stopping")
+    p.add_argument("--eval-every", type=integer(1), default=d.eval_every)
+    p.add_argument("--patience", type=integer(0), default=d.patience)
+    p.add_argument("--lora-steps", type=integer(1), default=d.lora_steps)
+    p.add_argument("--lora-lr", type=real(0, include_low=False), default=d.lora_lr)
+    p.add_argument("--lora-batch-size", type=integer(1), default=d.lora_batch_size)
+    p.add_argument("--lora-rank", type=integer(1), default=d.lora_rank, help="LoRA rank (alpha = 2 x rank)")
     p.add_argument("--lora-targets", choices=("attention", "mlp"), default=d.lora_targets)
     p.add_argument("--lora-final-target", choices=("base", "tokens"), default=d.lora_final_target,
                    help="final layer's target while the adapter trains: the base model's distribution (KL) "
                         "or the replayed tokens (cross-entropy, LayerSkip's recipe)")
-    p.add_argument("--exit-scale", type=float, default=d.exit_scale)
+    p.add_argument("--exit-scale", type=real(0), default=d.exit_scale)
     p.add_argument("--curriculum", choices=("rotational", "gradual"), default=d.curriculum)
-    p.add_argument("--layer-dropout", type=float, default=d.layer_dropout)
-    p.add_argument("--quality", default=str(DEFAULT_QUALITY), help="JSONL of {'text'} passages for the perplexity report")
+    p.add_argument("--layer-dropout", type=real(0, 1), default=d.layer_dropout)
+    p.add_argument("--quality", default=str(DEFAULT_QUALITY),
+                   help="JSONL of {'text'} passages for the perplexity report")
     p.add_argument("--quality-split", default="heldout", help="split of --quality to use ('' for all records)")
-    p.add_argument("--quality-passages", type=int, default=70)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--quality-passages", type=integer(1), default=70)
+    p.add_argument("--checkpoint-every", type=integer(0), default=d.checkpoint_every)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
     p.add_argument("--overwrite", action="store_true", help="replace a run or skills already in the output folder")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -621,10 +599,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     h = summary["heads"]
     fit = h["fit"]
     exits = [str(e) for e in h["exit_layers"]]
-    lines = [(f"level {summary['level']}: {summary['replayed_prompts']} replayed prompts (of {summary['replay_log_entries']} "
-              f"log entries), {summary['extra_prompts']} extra "
-              f"prompts, {summary['extra_texts']} extra texts; {fit['positions']} positions ({fit['heldout_positions']} "
-              f"held out); replay {summary['replay_seconds']:.0f} s, total {summary['seconds']:.0f} s"),
+    lines = [(f"level {summary['level']}: {summary['replayed_prompts']} replayed prompts "
+              f"(of {summary['replay_log_entries']} log entries), {summary['extra_prompts']} extra "
+              f"prompts, {summary['extra_texts']} extra texts; {fit['positions']} positions "
+              f"({fit['heldout_positions']} held out); replay {summary['replay_seconds']:.0f} s, "
+              f"total {summary['seconds']:.0f} s"),
              f"{'exit layer':<22}" + "".join(f"{e:>8}" for e in exits),
              f"{'agreement before':<22}" + "".join(f"{100 * h['agreement_before'][e]:>7.1f}%" for e in exits),
              f"{'agreement after':<22}" + "".join(f"{100 * h['agreement_after'][e]:>7.1f}%" for e in exits)]
@@ -641,41 +620,72 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"layerskip: {ls['steps']} LoRA steps, objective {ls['objective_before']:.4f} -> "
                      f"{ls['objective_after']:.4f}")
         if ls.get("perplexity_base") is not None:
-            lines.append(f"held-out perplexity base {ls['perplexity_base']:.3f}, adapted {ls['perplexity_adapted']:.3f} "
+            lines.append(f"held-out perplexity base {ls['perplexity_base']:.3f}, "
+                         f"adapted {ls['perplexity_adapted']:.3f} "
                          f"({100 * (ls['perplexity_adapted'] / ls['perplexity_base'] - 1):+.2f}%)")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``shortcut-finetune`` command; bad input exits with code 2 and one line."""
+    """The ``shortcut-finetune`` command; bad input exits with code 2 and one line.
+
+    Options, files and the output path are checked before the model loads; prompt
+    lengths against the model's context right after."""
+    from ..cli import INPUT_ERRORS, check_output_folder, report_error
+    from ..data import check_prompt, check_prompt_lengths, context_length, read_passages
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         cfg = _config(args)
-        read_skills(args.skills)  # cheap checks before the slow model load
+        _, replayed = read_skills(args.skills)  # cheap checks before the slow model load
         extra = read_extra(args.extra)
-        output = Path(args.output)
-        if output.exists() and (not output.is_dir() or any(output.iterdir())) and not (args.resume or args.overwrite):
+        for number, record in enumerate(extra, start=1):
+            where = f"{args.extra}, record {number}"
+            if "text" in record:
+                if not isinstance(record["text"], str):
+                    raise DataFileError(f"{where}: 'text' must be a string, got {type(record['text']).__name__}")
+            else:
+                check_prompt(record, where)
+        output = check_output_folder(args.output, "-o/--output")
+        if output.exists() and any(output.iterdir()) and not (args.resume or args.overwrite):
             check_output(output, {}, resume=False, overwrite=False)
+        if args.summary:
+            summary_path = Path(args.summary)
+            if summary_path.is_dir():
+                raise IsADirectoryError(f"--summary {summary_path} is a folder; give a file name")
+            check_output_folder(summary_path, "--summary")
+        quality = None
+        if cfg.level == "layerskip" and args.quality:
+            records = read_passages(args.quality)
+            quality = [r["text"] for r in records if not args.quality_split or r.get("split") == args.quality_split]
+            if not quality:
+                raise DataFileError(f"{args.quality}: no records with split={args.quality_split!r} "
+                                    "(--quality-split '' uses all)")
+            quality = quality[:args.quality_passages]
         from ..models import load_model
 
         model, tokenizer = load_model(args.model)
-        quality = None
-        if cfg.level == "layerskip" and args.quality:
-            records = read_jsonl(args.quality, required=("text",))
-            quality = [r["text"] for r in records if not args.quality_split or r.get("split") == args.quality_split]
-            quality = quality[:args.quality_passages]
-        summary = finetune(model, args.skills, output, tokenizer=tokenizer, extra=extra, quality_texts=quality, config=cfg,
-                           resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
-    except (DataFileError, FileNotFoundError, FileExistsError, ValueError, ModuleNotFoundError) as err:
-        print(f"shortcut-finetune: error: {err}", file=sys.stderr)
-        return 2
+        context = context_length(model, tokenizer)
+        check_prompt_lengths(tokenizer, [r for r in extra if "text" not in r], max_new_tokens=cfg.max_new_tokens,
+                             context=context, source=str(args.extra))
+        longest = max((len(p) for p in replayed), default=0)
+        if context is not None and longest + cfg.max_new_tokens > context:
+            room = (f"--new-tokens may be at most {context - longest}" if longest < context
+                    else "it does not fit at all")
+            raise ValueError(f"{args.skills}: a prompt in the replay log has {longest} tokens and the model's context "
+                             f"is {context} tokens, so {room} (got --new-tokens {cfg.max_new_tokens})")
+        summary = finetune(model, args.skills, output, tokenizer=tokenizer, extra=extra, quality_texts=quality,
+                           config=cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    except INPUT_ERRORS as err:
+        return report_error("shortcut-finetune", err)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
         return 0
     print(format_summary(summary))
     if args.summary:
+        Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
         Path(args.summary).write_text(json.dumps(summary, indent=2, default=float) + "\n")
     print(f"consolidated skills written to {output} (summary: {output / SUMMARY_FILE})")
     return 0

@@ -17,8 +17,7 @@ every decoder layer learns it, with the recipe's three parts:
 One departure, by default (``lora_final_target="base"``): the final layer's term is the
 KL divergence from the base model's own distribution (adapter off, every layer) instead
 of the cross-entropy on the replayed greedy tokens, which sharpens the model on its own
-answers. On SmolLM2 (README) the recipe's cross-entropy cost +19.6% held-out perplexity
-at 200 steps; anchored, 100 steps cost +0.8%.
+answers, and costs general quality (``docs/findings.md``).
 
 Exit ``l`` means "after ``l`` layers" as everywhere in shortcut, i.e. LayerSkip's layer
 ``l - 1``. Training data: replayed prompts with the model's greedy continuations (loss on
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import ModelParts
+from ..capture import StateCapture
 from ..decode.runtime import FixedPlan, LayerRuntime
 from .training import batch_indices, make_accelerator, train_loop
 
@@ -90,7 +90,8 @@ def dropout_rates(num_layers: int, p_max: float) -> list[float]:
     return [p_max * (math.exp(i * math.log(2) / (num_layers - 1)) - 1) for i in range(num_layers)]
 
 
-def make_batch(examples: Sequence[Any], index: Sequence[int], device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_batch(examples: Sequence[Any], index: Sequence[int],
+               device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and next-token ``labels`` (-100
     where no loss is taken: before an example's ``start`` and at padding)."""
     seqs = [examples[i] for i in index]
@@ -106,23 +107,6 @@ def make_batch(examples: Sequence[Any], index: Sequence[int], device: Any) -> tu
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-class ExitCapture:
-    """Forward pre-hooks keeping (with gradient) the state after ``l`` layers for each exit ``l``."""
-
-    def __init__(self, parts: ModelParts, exits: Sequence[int]) -> None:
-        self.states: dict[int, torch.Tensor] = {}
-        self._handles = [parts.layers[e].register_forward_pre_hook(self._hook(e), with_kwargs=True) for e in exits]
-
-    def _hook(self, exit_layer: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            self.states[exit_layer] = args[0] if args else kwargs["hidden_states"]
-        return hook
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
 @torch.no_grad()
 def base_logits(peft_model: Any, batch: tuple) -> torch.Tensor:
     """The base model's logits on ``batch`` (adapter off; call with layer dropout off)."""
@@ -131,7 +115,7 @@ def base_logits(peft_model: Any, batch: tuple) -> torch.Tensor:
         return peft_model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
 
 
-def objective(model: nn.Module, parts: ModelParts, capture: ExitCapture, batch: tuple, active: Sequence[int],
+def objective(model: nn.Module, parts: ModelParts, capture: StateCapture, batch: tuple, active: Sequence[int],
               scale: float, base: torch.Tensor | None = None) -> torch.Tensor:
     """The LayerSkip loss of one batch: weighted cross-entropy at the ``active`` early
     exits (read through the model's final norm and unembedding) and at the final layer;
@@ -193,26 +177,27 @@ def train_adapter(model: nn.Module, parts: ModelParts, exits: Sequence[int], exa
     done = ckpt.result("lora")
     if done is not None:
         peft_model = PeftModel.from_pretrained(model, str(ckpt.folder / ADAPTER_CHECKPOINT))
-        peft_model.shortcut_requires_grad = flags
+        peft_model.shortcut_requires_grad = flags  # type: ignore[assignment]  # read back by remove_adapter
         return peft_model, done
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                                       target_modules=targets))
-    peft_model.shortcut_requires_grad = flags
+    peft_model.shortcut_requires_grad = flags  # type: ignore[assignment]  # read back by remove_adapter
     accelerator = make_accelerator()
     device = accelerator.device
     probe = make_batch(examples, range(min(len(examples), 16)), device)
     rates = dropout_rates(parts.num_layers, cfg.layer_dropout)
     runtime = LayerRuntime(model, parts)
-    capture = ExitCapture(parts, exits)
+    capture = StateCapture(parts, exits, keep=lambda t: t)  # with gradient: the early-exit loss trains through it
     try:
         runtime.install()
         anchored = cfg.lora_final_target == "base"
         probe_base = base_logits(peft_model, probe) if anchored else None
         with torch.no_grad():
             before = float(objective(peft_model, parts, capture, probe, exits, cfg.exit_scale, probe_base))
-        optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=cfg.lora_lr, weight_decay=0.0)
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lora_lr, weight_decay=0.0)
         prepared, optimizer = accelerator.prepare(peft_model, optimizer)
 
         def loss_fn(step: int) -> torch.Tensor:

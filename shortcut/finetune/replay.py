@@ -8,18 +8,21 @@ teacher-forced and learned from everywhere.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
-from ..skills import folder as skills
 from ..data import DataFileError, read_jsonl
+from ..skills import folder as skills
+from ..skills.validate import expect_object, inside, read_json
 from .training import Checkpoints
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin
 
 
 @dataclass
@@ -38,14 +41,14 @@ def read_skills(folder: str | Path) -> tuple[dict[str, Any], list[list[int]]]:
     contents = manifest.get("contents", {})
     if "observer" not in contents:
         raise ValueError(f"{folder} holds a config only (no observer, heads or policy): practise first")
-    log = folder / contents.get("replay_log", skills.REPLAY_LOG)
-    if not log.is_file():
-        raise FileNotFoundError(f"{folder} has no replay log ({log.name}): consolidation replays the practised prompts it lists")
-    try:
-        prompts = json.loads(log.read_text())["prompts"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{log} is not a replay log ({{'prompts': [[token ids], ...]}}): {err}") from err
-    if not isinstance(prompts, list) or not all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompts):
+    log = inside(folder, contents.get("replay_log", skills.REPLAY_LOG), "contents.replay_log")
+    if not log.exists():
+        raise FileNotFoundError(
+            f"{folder} has no replay log ({log.name}): consolidation replays the practised prompts it lists"
+        )
+    prompts = expect_object(read_json(log, "replay log"), log, "the replay log").get("prompts")
+    if not isinstance(prompts, list) or not all(isinstance(p, list) and p and all(isinstance(t, int) for t in p)
+                                                for p in prompts):
         raise ValueError(f"{log}: 'prompts' must be a list of non-empty lists of token ids")
     return manifest, prompts
 
@@ -73,9 +76,12 @@ def greedy_continuations(model: nn.Module, prompts: list[list[int]], max_new_tok
 
     mine = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
     done = []
-    for index in tqdm(mine, desc="replay (greedy)", disable=not (progress and accelerator.is_local_main_process), leave=False):
+    show = progress and accelerator.is_local_main_process
+    generate = cast("GenerationMixin", model).generate
+    for index in tqdm(mine, desc="replay (greedy)", disable=not show, leave=False):
         ids = torch.tensor([prompts[index]], device=accelerator.device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+        out = generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                       do_sample=False)
         done.append((index, out[0].tolist()))
     return [seq for _, seq in sorted(gather_object(done))]
 

@@ -54,6 +54,7 @@ class Checkpoints:
         self.accelerator = accelerator
 
     def ready(self) -> None:
+        """Create the folder and its ``run.json`` if they are missing."""
         if not (self.folder / "run.json").is_file():
             self.folder.mkdir(parents=True, exist_ok=True)
             (self.folder / "run.json").write_text(json.dumps({"run": self.run}, indent=2) + "\n")
@@ -71,18 +72,23 @@ class Checkpoints:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def data(self, name: str) -> Any:
+        """Cached data ``name``, or ``None`` if none was saved."""
         return self._read_json(f"{name}.data.json")
 
     def save_data(self, name: str, obj: Any) -> None:
+        """Cache data ``name`` (when checkpointing, on the main process)."""
         self._write_json(f"{name}.data.json", obj)
 
     def result(self, stage: str) -> Any:
+        """A finished stage's result, or ``None`` if the stage has not finished."""
         return self._read_json(f"{stage}.json")
 
     def finish(self, stage: str, result: Any) -> None:
+        """Record a stage's result, marking it finished."""
         self._write_json(f"{stage}.json", result)
 
     def latest(self, stage: str) -> Path | None:
+        """The stage's newest checkpoint folder, or ``None``."""
         found = sorted(self.folder.glob(f"{stage}-[0-9]*")) if self.folder.is_dir() else []
         return found[-1] if found else None
 
@@ -105,7 +111,7 @@ class Checkpoints:
 
 
 def batch_indices(n: int, step: int, batch_size: int, seed: int, accelerator: Any) -> torch.Tensor:
-    """This process's share of the global batch of ``step``: a pure function of
+    """The indices this process takes from the global batch of ``step``: a pure function of
     ``(seed, step)``, so a resumed run sees exactly the batches it would have seen."""
     per_epoch = max(1, n // batch_size)
     epoch, slot = divmod(step, per_epoch)
@@ -138,7 +144,8 @@ def train_loop(stage: str, accelerator: Any, optimizer: torch.optim.Optimizer, l
         accelerator.load_state(str(found), strict=False)
         state = json.loads((found / "trainer_state.json").read_text())
         logger.info("%s: resumed from %s", stage, found)
-    bar = tqdm(total=steps, initial=state["step"], desc=stage, disable=not (progress and accelerator.is_local_main_process), leave=False)
+    bar = tqdm(total=steps, initial=state["step"], desc=stage,
+               disable=not (progress and accelerator.is_local_main_process), leave=False)
     while state["step"] < steps:
         step = state["step"]
         for group in optimizer.param_groups:

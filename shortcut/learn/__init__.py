@@ -1,0 +1,1 @@
+"""Learning while used: practice from full-path forwards, and practised sequences."""

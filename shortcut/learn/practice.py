@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 from ..arch import ModelParts
-from ..policy.heads import ExitHeads
-from ..observe.observer import Observer, Signature
+from ..capture import StateCapture
+from ..observe import Observer, Signature
 from ..policy.exits import ExitPolicy
+from ..policy.heads import ExitHeads
 from .sequences import SequenceMemory
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class ReplayBuffer:
         return self._size
 
     def add(self, states: dict[int, torch.Tensor], final: torch.Tensor, sig: Signature, tokens: torch.Tensor) -> None:
+        """Store one forward's positions, dropping the oldest chunks beyond ``capacity``."""
         chunk = {
             "states": {l: states[l].detach().to(torch.float16) for l in self.exit_layers},
             "final": final.detach().to(torch.float16),
@@ -83,14 +85,26 @@ class Experience:
     so what was practised before the observer came is kept.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, log_capacity: int = 10_000) -> None:
+        # The latest ``log_capacity`` prompts (oldest dropped).
         self.practised: list[list[int]] = []
+        self.log_capacity = log_capacity
         self.sequences = SequenceMemory()
         # How many log entries the exit heads had been fitted on at their latest
         # consolidation (0 without heads: no prompt counts as practised for fast mode).
         self.fitted_log = 0
         self._practised_keys: set[tuple[int, ...]] = set()  # the log's first _keyed entries, as a set
         self._keyed = 0
+
+    def log_prompt(self, prompt: list[int]) -> None:
+        """Add a generate call's prompt to the replay log, forgetting the oldest entries
+        beyond ``log_capacity`` (the log then stays bounded however long the handle runs)."""
+        self.practised.append(prompt)
+        excess = len(self.practised) - self.log_capacity
+        if excess > 0:
+            del self.practised[:excess]
+            self.fitted_log = max(0, self.fitted_log - excess)
+            self._practised_keys, self._keyed = set(), 0  # rebuilt from the log on the next ask
 
     def was_practised(self, prompt: list[int]) -> bool:
         """Whether a generate call with exactly this prompt (token ids) is in the replay
@@ -114,6 +128,7 @@ class LearnStats:
     last_fit: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
+        """The fields by name."""
         return dict(self.__dict__)
 
 
@@ -128,8 +143,14 @@ class Learner:
         policy: the exit policy over the same layers.
         consolidate_every: re-fit after this many newly learned tokens (0: only when asked).
         fit_steps: optimiser steps of each head re-fit.
+        replay_capacity: practised positions the replay buffer keeps (oldest dropped).
         experience: the replay log and practised sequences to share (the handle's);
-            a new, empty one by default.
+            a new, empty one by default (its log keeps the latest ``log_capacity``
+            prompts).
+
+    Memory is bounded: the replay buffer holds at most ``replay_capacity`` positions
+    (float16 states at every exit), the log ``log_capacity`` prompts, the sequence memory
+    its own token capacity, the policy's signature memory its own row capacity.
     """
 
     def __init__(self, model: nn.Module, parts: ModelParts, observer: Observer, heads: ExitHeads,
@@ -150,7 +171,7 @@ class Learner:
         # The replay log and practised sequences, shared with the handle that owns them.
         self.experience = experience if experience is not None else Experience()
         self._since_consolidation = 0
-        self._recorded: dict[int, torch.Tensor] = {}
+        self._capture: StateCapture | None = None
         self._handles: list[Any] = []
         self._gate: Any = None
 
@@ -179,6 +200,17 @@ class Learner:
     def fitted_log(self, value: int) -> None:
         self.experience.fitted_log = value
 
+    @property
+    def log_capacity(self) -> int:
+        return self.experience.log_capacity
+
+    @log_capacity.setter
+    def log_capacity(self, value: int) -> None:
+        self.experience.log_capacity = value
+
+    def log_prompt(self, prompt: list[int]) -> None:
+        self.experience.log_prompt(prompt)
+
     def was_practised(self, prompt: list[int]) -> bool:
         return self.experience.was_practised(prompt)
 
@@ -187,58 +219,54 @@ class Learner:
         """Register the recording hooks. ``gate()`` says whether the current forward is
         a full-path forward worth learning from."""
         self._gate = gate
-        for layer in self.recorded_layers:
-            if layer < self.parts.num_layers:
-                self._handles.append(self.parts.layers[layer].register_forward_pre_hook(self._pre_hook(layer), with_kwargs=True))
-            else:
-                self._handles.append(self.parts.layers[-1].register_forward_hook(self._post_hook(layer)))
+        # States are kept (as references) on every forward while learning is on; whether
+        # the forward was a full path worth learning from is decided once it has finished.
+        self._capture = StateCapture(self.parts, self.recorded_layers,
+                                     keep=lambda t: t.detach() if self.enabled else None)
         self._handles.append(self.model.register_forward_hook(self._after_forward))
 
     def uninstall(self) -> None:
+        """Remove the recording hooks."""
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._recorded.clear()
+
+    @property
+    def _recorded(self) -> dict[int, torch.Tensor]:
+        return self._capture.states if self._capture is not None else {}
 
     def _recording(self) -> bool:
         return self.enabled and self._gate is not None and self._gate()
 
-    # States are kept (as references) on every forward while learning is on; whether the
-    # forward was a full path worth learning from is decided once it has finished.
-    def _pre_hook(self, layer: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if self.enabled:
-                self._recorded[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
-        return hook
-
-    def _post_hook(self, layer: int):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if self.enabled:
-                self._recorded[layer] = (output[0] if isinstance(output, tuple) else output).detach()
-        return hook
-
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._recording():
             self.learn_recorded(getattr(output, "logits", None))
-        self._recorded = {}
+        self._recorded.clear()
 
     def learn_recorded(self, logits: torch.Tensor | None) -> None:
         """Learn from the forward that just ran every layer, given its logits [1, n, V]
         (n last positions). Also called by the drafter when a token it was asked to
         draft turned out unfamiliar and took the full path."""
-        recorded, self._recorded = self._recorded, {}
+        recorded = dict(self._recorded)
+        self._recorded.clear()
         if not self.enabled or logits is None or logits.shape[0] != 1:
             return
         if len(recorded) < len(self.recorded_layers):
             return  # a forward that did not run every layer (for example a skipped one)
         n = logits.shape[1]  # generate keeps only the last positions' logits
-        states = {l: h[0, -n:] for l, h in recorded.items()}
-        self.learn(states, logits[0].argmax(-1))
+        # Skills outlive the call: a forward under torch.inference_mode() hands over
+        # inference tensors, which learning must not keep, so it works on normal copies.
+        with torch.inference_mode(False):
+            states = {l: h[0, -n:].clone() for l, h in recorded.items()}
+            self.learn(states, logits[0].argmax(-1).clone())
 
     # -- learning -------------------------------------------------------------------
     @torch.no_grad()
     def outcomes(self, states: dict[int, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-        """[T, n_exit] booleans: does each exit head (shortlist scoring) agree with the full model?"""
+        """[T, n_exit] booleans: whether each exit head (shortlist scoring) agrees with the full model."""
         columns = []
         for layer in self.policy.exit_layers:
             if self.heads.shortlist.numel() == 0:
@@ -269,6 +297,10 @@ class Learner:
         from the new heads' replayed outcomes."""
         if len(self.replay) == 0:
             return {}
+        with torch.inference_mode(False):  # also when called inside torch.inference_mode()
+            return self._consolidate(steps, progress)
+
+    def _consolidate(self, steps: int | None, progress: bool) -> dict[str, Any]:
         start = time.perf_counter()
         states, final, sig, tokens = self.replay.tensors()
         with torch.enable_grad():
@@ -285,7 +317,8 @@ class Learner:
             "tokens": int(tokens.shape[0]),
             "seconds": took,
             "final_loss": {int(l): float(v[-1]) for l, v in losses.items() if v},
-            "agreement": {l: float(a) for l, a in zip(self.policy.exit_layers, self.policy.agreements / self.policy.trials.clamp_min(1))},
+            "agreement": {l: float(a) for l, a in zip(self.policy.exit_layers,
+                                                      self.policy.agreements / self.policy.trials.clamp_min(1))},
         }
         logger.info("consolidated %d tokens in %.1fs: %s", tokens.shape[0], took, self.stats.last_fit["agreement"])
         return self.stats.last_fit
@@ -315,7 +348,7 @@ def run_rounds(handle: Any, prompts: list[Any], *, rounds: int, max_new_tokens: 
     rows = []
     for round_index in range(rounds):
         order = torch.randperm(len(inputs), generator=generator).tolist() if shuffle else list(range(len(inputs)))
-        counters = dict(handle.draft_counters)
+        before = handle.decode_stats.copy()
         calls_before = handle.stats.total.layer_calls
         learn_before = learner.stats.learn_seconds if learner else 0.0
         generated, start = 0, time.perf_counter()
@@ -326,7 +359,7 @@ def run_rounds(handle: Any, prompts: list[Any], *, rounds: int, max_new_tokens: 
             generated += out.shape[1] - ids.shape[1]
         seconds = time.perf_counter() - start
         fit = learner.consolidate() if learner else {}
-        delta = {k: handle.draft_counters[k] - counters.get(k, 0.0) for k in handle.draft_counters}
+        delta = handle.decode_stats - before
         rows.append({
             "round": round_index + 1,
             "generated_tokens": generated,
@@ -336,10 +369,10 @@ def run_rounds(handle: Any, prompts: list[Any], *, rounds: int, max_new_tokens: 
             # plain decoding makes num_layers of them; drafts make fewer, verification
             # makes num_layers per draft it checks.
             "layer_calls_per_token": (handle.stats.total.layer_calls - calls_before) / max(generated, 1),
-            "drafted": int(delta.get("drafted", 0)),
-            "accepted": int(delta.get("accepted", 0)),
-            "acceptance": delta.get("accepted", 0) / delta["drafted"] if delta.get("drafted") else 0.0,
-            "replayed": int(delta.get("replay_accepted", 0)),  # accepted tokens from practised sequences
+            "drafted": delta.drafted,
+            "accepted": delta.accepted,
+            "acceptance": delta.accepted / delta.drafted if delta.drafted else 0.0,
+            "replayed": delta.replay_accepted,  # accepted tokens from practised sequences
             "learn_seconds": (learner.stats.learn_seconds if learner else 0.0) - learn_before,
             "consolidate_seconds": fit.get("seconds", 0.0),
             "head_agreement": fit.get("agreement", {}),

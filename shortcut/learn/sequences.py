@@ -14,11 +14,10 @@ Lookup: the last ``KEY`` tokens select candidate positions (an n-gram index); am
 them the one whose preceding tokens agree with the text furthest back wins (the most
 recent sequence on a tie). The agreement sets the draft: below ``SHORT_MATCH`` tokens
 it is a ``PROBE`` of two tokens (a coincidence in new text is common, and verifying
-three tokens costs about what one does on a CPU: ``evals/bench_verify.py``), from there
+three tokens costs about what one does on a CPU: ``benchmarks/bench_verify.py``), from there
 on ``DRAFT_PER_MATCH`` tokens per agreeing token, up to the caller's limit. A probe that
-is accepted lengthens the agreement, so a rejoined practised stretch soon drafts long.
-Measured on SmolLM2 (README): novel prompts 0.98x plain with or without the memory,
-where drafting the full continuation after any three-token match cost 3-5%.
+is accepted lengthens the agreement, so a rejoined practised stretch soon drafts long
+(drafting the whole continuation after any short match slows novel text down).
 
 Fast mode asks for more than a match: :meth:`SequenceMemory.answer` gives what followed
 a prompt only when a sequence begins with exactly that prompt, and commits it unverified.
@@ -50,6 +49,9 @@ class SequenceMemory:
             raise ValueError(f"capacity={capacity} must be at least 1 token")
         self.capacity = capacity
         self.sequences: list[list[int]] = []
+        # Where each sequence's answer begins (its prompt's length); None where unknown
+        # (sequences loaded from a folder): :meth:`answer` trusts those as before.
+        self.starts: list[int | None] = []
         self._seen: set[int] = set()  # hashes of the held sequences (duplicates are skipped)
         self._index: dict[tuple[int, ...], list[tuple[int, int]]] = {}
         self._tokens = 0
@@ -59,16 +61,19 @@ class SequenceMemory:
 
     @property
     def tokens(self) -> int:
+        """Total number of tokens stored."""
         return self._tokens
 
-    def add(self, ids: Iterable[int]) -> bool:
-        """Store one sequence (token ids); returns whether it was new."""
+    def add(self, ids: Iterable[int], start: int | None = None) -> bool:
+        """Store one sequence (token ids) whose answer begins at ``start`` (the length of
+        the prompt it answered, if known); returns whether it was new."""
         seq = [int(t) for t in ids]
         key = hash(tuple(seq))
         if len(seq) <= KEY or key in self._seen:
             return False
         self._seen.add(key)
         self.sequences.append(seq)
+        self.starts.append(start)
         self._tokens += len(seq)
         if self._tokens > self.capacity:
             # Free a quarter of the capacity at once: the index is rebuilt once per quarter
@@ -80,12 +85,14 @@ class SequenceMemory:
                 self._tokens -= len(self.sequences[drop])
                 drop += 1
             del self.sequences[:drop]
+            del self.starts[:drop]
             self._reindex()
         else:
             self._index_one(len(self.sequences) - 1)
         return True
 
     def extend(self, sequences: Iterable[Iterable[int]]) -> None:
+        """Store each of ``sequences`` (see :meth:`add`)."""
         for seq in sequences:
             self.add(seq)
 
@@ -99,7 +106,7 @@ class SequenceMemory:
         candidates = self._index.get(tuple(ids[-KEY:]))
         if not candidates:
             return [], 0
-        best, best_match = None, 0
+        best, best_match = candidates[-1], 0  # every candidate matches at least KEY tokens
         for s, end in reversed(candidates[-MAX_CANDIDATES:]):
             seq = self.sequences[s]
             match = KEY
@@ -114,13 +121,17 @@ class SequenceMemory:
     def answer(self, prompt: list[int], limit: int) -> list[int]:
         """The practised answer to exactly ``prompt``: what followed it in the sequence
         that begins with all of it (the longest such continuation, at most ``limit``
-        tokens); ``[]`` when no sequence begins with ``prompt``."""
+        tokens); ``[]`` when no sequence begins with ``prompt``. A sequence whose own
+        prompt went on past ``prompt`` does not count: the tokens there were prompt, not
+        the model's answer to ``prompt``."""
         best: list[int] = []
         if limit <= 0 or len(prompt) < KEY:
             return best
         for s, end in self._index.get(tuple(prompt[-KEY:]), []):
             seq = self.sequences[s]
-            if end == len(prompt) and len(seq) - end > len(best) and seq[:end] == prompt:
+            start = self.starts[s]
+            if (end == len(prompt) and len(seq) - end > len(best) and (start is None or start <= end)
+                    and seq[:end] == prompt):
                 best = seq[end:end + limit]
         return best
 

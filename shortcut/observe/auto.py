@@ -4,7 +4,7 @@
 while learning, every ``generate`` call whose prompt it has not seen before leaves the
 residual stream at the observer layer of its full-path forwards (the prefill and each
 verification; the first position of a prompt, an attention sink, is left out as in
-:func:`~shortcut.observe.observer.collect_activations`) in a bounded buffer. Once
+:func:`~shortcut.observe.collect.collect_activations`) in a bounded buffer. Once
 ``min_tokens`` vectors are in, the call that filled it builds a seeded TopK SAE (a
 moment) and trains it in a background thread, so no ``generate`` call waits for the
 training; the training touches no global random state, so seeded sampling meanwhile is
@@ -12,8 +12,8 @@ unchanged. The next ``generate`` call after it finished attaches the observer
 (``Shortcut.attach_observer``), and the shallow path starts learning from then on.
 
 Default ``min_tokens``: 40,000. On SmolLM2-135M an observer-layer SAE trained on 41k
-vectors explains 0.948 of held-out variance, against 0.957 from 176k (table in
-:mod:`shortcut.observe.observer`): about 300 chat calls of 64 new tokens reach it, and
+vectors explains 0.948 of held-out variance, against 0.957 from 176k (``docs/benchmarks.md``,
+Observer): about 300 chat calls of 64 new tokens reach it, and
 the buffer holds ``min_tokens x width`` float16 values (47 MB at SmolLM2's width 576).
 A tenth of the vectors is held out to measure the SAE.
 """
@@ -28,7 +28,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .observer import Observer, _hidden_from_output, prepare_sae_training, sae_quality
+from ..capture import layer_output
+from .observer import Observer
+from .train import prepare_sae_training, sae_quality
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ class AutoObserver:
     Args:
         min_tokens: residual vectors collected before training starts (also the
             buffer's bound: collection stops there).
-        train_kwargs: passed to :func:`~shortcut.observe.observer.train_sae` (width
+        train_kwargs: passed to :func:`~shortcut.observe.train.train_sae` (width
             ``d_sae``, ``k``, ``steps``, ...; ``seed`` defaults to the handle's).
     """
 
@@ -96,7 +98,7 @@ class AutoObserver:
     def _capture(self, module: nn.Module, args: tuple, output: Any) -> None:
         if not self._armed:
             return
-        hidden = _hidden_from_output(output)
+        hidden = layer_output(output)
         if hidden.shape[0] != 1:
             return
         rows = hidden[0, 1:] if self._first else hidden[0]

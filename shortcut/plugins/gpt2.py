@@ -5,6 +5,7 @@ from shortcut.arch import ArchSpec, register_architecture
 
 
 def gpt2_kv(layer, hidden, position_embeddings):
+    """Keys/values of a gpt2 layer for ``hidden`` (no rotary embedding)."""
     attn = layer.attn
     x = layer.ln_1(hidden)
     width = attn.split_size

@@ -5,6 +5,7 @@ from shortcut.arch import ArchSpec, register_architecture, rotate_keys
 
 
 def gpt_neox_kv(layer, hidden, position_embeddings):
+    """Keys/values of a gpt_neox layer for ``hidden``, keys rotated."""
     attn = layer.attention
     x = layer.input_layernorm(hidden)
     qkv = attn.query_key_value(x).view(*x.shape[:-1], -1, 3 * attn.head_size).transpose(1, 2)

@@ -4,6 +4,7 @@ from shortcut.arch import ArchSpec, register_architecture, rotate_keys
 
 
 def phi3_kv(layer, hidden, position_embeddings):
+    """Keys/values of a phi3 layer for ``hidden`` (keys rotated), from the fused projection's key/value rows."""
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)
     kv_width = attn.num_key_value_heads * attn.head_dim

@@ -1,0 +1,1 @@
+"""When to exit early: the exit policy, the exit heads, and how the heads are fitted."""

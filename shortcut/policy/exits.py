@@ -16,10 +16,7 @@ Telling familiar from novel. Practice mostly shows the rule successes, so on its
 learns a high base rate and trusts every token. The policy therefore also keeps a
 memory of the signatures of practised tokens (a sparse matrix, like an episodic store)
 and a token counts as familiar only if its signature's cosine similarity to the nearest
-remembered one reaches ``min_familiarity``. Measured on SmolLM2 after 3 rounds on 6
-prompts (layer-6 SAE): 100% of exact-repeat tokens pass 0.9, 47% of near-duplicate
-tokens (72% of those agree with the full model at exit 7) and 17% of novel tokens; the
-delta rule alone passed 99% of novel tokens. The policy exits at the shallowest layer
+remembered one reaches ``min_familiarity``. The policy exits at the shallowest layer
 whose prediction reaches the threshold, for familiar tokens only.
 
 Sequences, not snapshots. The memory keeps signatures in the order they were practised,
@@ -28,11 +25,7 @@ memory rows the previous token matched (``after``), a token is familiar only if 
 resembles a signature that *followed* one of them: it continues a practised sequence.
 On text that only resembles the practised one (a reworded prompt whose answer diverges)
 single signatures still look familiar where the sequence has already left the practised
-path. Measured on SmolLM2 (layer-2 observer, width 4096, skills of 30 prompts x 5
-rounds; teacher-forced on 15 prompts per set, gate = familiar + policy + head
-confidence 0.3): single-token familiarity passed 61% of near-duplicate tokens with the
-layer-3 head right on 65% of them, and 33% of novel tokens (30% right); sequence
-familiarity passes 43% (79% right) and 11% of novel tokens; exact repeats 95% either way.
+path. (What each gate passes on SmolLM2: ``docs/findings.md``.)
 """
 
 from __future__ import annotations
@@ -42,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..observe.observer import Signature
+from ..observe import Signature
 
 
 @dataclass
@@ -126,7 +119,8 @@ class ExitPolicy:
         indices, activity = self._activity(sig)
         indices, activity = indices.reshape(-1, indices.shape[-1]), activity.reshape(-1, activity.shape[-1])
         if self.memory_indices.numel() == 0:
-            self.memory_indices, self.memory_values = indices[-self.memory_size:].clone(), activity[-self.memory_size:].clone()
+            self.memory_indices = indices[-self.memory_size:].clone()
+            self.memory_values = activity[-self.memory_size:].clone()
             self.memory_start += max(0, indices.shape[0] - self.memory_size)
         else:
             self.memory_start += max(0, self.memory_len + indices.shape[0] - self.memory_size)
@@ -142,6 +136,7 @@ class ExitPolicy:
 
     @property
     def memory_len(self) -> int:
+        """Number of signatures in the memory."""
         return int(self.memory_indices.shape[0])
 
     def _matrix(self) -> torch.Tensor:
@@ -253,6 +248,7 @@ class ExitPolicy:
 
     # -- persistence --------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The learned tensors and exit layers, for safetensors."""
         return {
             "weights": self.weights, "bias": self.bias, "trials": self.trials,
             "agreements": self.agreements, "feature_counts": self.feature_counts,
@@ -262,6 +258,7 @@ class ExitPolicy:
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a :meth:`state_dict`; ``ValueError`` if its exit layers or width differ."""
         layers = state["exit_layers"].tolist()
         if layers != self.exit_layers or state["weights"].shape != self.weights.shape:
             raise ValueError(
@@ -278,7 +275,7 @@ class ExitPolicy:
             self.memory_values = state["memory_values"].float()
             self._memory_matrix = None
 
-    def merge(self, other: "ExitPolicy") -> None:
+    def merge(self, other: ExitPolicy) -> None:
         """Add another worker's practice: evidence-weighted average of the weights,
         summed counts."""
         if other.exit_layers != self.exit_layers or other.weights.shape != self.weights.shape:
@@ -286,8 +283,11 @@ class ExitPolicy:
         n_self, n_other = self.trials[:, None], other.trials[:, None]
         total = n_self + n_other
         seen = total > 0  # layers neither worker tried keep their values
-        self.weights = torch.where(seen, (self.weights * n_self + other.weights * n_other) / total.clamp_min(1), self.weights)
-        self.bias = torch.where(seen[:, 0], (self.bias * n_self[:, 0] + other.bias * n_other[:, 0]) / total[:, 0].clamp_min(1), self.bias)
+        self.weights = torch.where(seen, (self.weights * n_self + other.weights * n_other) / total.clamp_min(1),
+                                   self.weights)
+        self.bias = torch.where(seen[:, 0],
+                                (self.bias * n_self[:, 0] + other.bias * n_other[:, 0]) / total[:, 0].clamp_min(1),
+                                self.bias)
         self.trials += other.trials
         self.agreements += other.agreements
         self.feature_counts += other.feature_counts

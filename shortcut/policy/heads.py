@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterable, Literal, Mapping, NamedTuple
+from collections.abc import Iterable, Mapping
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..arch import ModelParts, resolve
+from ..capture import StateCapture
+from .fit import TranslatorFit, adam
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +57,6 @@ class Prediction(NamedTuple):
 
 def _parts_of(model_or_parts: nn.Module | ModelParts) -> ModelParts:
     return model_or_parts if isinstance(model_or_parts, ModelParts) else resolve(model_or_parts)
-
-
-def _last_hidden(output: object) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output  # type: ignore[index,return-value]
 
 
 class ExitHeads(nn.Module):
@@ -94,9 +93,11 @@ class ExitHeads(nn.Module):
             raise ValueError("ExitHeads needs at least one exit layer")
         bad = [layer for layer in layers if not 0 <= layer <= self.num_layers]
         if bad:
-            raise ValueError(f"exit layers {bad} are outside 0..{self.num_layers} (the model has {self.num_layers} layers)")
+            raise ValueError(
+                f"exit layers {bad} are outside 0..{self.num_layers} (the model has {self.num_layers} layers)"
+            )
         # Borrowed, not registered: keeps base weights out of state_dict/parameters().
-        self._base: tuple[nn.Module, nn.Module] = (parts.final_norm, parts.unembed)
+        self._base: tuple[nn.Module, nn.Linear] = (parts.final_norm, parts.unembed)
         self.translators = nn.ModuleDict()
         for layer in layers:
             lin = nn.Linear(self.width, self.width, device=weight.device, dtype=weight.dtype)
@@ -110,7 +111,7 @@ class ExitHeads(nn.Module):
 
     # -- construction / persistence ---------------------------------------------------
     @classmethod
-    def from_state_dict(cls, model_or_parts: nn.Module | ModelParts, state: Mapping[str, torch.Tensor]) -> "ExitHeads":
+    def from_state_dict(cls, model_or_parts: nn.Module | ModelParts, state: Mapping[str, torch.Tensor]) -> ExitHeads:
         """Rebuild heads saved with ``state_dict()`` (e.g. via safetensors) for ``model``."""
         layers = sorted({int(k.split(".")[1]) for k in state if k.startswith("translators.")})
         if not layers:
@@ -119,13 +120,15 @@ class ExitHeads(nn.Module):
         heads.load_state_dict(dict(state))
         return heads
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[override]
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
         key = prefix + "shortlist"
         if key in state_dict:
             # Resize first: a saved shortlist has its own length.
             self.shortlist = torch.empty_like(state_dict[key], dtype=torch.long, device=self.shortlist.device)
             self._short_cache = None
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # -- introspection ----------------------------------------------------------------
     @property
@@ -135,10 +138,12 @@ class ExitHeads(nn.Module):
 
     @property
     def final_norm(self) -> nn.Module:
+        """The base model's final norm (borrowed: not in the heads' parameters)."""
         return self._base[0]
 
     @property
-    def unembed(self) -> nn.Module:
+    def unembed(self) -> nn.Linear:
+        """The base model's unembedding (borrowed: not in the heads' parameters)."""
         return self._base[1]
 
     def _translator(self, layer: int) -> nn.Linear:
@@ -149,7 +154,9 @@ class ExitHeads(nn.Module):
 
     def _check_hidden(self, hidden: torch.Tensor, what: str = "hidden") -> None:
         if hidden.dim() == 0 or hidden.shape[-1] != self.width:
-            raise ValueError(f"{what} width {tuple(hidden.shape)[-1:] or '()'} does not match the model width {self.width}")
+            raise ValueError(
+                f"{what} width {tuple(hidden.shape)[-1:] or '()'} does not match the model width {self.width}"
+            )
 
     def head_cost(self, layer: int) -> dict[str, int]:
         """Parameters read per token by the head at ``layer``.
@@ -193,7 +200,8 @@ class ExitHeads(nn.Module):
         at each of those positions. Returns how many ids were new."""
         parts = [self.shortlist.cpu()]
         if token_ids is not None:
-            parts.append(torch.as_tensor(token_ids if isinstance(token_ids, torch.Tensor) else list(token_ids)).reshape(-1).long().cpu())
+            ids = torch.as_tensor(token_ids if isinstance(token_ids, torch.Tensor) else list(token_ids))
+            parts.append(ids.reshape(-1).long().cpu())
         if final_hidden is not None and top_k > 0:
             self._check_hidden(final_hidden, "final_hidden")
             h = final_hidden.reshape(-1, self.width)
@@ -225,6 +233,7 @@ class ExitHeads(nn.Module):
         """``h + W h + b`` for the head at ``layer``."""
         lin = self._translator(layer)
         self._check_hidden(hidden)
+        hidden = hidden.to(lin.weight.dtype)  # replayed states are float32, a model may run in bf16/fp16
         return hidden + F.linear(hidden, lin.weight, lin.bias)
 
     def logits(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -257,7 +266,8 @@ class ExitHeads(nn.Module):
         return Prediction(idx, conf)
 
     @torch.no_grad()
-    def kl(self, layer: int, hidden: torch.Tensor, final_hidden: torch.Tensor, *, vocab: Literal["full", "shortlist"] = "full") -> float:
+    def kl(self, layer: int, hidden: torch.Tensor, final_hidden: torch.Tensor, *,
+           vocab: Literal["full", "shortlist"] = "full") -> float:
         """Mean KL(full model || head) per token at ``layer`` over ``vocab``."""
         self._check_hidden(hidden)
         self._check_hidden(final_hidden, "final_hidden")
@@ -382,27 +392,10 @@ class ExitHeads(nn.Module):
                 cached_targets = None
                 if n * width * 4 <= _TARGET_CACHE_BYTES:
                     cached_targets = torch.cat([score(c).float().log_softmax(-1) for c in normed_final.split(1024)])
-            # Scale-free parametrisation: W = r V diag(1/s), b = r c, trained on inputs
-            # h / s, with s the per-dimension RMS of the replayed states and r their
-            # median per-token RMS. A few residual dimensions are 10-100x larger than
-            # the rest (attention sinks), which makes plain Adam on W slow and
-            # unstable, and r makes ``lr`` a relative step size whatever the model's
-            # hidden-state scale.
-            scales, radii, inputs, weights, biases = {}, {}, {}, {}, {}
-            with torch.no_grad():
-                for layer in layers:
-                    lin = self._translator(layer)
-                    x = xs[layer].float()
-                    if precondition:
-                        s = x.pow(2).mean(0).sqrt().clamp_min(1e-8)
-                        r = x.pow(2).mean(1).sqrt().median().clamp_min(1e-8)
-                    else:
-                        s, r = torch.ones(self.width, device=device), torch.ones((), device=device)
-                    scales[layer], radii[layer] = s, r
-                    inputs[layer] = x / s
-                    weights[layer] = (lin.weight.float() * s / r).requires_grad_(True)
-                    biases[layer] = (lin.bias.float() / r).requires_grad_(True)
-            opt = _adam([*weights.values(), *biases.values()], lr=lr, weight_decay=weight_decay)
+            # One parametrisation with shortcut-finetune (policy/fit.py): rescaled so that
+            # attention-sink dimensions do not dominate the steps.
+            module = TranslatorFit(self, xs, layers=layers, precondition=precondition).to(device)
+            opt = adam(list(module.parameters()), lr=lr, weight_decay=weight_decay)
             sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if schedule == "cosine"
                      else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
             gen = torch.Generator().manual_seed(seed)
@@ -421,26 +414,13 @@ class ExitHeads(nn.Module):
                         with torch.no_grad():
                             target = score(normed_final[idx]).float().log_softmax(-1)
                     opt.zero_grad(set_to_none=True)
-                    hard_target = target.argmax(-1) if hard_weight else None
-                    total = 0.0
-                    for layer in layers:
-                        h = xs[layer][idx]
-                        delta = F.linear(inputs[layer][idx], weights[layer], biases[layer]).to(dtype) * radii[layer]
-                        logits = score(self.final_norm(h + delta))
-                        logp = logits.float().log_softmax(-1)
-                        loss = F.kl_div(logp, target, log_target=True, reduction="batchmean")
-                        if hard_target is not None:
-                            loss = loss + hard_weight * F.nll_loss(logp, hard_target)
-                        total = total + loss
+                    total, losses = module({layer: xs[layer][idx] for layer in layers}, target, score, hard_weight)
+                    for layer, loss in losses.items():
                         history[layer].append(float(loss.detach()))
-                    total.backward()  # type: ignore[union-attr]
+                    total.backward()
                     opt.step()
                     sched.step()
-            with torch.no_grad():
-                for layer in layers:
-                    lin = self._translator(layer)
-                    lin.weight.copy_(weights[layer] * radii[layer] / scales[layer])
-                    lin.bias.copy_(biases[layer] * radii[layer])
+            module.write_to(self)
         finally:
             for p, flag in zip(base_params, flags):
                 p.requires_grad_(flag)
@@ -448,15 +428,6 @@ class ExitHeads(nn.Module):
                     layers, n, vocab, steps, time.perf_counter() - start,
                     {layer: round(h[-1], 3) for layer, h in history.items()})
         return history
-
-
-def _adam(params: list[torch.Tensor], **kwargs: float) -> torch.optim.Optimizer:
-    """Fused Adam where the device supports it (4x faster per step on CPU here: the
-    unfused update was 40% of a fit step), else the default implementation."""
-    try:
-        return torch.optim.Adam(params, fused=True, **kwargs)
-    except (RuntimeError, ValueError, TypeError):
-        return torch.optim.Adam(params, **kwargs)
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
@@ -493,46 +464,23 @@ def collect_states(
         (``LongTensor[T']``), with ``T'`` the number of unpadded positions.
     """
     parts = parts or resolve(model)
-    layers = sorted({int(layer) for layer in layers})
-    bad = [layer for layer in layers if not 0 <= layer <= parts.num_layers]
-    if bad:
-        raise ValueError(f"layers {bad} are outside 0..{parts.num_layers} (the model has {parts.num_layers} layers)")
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
         if attention_mask is not None and attention_mask.dim() == 1:
             attention_mask = attention_mask.unsqueeze(0)
     if input_ids.numel() == 0:
         raise ValueError("input_ids is empty")
-    captured: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def pre_hook(layer: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured[layer] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
-        return hook
-
-    def post_hook(key: int):
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
-            captured[key] = _last_hidden(output).detach().clone()
-        return hook
-
-    final_key = -1
-    try:
-        for layer in layers:
-            if layer < parts.num_layers:
-                handles.append(parts.layers[layer].register_forward_pre_hook(pre_hook(layer), with_kwargs=True))
-            else:
-                handles.append(parts.layers[-1].register_forward_hook(post_hook(layer)))
-        handles.append(parts.layers[-1].register_forward_hook(post_hook(final_key)))
+    # num_layers itself is always captured: the final hidden state is the fit's target.
+    with StateCapture(parts, [*layers, parts.num_layers], keep=lambda t: t.detach().clone()) as capture:
         device = next(model.parameters()).device
         kwargs = {} if attention_mask is None else {"attention_mask": attention_mask.to(device)}
         out = model(input_ids=input_ids.to(device), use_cache=False, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [layer for layer in [*layers, final_key] if layer not in captured]
+    captured = capture.states
+    layers = sorted({int(layer) for layer in layers})
+    missing = [layer for layer in capture.layers if layer not in captured]
     if missing:
         raise RuntimeError(f"no hidden state was captured at layers {missing}; did the forward skip them?")
+    final_key = parts.num_layers
     keep = (attention_mask.reshape(-1).bool().to(device) if attention_mask is not None
             else torch.ones(input_ids.numel(), dtype=torch.bool, device=device))
     width = captured[final_key].shape[-1]

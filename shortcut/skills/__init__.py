@@ -1,0 +1,1 @@
+"""Skills folders: saving, loading, checking, merging and summarising what a handle learned."""

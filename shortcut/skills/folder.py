@@ -8,24 +8,38 @@ Layout::
       observers/layer_N/     one sae-lens SAE folder per observed layer
       *.safetensors          learned tensors (exit heads, policy statistics)
 
-No pickles and no base-model weights. A folder is written next to its destination and
-renamed into place, so a failed save leaves nothing half-written.
+No pickles and no base-model weights. Folders are written with
+:func:`shortcut.atomic.replace_folder`: a failed or killed save leaves the old folder or
+the new one complete, never a mix.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..arch import ModelParts
+from ..atomic import recover, replace_folder
 from ..config import ShortcutConfig
+from .validate import (
+    SkillsFileError,
+    check_adapter,
+    check_heads,
+    check_policy,
+    expect_object,
+    inside,
+    read_json,
+    read_tensors,
+    regular_file,
+    token_lists,
+)
 
 HEADS_FILE = "heads.safetensors"
 POLICY_FILE = "policy.safetensors"
@@ -34,6 +48,8 @@ ADAPTER_DIR = "adapter"  # a peft (LoRA) adapter from ``shortcut-finetune --leve
 
 FORMAT_VERSION = 1
 MANIFEST = "shortcut.json"
+# Manifest entries that name a file or folder inside the skills folder.
+PATH_FIELDS = ("config", "observer", "heads", "policy", "replay_log", "adapter")
 
 
 class SkillsMismatchError(ValueError):
@@ -62,6 +78,7 @@ def fingerprint(model: nn.Module, parts: ModelParts) -> dict[str, Any]:
 
 
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], folder: Path) -> None:
+    """Raise :class:`SkillsMismatchError` naming the differences if the fingerprints differ."""
     if saved != current:
         diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
         raise SkillsMismatchError(
@@ -77,59 +94,58 @@ def write_atomically(folder: str | Path, fill: Callable[[Path], None], *, overwr
     (has a manifest) and ``overwrite`` is true; anything else there is refused, unless
     the caller already ``checked`` that replacing it is what the user asked for."""
     folder = Path(folder)
+    recover(folder)
     if folder.exists() and not checked:
         if not folder.is_dir():
             raise FileExistsError(f"{folder} exists and is not a folder")
         if any(folder.iterdir()):
             if not (folder / MANIFEST).exists():
-                raise FileExistsError(f"{folder} is not empty and is not a shortcut skills folder; refusing to overwrite it")
+                raise FileExistsError(
+                    f"{folder} is not empty and is not a shortcut skills folder; refusing to overwrite it"
+                )
             if not overwrite:
                 raise FileExistsError(f"{folder} already holds skills; pass overwrite=True to replace them")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        fill(tmp)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return replace_folder(folder, fill)
 
 
 def write_manifest(folder: Path, fingerprint_: dict[str, Any], contents: dict[str, Any]) -> None:
+    """Write the folder's ``manifest.json``: format version, base model fingerprint, contents."""
     manifest = {"format_version": FORMAT_VERSION, "base_model": fingerprint_, "contents": contents}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The folder's manifest, checked: a json object with this format version, a
+    ``base_model`` fingerprint object and ``contents`` naming files inside the folder."""
     folder = Path(folder)
+    recover(folder)  # an interrupted save leaves the old folder complete beside this name
     path = folder / MANIFEST
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{folder} is not a shortcut skills folder: {MANIFEST} is missing")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is corrupted: {err}") from err
+        manifest = expect_object(read_json(path, "manifest"), path, "the manifest")
+    except SkillsFileError as err:
+        raise SkillsFileError(f"{err} (the manifest is corrupted)") from err
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path} has format_version {version!r}; this shortcut reads {FORMAT_VERSION}")
+        raise SkillsFileError(f"{path}: format_version {version!r}; this shortcut reads {FORMAT_VERSION}")
+    expect_object(manifest.get("base_model"), path, "field 'base_model'")
+    contents = expect_object(manifest.get("contents", {}), path, "field 'contents'")
+    for key in PATH_FIELDS:
+        if key in contents:
+            inside(folder, contents[key], f"contents.{key}")
     return manifest
 
 
 def merge_adapter(model: nn.Module, folder: Path) -> None:
     """Merge the peft adapter saved in ``folder`` into ``model``'s weights, in place
-    (``requires_grad`` flags are kept as they were)."""
+    (``requires_grad`` flags are kept as they were). The adapter is checked against the
+    model first (:func:`validate.check_adapter`), so a bad one leaves the model as it was."""
     from peft import PeftModel
 
-    if not (folder / "adapter_config.json").is_file():
+    if not (folder / "adapter_config.json").exists():
         raise FileNotFoundError(f"{folder} is not a peft adapter folder: adapter_config.json is missing")
+    check_adapter(folder, model)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
     for name, param in model.named_parameters():
@@ -141,7 +157,7 @@ def save_learned(folder: Path, learner: Any, fingerprint_: dict[str, Any]) -> di
     sequences) of ``learner`` into ``folder``."""
     from safetensors.torch import save_file
 
-    from ..observe.observer import save_observer
+    from ..observe import save_observer
 
     observer = learner.observer
     rel = f"observers/layer_{observer.layer}"
@@ -160,57 +176,85 @@ def save_replay_log(folder: Path, experience: Any) -> dict[str, Any]:
     return {"replay_log": REPLAY_LOG}
 
 
-def load_replay_log(folder: Path, manifest: dict[str, Any]) -> tuple[list[list[int]], list[list[int]]]:
-    """The practised prompts and sequences :func:`save_replay_log` wrote (empty lists
-    when the folder has no replay log)."""
-    path = folder / manifest.get("contents", {}).get("replay_log", REPLAY_LOG)
-    if not path.is_file():
-        return [], []
-    try:
-        log = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is corrupted: {err}") from err
-    if not isinstance(log, dict):
-        raise ValueError(f"{path} must hold a json object with 'prompts' and 'sequences', got {type(log).__name__}")
-    return log.get("prompts", []), log.get("sequences", [])
+def load_replay_log(folder: Path, manifest: dict[str, Any], vocab_size: int) -> tuple[list[list[int]], list[list[int]]]:
+    """The practised prompts and sequences :func:`save_replay_log` wrote, checked
+    (token ids below ``vocab_size``); empty lists when the folder has no replay log."""
+    contents = manifest.get("contents", {})
+    log_path = inside(folder, contents.get("replay_log", REPLAY_LOG), "contents.replay_log")
+    log = expect_object(read_json(log_path, "replay log"), log_path, "the replay log") if log_path.exists() else {}
+    practised = token_lists(log.get("prompts", []), vocab_size, log_path, "field 'prompts'")
+    sequences = token_lists(log.get("sequences", []), vocab_size, log_path, "field 'sequences'")
+    return practised, sequences
+
+
+@dataclass
+class Skills:
+    """What a skills folder holds besides its config, checked and built, attached to
+    no model yet."""
+
+    observer: Any
+    heads: Any
+    policy: Any
+    practised: list[list[int]] = field(default_factory=list)  # the replay log's prompts
+    sequences: list[list[int]] = field(default_factory=list)  # practised sequences
 
 
 def load_config(folder: Path, manifest: dict[str, Any]) -> ShortcutConfig:
     """The :class:`ShortcutConfig` saved in a skills folder (defaults if it has none)."""
-    path = folder / manifest.get("contents", {}).get("config", "config.json")
-    return ShortcutConfig.load(path) if path.is_file() else ShortcutConfig()
+    relative = manifest.get("contents", {}).get("config", "config.json")
+    path = inside(folder, relative, "contents.config")
+    if not path.exists():
+        return ShortcutConfig()
+    data = expect_object(read_json(path, "config"), path, "the config")
+    try:
+        return ShortcutConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise SkillsFileError(f"{path}: {err}") from err
 
 
 def load_learned(folder: Path, manifest: dict[str, Any], parts: ModelParts, fingerprint_: dict[str, Any],
-                 config: ShortcutConfig | None = None):
-    """Read what :func:`save_learned` wrote; ``None`` when the folder holds no observer
-    (config, perhaps a replay log: :func:`load_replay_log` reads that).
+                 config: ShortcutConfig | None = None) -> Skills | None:
+    """Read and check what :func:`save_learned` wrote; ``None`` when the folder holds no
+    observer (config, perhaps a replay log: :func:`load_replay_log` reads that). Every file is validated against ``parts`` (widths, depth, vocabulary)
+    before anything is built from it.
 
     The policy's settings that are not learned tensors (its exit threshold) come from
     ``config``, by default the folder's own ``config.json``."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
-    from ..policy.heads import ExitHeads
-    from ..observe.observer import load_observer
+    from ..observe import load_observer
     from ..policy.exits import ExitPolicy
+    from ..policy.heads import ExitHeads
 
     contents = manifest.get("contents", {})
     if "observer" not in contents:
         return None
     width = int(parts.unembed.weight.shape[1])
-    observer = load_observer(folder / contents["observer"], d_model=width, n_layers=parts.num_layers,
-                             expected_fingerprint=fingerprint_)
+    vocab_size = int(parts.unembed.weight.shape[0])
+    observer_dir = inside(folder, contents["observer"], "contents.observer")
+    for name in ("cfg.json", "sae_weights.safetensors", "shortcut_observer.json"):
+        regular_file(observer_dir / name, f"observer file {name}")
     try:
-        heads_state = load_file(str(folder / contents["heads"]))
-        policy_state = load_file(str(folder / contents["policy"]))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{folder}: cannot read learned tensors ({err})") from err
+        observer = load_observer(observer_dir, d_model=width, n_layers=parts.num_layers,
+                                 expected_fingerprint=fingerprint_)
+    except SkillsMismatchError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError) as err:
+        raise SkillsFileError(f"{observer_dir}: the observer is malformed ({type(err).__name__}: {err})") from err
+    heads_path = inside(folder, contents.get("heads", HEADS_FILE), "contents.heads")
+    heads_state = read_tensors(heads_path, "exit heads")
+    check_heads(heads_state, heads_path, width=width, vocab_size=vocab_size, num_layers=parts.num_layers)
+    policy_path = inside(folder, contents.get("policy", POLICY_FILE), "contents.policy")
+    policy_state = read_tensors(policy_path, "policy")
+    layers = check_policy(policy_state, policy_path, d_sae=observer.d_sae, num_layers=parts.num_layers)
     heads = ExitHeads.from_state_dict(parts, heads_state)
+    if sorted(heads.layers) != layers:
+        raise SkillsFileError(
+            f"{heads_path}: heads at layers {list(heads.layers)} but the policy decides over {layers}"
+        )
     if config is None:
         config = load_config(folder, manifest)
-    policy = ExitPolicy([int(x) for x in policy_state["exit_layers"].tolist()], observer.d_sae,
-                        threshold=config.policy_threshold)
+    policy = ExitPolicy(layers, observer.d_sae, threshold=config.policy_threshold)
     policy.load_state_dict(policy_state)
-    prompts, sequences = load_replay_log(folder, manifest)
-    return observer, heads, policy, prompts, sequences
+    practised, sequences = load_replay_log(folder, manifest, vocab_size)
+    return Skills(observer, heads, policy, practised, sequences)

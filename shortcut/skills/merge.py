@@ -18,11 +18,21 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..policy.exits import ExitPolicy
 from ..learn.sequences import SequenceMemory
-from .folder import HEADS_FILE, POLICY_FILE, REPLAY_LOG, read_manifest, write_atomically, write_manifest
+from ..policy.exits import ExitPolicy
+from .folder import HEADS_FILE, MANIFEST, POLICY_FILE, REPLAY_LOG, read_manifest, write_atomically, write_manifest
+from .validate import (
+    SkillsFileError,
+    check_heads,
+    check_policy,
+    expect_object,
+    inside,
+    read_json,
+    read_tensors,
+    token_lists,
+)
 
 
 def _digest(path: Path) -> str:
@@ -58,15 +68,30 @@ def merge_skills(folders: list[Path], output: Path, *, overwrite: bool = False) 
         raise ValueError("the folders use different observers (SAE weights differ): their signatures do not mix")
 
     policies, heads_states, practised, sequences = [], [], [], SequenceMemory()  # it drops duplicates
-    for folder in folders:
-        state = load_file(str(folder / POLICY_FILE))
-        policy = ExitPolicy([int(x) for x in state["exit_layers"].tolist()], state["weights"].shape[1])
+    sizes = {k: base.get(k) for k in ("hidden_size", "vocab_size", "num_layers")}
+    if not all(type(v) is int and v > 0 for v in sizes.values()):
+        raise SkillsFileError(f"{folders[0] / MANIFEST}: field 'base_model' lacks positive integer sizes: {sizes}")
+    for folder, manifest in zip(folders, manifests):
+        contents = manifest["contents"]
+        cfg_path = inside(folder, contents["observer"], "contents.observer") / "cfg.json"
+        d_sae = expect_object(read_json(cfg_path, "SAE config"), cfg_path, "the SAE config").get("d_sae")
+        if type(d_sae) is not int or d_sae < 1:
+            raise SkillsFileError(f"{cfg_path}: field 'd_sae' must be a positive integer, got {d_sae!r}")
+        policy_path = inside(folder, contents.get("policy", POLICY_FILE), "contents.policy")
+        state = read_tensors(policy_path, "policy")
+        layers = check_policy(state, policy_path, d_sae=d_sae, num_layers=sizes["num_layers"])
+        policy = ExitPolicy(layers, d_sae)
         policy.load_state_dict(state)
         policies.append(policy)
-        heads_states.append(load_file(str(folder / HEADS_FILE)))
-        log = json.loads((folder / REPLAY_LOG).read_text()) if (folder / REPLAY_LOG).is_file() else {}
-        practised.extend(log.get("prompts", []))
-        sequences.extend(log.get("sequences", []))
+        heads_path = inside(folder, contents.get("heads", HEADS_FILE), "contents.heads")
+        heads_state = read_tensors(heads_path, "exit heads")
+        check_heads(heads_state, heads_path, width=sizes["hidden_size"], vocab_size=sizes["vocab_size"],
+                    num_layers=sizes["num_layers"])
+        heads_states.append(heads_state)
+        log_path = inside(folder, contents.get("replay_log", REPLAY_LOG), "contents.replay_log")
+        log = expect_object(read_json(log_path, "replay log"), log_path, "the replay log") if log_path.exists() else {}
+        practised.extend(token_lists(log.get("prompts", []), sizes["vocab_size"], log_path, "field 'prompts'"))
+        sequences.extend(token_lists(log.get("sequences", []), sizes["vocab_size"], log_path, "field 'sequences'"))
     tokens = torch.tensor([float(p.trials.max()) for p in policies])
     share = tokens / tokens.sum() if tokens.sum() > 0 else torch.full_like(tokens, 1 / len(tokens))
     merged_heads = {}

@@ -3,22 +3,33 @@ and optionally the observer's share of decode time measured on the base model.""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from .folder import read_manifest
+from .validate import (
+    SkillsFileError,
+    check_heads,
+    check_policy,
+    expect_object,
+    inside,
+    read_json,
+    read_tensors,
+    token_lists,
+)
 
 
-def _replay_log_line(folder: Path, contents: dict) -> str:
-    log = folder / contents.get("replay_log", "replay_log.json")
-    if not log.is_file():
+def _replay_log_line(folder: Path, contents: dict, vocab_size: int) -> str:
+    """The replay log's line of the report (checked as loading checks it); ``""`` when
+    the folder has none."""
+    log = inside(folder, contents.get("replay_log", "replay_log.json"), "contents.replay_log")
+    if not log.exists():
         return ""
-    replay = json.loads(log.read_text())
-    sequences = replay.get("sequences", [])
-    return (f"  replay log: {len(replay['prompts'])} practised prompts, {len(sequences)} practised sequences "
+    replay = expect_object(read_json(log, "replay log"), log, "the replay log")
+    prompts = token_lists(replay.get("prompts", []), vocab_size, log, "field 'prompts'")
+    sequences = token_lists(replay.get("sequences", []), vocab_size, log, "field 'sequences'")
+    return (f"  replay log: {len(prompts)} practised prompts, {len(sequences)} practised sequences "
             f"({sum(len(s) for s in sequences)} tokens) that lossless drafts replay")
 
 
@@ -27,19 +38,30 @@ def describe(folder: Path, *, top: int = 10) -> str:
     manifest = read_manifest(folder)
     base = manifest["base_model"]
     contents = manifest.get("contents", {})
-    config = json.loads((folder / contents.get("config", "config.json")).read_text())
+    config_path = inside(folder, contents.get("config", "config.json"), "contents.config")
+    config = expect_object(read_json(config_path, "config"), config_path, "the config")
+    sizes = {k: base.get(k) for k in ("hidden_size", "vocab_size", "num_layers")}
+    if not all(type(v) is int and v > 0 for v in sizes.values()):
+        raise SkillsFileError(f"{folder}: the manifest's base_model lacks positive integer sizes: {sizes}")
     lines = [
         f"skills folder {folder}",
         f"  base model: {base['model_type']}, {base['num_layers']} layers, width {base['hidden_size']}, "
         f"weights sha256 {base['weights_sha256'][:12]}",
-        f"  mode {config['mode']}, observer layers {config['observer_layers']}, exit layers {config['exit_layers']}",
+        f"  mode {config.get('mode')}, observer layers {config.get('observer_layers')}, "
+        f"exit layers {config.get('exit_layers')}",
     ]
     if "observer" not in contents:
-        log = _replay_log_line(folder, contents)
+        log = _replay_log_line(folder, contents, sizes["vocab_size"])
         lines.append(f"  no observer yet (no shallow path);{log[1:]}" if log else "  nothing learned yet (config only)")
         return "\n".join(lines)
-    meta_path = folder / contents["observer"] / "shortcut_observer.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    observer_dir = inside(folder, contents["observer"], "contents.observer")
+    meta_path = observer_dir / "shortcut_observer.json"
+    meta = expect_object(read_json(meta_path, "observer metadata"), meta_path, "the observer metadata") \
+        if meta_path.exists() else {}
+    cfg_path = observer_dir / "cfg.json"
+    d_sae = expect_object(read_json(cfg_path, "SAE config"), cfg_path, "the SAE config").get("d_sae")
+    if type(d_sae) is not int or d_sae < 1:
+        raise SkillsFileError(f"{cfg_path}: field 'd_sae' must be a positive integer, got {d_sae!r}")
     quality = meta.get("quality") or {}
     if quality:
         width = quality.get("d_sae")
@@ -48,13 +70,18 @@ def describe(folder: Path, *, top: int = 10) -> str:
             f"{quality.get('fve', float('nan')):.3f}, mean L0 {quality.get('l0', float('nan')):.1f}, "
             f"dead {100 * quality.get('dead_fraction', float('nan')):.1f}%"
         )
-    policy = load_file(str(folder / contents["policy"]))
-    heads = load_file(str(folder / contents["heads"]))
+    policy_path = inside(folder, contents.get("policy", "policy.safetensors"), "contents.policy")
+    policy = read_tensors(policy_path, "policy")
+    check_policy(policy, policy_path, d_sae=d_sae, num_layers=sizes["num_layers"])
+    heads_path = inside(folder, contents.get("heads", "heads.safetensors"), "contents.heads")
+    heads = read_tensors(heads_path, "exit heads")
+    check_heads(heads, heads_path, width=sizes["hidden_size"], vocab_size=sizes["vocab_size"],
+                num_layers=sizes["num_layers"])
     layers = policy["exit_layers"].tolist()
     trials, agreements = policy["trials"], policy["agreements"]
     bias = torch.sigmoid(policy["bias"])
     lines.append(f"  practised tokens seen: {int(trials.max()) if len(trials) else 0}; "
-                 f"shortlist {heads['shortlist'].numel()} tokens")
+                 f"shortlist {heads['shortlist'].numel() if 'shortlist' in heads else 0} tokens")
     decisions = policy.get("decisions", torch.zeros(len(layers) + 1))
     total = float(decisions.sum())
     chosen = [f"{100 * float(d) / total:.1f}%" if total else "-" for d in decisions]
@@ -70,7 +97,7 @@ def describe(folder: Path, *, top: int = 10) -> str:
     lines.append(f"  SAE features most associated with the shallowest exit (layer {layers[0]}):")
     lines.append("    " + ", ".join(f"#{int(f)} (w={float(w):.2f}, seen {int(counts[f])}x)"
                                    for w, f in zip(strongest.values, strongest.indices) if w > 0) or "    none yet")
-    log = _replay_log_line(folder, contents)
+    log = _replay_log_line(folder, contents, sizes["vocab_size"])
     if log:
         lines.append(log)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
