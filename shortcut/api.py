@@ -250,9 +250,10 @@ class Shortcut:
         sequences = experience.sequences if self.config.replay_sequences else None
         # generate hands custom_generate no streamer or tokenizer: see custom_generate_kwargs.
         kwargs, stream = custom_generate_kwargs(self.model, kwargs)
-        collect = auto is not None and self.config.learn and prompt is not None
-        if collect:
-            auto.begin_call(prompt)
+        collector = None  # collects this call's residuals for the observer being learned
+        if auto is not None and self.config.learn and prompt is not None:
+            collector = auto
+            collector.begin_call(prompt)
         trail = None
         if learner is not None:
             trail = Trail(learner.observer, learner.policy, self.parts.layers[learner.signature_layer],
@@ -287,8 +288,8 @@ class Shortcut:
         finally:
             if trail is not None:
                 trail.close()
-            if collect:
-                auto.end_call(self.config.seed)
+            if collector is not None:
+                collector.end_call(self.config.seed)
             if stream is not None:  # ended once by the loop; here only when something raised first
                 stream.end()
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import shortcut
-from shortcut.observe.auto import AutoObserver
 from shortcut.observe import Observer, collect_activations, train_sae
+from shortcut.observe.auto import AutoObserver
 from shortcut.skills.summary import describe
 
 from .conftest import make_tiny

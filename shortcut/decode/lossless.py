@@ -278,8 +278,11 @@ class ShallowDrafter:
         self.runtime = runtime
         self.heads = heads
         self.trail = trail
-        self.step = None if observer is None else DraftStep(observer, policy, trail, heads=heads,
-                                                            min_confidence=min_confidence)
+        self.step: DraftStep | None = None
+        if observer is not None:
+            if heads is None or policy is None or trail is None:
+                raise ValueError("a drafter with an observer needs its exit heads, policy and trail too")
+            self.step = DraftStep(observer, policy, trail, heads=heads, min_confidence=min_confidence)
         self.max_draft = max_draft
         # Doubles while every drafted token is accepted; the caller carries it from one
         # generate call to the next (a practised workload keeps its long drafts).
@@ -319,7 +322,8 @@ class ShallowDrafter:
         if replay.shape[1]:
             return replay
         budget = min(limit, self.num_draft)
-        if self.step is None or self.heads.shortlist.numel() == 0:
+        heads = self.heads
+        if self.step is None or heads is None or heads.shortlist.numel() == 0:
             return input_ids[:, :0]
         lengths = layer_lengths(cache)
         drafted: list[torch.Tensor] = []
@@ -357,7 +361,7 @@ class ShallowDrafter:
                     break
                 self.step.ceiling = self.step.exit_layer
                 self.stats.exited(self.step.exit_layer)
-                self.stats.head_params += self.heads.head_cost(self.step.exit_layer)["shortlist"]
+                self.stats.head_params += heads.head_cost(self.step.exit_layer)["shortlist"]
                 pred = self.step.prediction
                 if self.step.unsure:
                     self.stats.draft_unsure += 1

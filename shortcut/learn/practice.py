@@ -178,6 +178,7 @@ class Learner:
     # The replay log and the practised sequences live in ``experience`` (see there).
     @property
     def practised(self) -> list[list[int]]:
+        """The replay log's prompts (token ids), oldest first."""
         return self.experience.practised
 
     @practised.setter
@@ -186,6 +187,7 @@ class Learner:
 
     @property
     def sequences(self) -> SequenceMemory:
+        """The practised sequences lossless drafts replay."""
         return self.experience.sequences
 
     @sequences.setter
@@ -194,6 +196,7 @@ class Learner:
 
     @property
     def fitted_log(self) -> int:
+        """How many log entries the heads were fitted on at their latest consolidation."""
         return self.experience.fitted_log
 
     @fitted_log.setter
@@ -202,6 +205,7 @@ class Learner:
 
     @property
     def log_capacity(self) -> int:
+        """Most prompts the replay log keeps."""
         return self.experience.log_capacity
 
     @log_capacity.setter
@@ -209,9 +213,11 @@ class Learner:
         self.experience.log_capacity = value
 
     def log_prompt(self, prompt: list[int]) -> None:
+        """See :meth:`Experience.log_prompt`."""
         self.experience.log_prompt(prompt)
 
     def was_practised(self, prompt: list[int]) -> bool:
+        """See :meth:`Experience.was_practised`."""
         return self.experience.was_practised(prompt)
 
     # -- hooks --------------------------------------------------------------------

@@ -24,8 +24,16 @@ and ``docs/findings.md``.
 from .collect import DEFAULT_MAX_TOKENS, collect_activations
 from .observer import Observer, Signature
 from .store import OBSERVER_META_FILENAME, load_observer, save_observer
-from .train import (DEFAULT_BATCH_SIZE, DEFAULT_D_SAE, DEFAULT_K, DEFAULT_LR, DEFAULT_STEPS, prepare_sae_training,
-                    sae_quality, train_sae)
+from .train import (
+                    DEFAULT_BATCH_SIZE,
+                    DEFAULT_D_SAE,
+                    DEFAULT_K,
+                    DEFAULT_LR,
+                    DEFAULT_STEPS,
+                    prepare_sae_training,
+                    sae_quality,
+                    train_sae,
+)
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",

@@ -23,7 +23,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,6 +69,7 @@ class AutoObserver:
 
     @property
     def training(self) -> bool:
+        """Whether the background training is running."""
         return self._thread is not None and self._thread.is_alive()
 
     def install(self, layer_module: nn.Module, layer: int) -> None:
@@ -76,6 +78,7 @@ class AutoObserver:
         self._hook = layer_module.register_forward_hook(self._capture)
 
     def uninstall(self) -> None:
+        """Stop collecting and drop what was collected (idempotent)."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -108,6 +111,8 @@ class AutoObserver:
         self.tokens += int(rows.shape[0])
 
     def _start(self, seed: int) -> None:
+        layer = self.layer
+        assert layer is not None  # install() set it before anything was collected
         acts = torch.cat(self._chunks).float()
         self._chunks = []
         self.uninstall()  # nothing more to collect
@@ -117,17 +122,17 @@ class AutoObserver:
         # Built here, in the calling thread: only the SAE's seeded initialisation uses
         # the global random generator (its state is restored before the call goes on).
         fit = prepare_sae_training(acts[:-n_heldout], **kwargs)
-        self._thread = threading.Thread(target=self._train, args=(fit, acts[-n_heldout:]),
+        self._thread = threading.Thread(target=self._train, args=(fit, acts[-n_heldout:], layer),
                                         name="shortcut-observer-training", daemon=True)
         self._thread.start()
 
-    def _train(self, fit: Callable[[], Any], heldout: torch.Tensor) -> None:
+    def _train(self, fit: Callable[[], Any], heldout: torch.Tensor, layer: int) -> None:
         start = time.perf_counter()
         try:
             sae = fit()
             quality = sae_quality(sae, heldout)
             self.seconds = time.perf_counter() - start
-            self.observer = Observer(sae, self.layer, meta={"quality": quality})
+            self.observer = Observer(sae, layer, meta={"quality": quality})
         except Exception as err:  # the handle goes on without an observer
             self.error = err
             logger.warning("shortcut: training the observer from %d tokens failed: %s", self.tokens, err)

@@ -176,7 +176,8 @@ def save_replay_log(folder: Path, experience: Any) -> dict[str, Any]:
     return {"replay_log": REPLAY_LOG}
 
 
-def load_replay_log(folder: Path, manifest: dict[str, Any], vocab_size: int) -> tuple[list[list[int]], list[list[int]]]:
+def load_replay_log(folder: Path, manifest: dict[str, Any],
+                    vocab_size: int) -> tuple[list[list[int]], list[list[int]]]:
     """The practised prompts and sequences :func:`save_replay_log` wrote, checked
     (token ids below ``vocab_size``); empty lists when the folder has no replay log."""
     contents = manifest.get("contents", {})
@@ -215,8 +216,9 @@ def load_config(folder: Path, manifest: dict[str, Any]) -> ShortcutConfig:
 def load_learned(folder: Path, manifest: dict[str, Any], parts: ModelParts, fingerprint_: dict[str, Any],
                  config: ShortcutConfig | None = None) -> Skills | None:
     """Read and check what :func:`save_learned` wrote; ``None`` when the folder holds no
-    observer (config, perhaps a replay log: :func:`load_replay_log` reads that). Every file is validated against ``parts`` (widths, depth, vocabulary)
-    before anything is built from it.
+    observer (config, perhaps a replay log: :func:`load_replay_log` reads that). Every
+    file is validated against ``parts`` (widths, depth, vocabulary) before anything is
+    built from it.
 
     The policy's settings that are not learned tensors (its exit threshold) come from
     ``config``, by default the folder's own ``config.json``."""
