@@ -24,13 +24,14 @@ from ..learn.sequences import SequenceMemory
 from ..policy.exits import ExitPolicy
 from .folder import HEADS_FILE, MANIFEST, POLICY_FILE, REPLAY_LOG, read_manifest, write_atomically, write_manifest
 from .validate import (
-    SkillsFileError,
+    base_sizes,
     check_heads,
     check_policy,
     expect_object,
     inside,
     read_json,
     read_tensors,
+    sae_width,
     token_lists,
 )
 
@@ -68,15 +69,10 @@ def merge_skills(folders: list[Path], output: Path, *, overwrite: bool = False) 
         raise ValueError("the folders use different observers (SAE weights differ): their signatures do not mix")
 
     policies, heads_states, practised, sequences = [], [], [], SequenceMemory()  # it drops duplicates
-    sizes = {k: base.get(k) for k in ("hidden_size", "vocab_size", "num_layers")}
-    if not all(type(v) is int and v > 0 for v in sizes.values()):
-        raise SkillsFileError(f"{folders[0] / MANIFEST}: field 'base_model' lacks positive integer sizes: {sizes}")
+    sizes = base_sizes(base, folders[0] / MANIFEST)
     for folder, manifest in zip(folders, manifests):
         contents = manifest["contents"]
-        cfg_path = inside(folder, contents["observer"], "contents.observer") / "cfg.json"
-        d_sae = expect_object(read_json(cfg_path, "SAE config"), cfg_path, "the SAE config").get("d_sae")
-        if type(d_sae) is not int or d_sae < 1:
-            raise SkillsFileError(f"{cfg_path}: field 'd_sae' must be a positive integer, got {d_sae!r}")
+        d_sae = sae_width(inside(folder, contents["observer"], "contents.observer"))
         policy_path = inside(folder, contents.get("policy", POLICY_FILE), "contents.policy")
         state = read_tensors(policy_path, "policy")
         layers = check_policy(state, policy_path, d_sae=d_sae, num_layers=sizes["num_layers"])

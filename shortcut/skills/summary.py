@@ -9,13 +9,14 @@ import torch
 
 from .folder import read_manifest
 from .validate import (
-    SkillsFileError,
+    base_sizes,
     check_heads,
     check_policy,
     expect_object,
     inside,
     read_json,
     read_tensors,
+    sae_width,
     token_lists,
 )
 
@@ -40,9 +41,7 @@ def describe(folder: Path, *, top: int = 10) -> str:
     contents = manifest.get("contents", {})
     config_path = inside(folder, contents.get("config", "config.json"), "contents.config")
     config = expect_object(read_json(config_path, "config"), config_path, "the config")
-    sizes = {k: base.get(k) for k in ("hidden_size", "vocab_size", "num_layers")}
-    if not all(type(v) is int and v > 0 for v in sizes.values()):
-        raise SkillsFileError(f"{folder}: the manifest's base_model lacks positive integer sizes: {sizes}")
+    sizes = base_sizes(base, folder / "shortcut.json")
     lines = [
         f"skills folder {folder}",
         f"  base model: {base['model_type']}, {base['num_layers']} layers, width {base['hidden_size']}, "
@@ -58,10 +57,7 @@ def describe(folder: Path, *, top: int = 10) -> str:
     meta_path = observer_dir / "shortcut_observer.json"
     meta = expect_object(read_json(meta_path, "observer metadata"), meta_path, "the observer metadata") \
         if meta_path.exists() else {}
-    cfg_path = observer_dir / "cfg.json"
-    d_sae = expect_object(read_json(cfg_path, "SAE config"), cfg_path, "the SAE config").get("d_sae")
-    if type(d_sae) is not int or d_sae < 1:
-        raise SkillsFileError(f"{cfg_path}: field 'd_sae' must be a positive integer, got {d_sae!r}")
+    d_sae = sae_width(observer_dir)
     quality = meta.get("quality") or {}
     if quality:
         width = quality.get("d_sae")

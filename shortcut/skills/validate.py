@@ -129,6 +129,24 @@ def token_lists(value: Any, vocab_size: int, path: Path, what: str) -> list[list
     return value
 
 
+def base_sizes(base: Mapping[str, Any], path: Path) -> dict[str, int]:
+    """``hidden_size``, ``vocab_size`` and ``num_layers`` of a manifest's base-model
+    fingerprint, each a positive integer (what files are checked against without a model)."""
+    sizes = {k: base.get(k) for k in ("hidden_size", "vocab_size", "num_layers")}
+    if not all(type(v) is int and v > 0 for v in sizes.values()):
+        raise SkillsFileError(f"{path}: field 'base_model' lacks positive integer sizes: {sizes}")
+    return sizes  # type: ignore[return-value]  # checked ints above
+
+
+def sae_width(observer_dir: Path) -> int:
+    """The observer's number of SAE features, from its sae-lens ``cfg.json``."""
+    cfg_path = observer_dir / "cfg.json"
+    d_sae = expect_object(read_json(cfg_path, "SAE config"), cfg_path, "the SAE config").get("d_sae")
+    if type(d_sae) is not int or d_sae < 1:
+        raise SkillsFileError(f"{cfg_path}: field 'd_sae' must be a positive integer, got {d_sae!r}")
+    return d_sae
+
+
 def check_heads(state: Mapping[str, torch.Tensor], path: Path, *, width: int, vocab_size: int,
                 num_layers: int) -> None:
     """Exit heads' tensors: ``translators.<l>.weight`` [d, d] and ``.bias`` [d] for
