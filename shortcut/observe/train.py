@@ -69,26 +69,10 @@ def _quiet_trainer_tqdm(progress: bool) -> Iterator[None]:
         yield
 
 
-def train_sae(
-    activations: torch.Tensor,
-    *,
-    d_sae: int = DEFAULT_D_SAE,
-    k: int = DEFAULT_K,
-    steps: int = DEFAULT_STEPS,
-    lr: float = DEFAULT_LR,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    seed: int = 0,
-    progress: bool = True,
-    aux_loss_coefficient: float = DEFAULT_AUX_LOSS_COEFFICIENT,
-    dead_feature_window: int = DEFAULT_DEAD_FEATURE_WINDOW,
-    warmup_fraction: float = DEFAULT_WARMUP_FRACTION,
-    decay_fraction: float = DEFAULT_DECAY_FRACTION,
-    init_b_dec_from_mean: bool = True,
-    metadata: Mapping[str, Any] | None = None,
-) -> TopKTrainingSAE:
+def train_sae(activations: torch.Tensor, **options: Any) -> TopKTrainingSAE:
     """Train a TopK SAE on residual vectors with sae-lens's ``SAETrainer``.
 
-    Same as ``prepare_sae_training(activations, ...)()``.
+    Same as ``prepare_sae_training(activations, **options)()``.
 
     Offline (no wandb, no hub). Activations are scaled so their mean norm is
     sqrt(d_in) (sae-lens ``expected_average_only_in``); the trainer folds the scale
@@ -100,6 +84,8 @@ def train_sae(
 
     Args:
         activations: float tensor ``[n, d_in]`` (e.g. from :func:`collect_activations`).
+        **options: the keyword arguments of :func:`prepare_sae_training`, with their
+            defaults there:
         d_sae: number of SAE features.
         k: active features per token (TopK).
         steps: optimiser steps.
@@ -122,11 +108,7 @@ def train_sae(
     Raises:
         ValueError: activations not 2-D, empty or not finite, or bad hyper-parameters.
     """
-    return prepare_sae_training(
-        activations, d_sae=d_sae, k=k, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-        progress=progress, aux_loss_coefficient=aux_loss_coefficient, dead_feature_window=dead_feature_window,
-        warmup_fraction=warmup_fraction, decay_fraction=decay_fraction,
-        init_b_dec_from_mean=init_b_dec_from_mean, metadata=metadata)()
+    return prepare_sae_training(activations, **options)()
 
 
 def prepare_sae_training(
