@@ -238,7 +238,8 @@ class Shortcut:
                                      max_draft=self.config.max_draft, min_confidence=self.config.draft_confidence,
                                      stats=self.decode_stats, on_full_path=learner.learn_recorded,
                                      num_draft=self._draft_length,
-                                     sequences=learner.sequences if self.config.replay_sequences else None)
+                                     sequences=learner.sequences if self.config.replay_sequences else None,
+                                     shallow=self.config.shallow_drafts)
             try:
                 decoder = make_decoder(drafter, self.decode_stats, streamer=stream, on_fallback=self._warn_full_path)
                 output = original(*args, custom_generate=decoder, **kwargs)

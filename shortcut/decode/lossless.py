@@ -264,7 +264,8 @@ class ShallowDrafter:
     def __init__(self, model: PreTrainedModel, runtime: Any, observer: Observer, heads: ExitHeads,
                  policy: ExitPolicy, trail: Trail, *, max_draft: int, min_confidence: float,
                  stats: DecodeStats, on_full_path: Callable[[torch.Tensor], None] | None = None,
-                 num_draft: int | None = None, sequences: SequenceMemory | None = None) -> None:
+                 num_draft: int | None = None, sequences: SequenceMemory | None = None,
+                 shallow: bool = True) -> None:
         self.base = getattr(model, model.base_model_prefix)
         self.model = model
         self.on_full_path = on_full_path  # gets the logits of a token that took the full path
@@ -277,6 +278,7 @@ class ShallowDrafter:
         self.num_draft = min(num_draft or 4, max_draft)
         self.stats = stats
         self.sequences = sequences  # practised sequences: drafts that need no layer at all
+        self.shallow = shallow  # whether the shallow path drafts where the sequences do not
         self.replayed = False  # whether the latest draft came from them
         # Back-off: after a draft attempt that produced nothing accepted, skip the next
         # `_pause` steps (doubling up to 8): asking costs an SAE encode and a policy
@@ -310,7 +312,7 @@ class ShallowDrafter:
         if replay.shape[1]:
             return replay
         budget = min(limit, self.num_draft)
-        if self.heads.shortlist.numel() == 0:
+        if not self.shallow or self.heads.shortlist.numel() == 0:
             return input_ids[:, :0]
         lengths = layer_lengths(cache)
         drafted: list[torch.Tensor] = []
