@@ -276,7 +276,8 @@ class Shortcut:
                                      max_draft=self.config.max_draft, min_confidence=self.config.draft_confidence,
                                      stats=self.decode_stats,
                                      on_full_path=learner.learn_recorded if learner else None,
-                                     num_draft=self._draft_length, sequences=sequences)
+                                     num_draft=self._draft_length, sequences=sequences,
+                                     shallow=self.config.shallow_drafts)
             try:
                 decoder = make_decoder(drafter, self.decode_stats, streamer=stream, on_fallback=self._warn_full_path)
                 output = original(*args, custom_generate=decoder, **kwargs)

@@ -57,6 +57,11 @@ class ShortcutConfig:
             layer (``shortcut/learn/sequences.py``). In fast mode a plain greedy call whose
             prompt was practised commits its practised answer with no layer at all.
             ``False`` drafts and commits with the shallow path only.
+        shallow_drafts: lossless drafts that the practised sequences do not supply come
+            from the shallow path (exit heads chosen by the policy). ``False``: only the
+            practised sequences draft and every other token takes the full path, which
+            measures what the sequence memory gives alone. Fast mode's commits are not
+            affected.
         policy_threshold: exit where the policy predicts at least this agreement.
         consolidate_every: re-fit heads and policy after this many newly practised
             tokens during ordinary use (0: only at the end of ``practice`` rounds).
@@ -75,6 +80,7 @@ class ShortcutConfig:
     max_draft: int = 32
     draft_confidence: float = 0.3
     replay_sequences: bool = True
+    shallow_drafts: bool = True
     policy_threshold: float = 0.8
     consolidate_every: int = 1024
     fit_steps: int = 300
@@ -186,6 +192,6 @@ class ShortcutConfig:
 _FIELD_TYPES: dict[str, type | None] = {
     "mode": str, "observer_layers": None, "exit_layers": None, "learn": bool, "target_error_rate": float,
     "audit_fraction": float, "fast_confidence": float, "fast_practised_prompts_only": bool, "max_draft": int,
-    "draft_confidence": float, "replay_sequences": bool, "policy_threshold": float, "consolidate_every": int,
-    "fit_steps": int, "seed": int,
+    "draft_confidence": float, "replay_sequences": bool, "shallow_drafts": bool, "policy_threshold": float,
+    "consolidate_every": int, "fit_steps": int, "seed": int,
 }

@@ -1,9 +1,10 @@
 """``shortcut-eval``: practice curves, quality guards and peers on real data.
 
 Tasks:
-  practice   a prompt stream practised for N rounds, then exact repeats, near-duplicates
-             and novel prompts, beside plain generate, assistant_early_exit (best of a
-             sweep), prompt lookup decoding and the oracle exit bound
+  practice   a prompt stream practised for N rounds, then exact repeats, near-duplicates,
+             transfer (unseen instances of practised task families) and novel prompts,
+             beside plain generate, the memory-only ablation, assistant_early_exit (best
+             of a sweep), prompt lookup decoding and the oracle exit bound
   agreement  teacher-forced next-token agreement and perplexity against the unwrapped
              model on text passages
   choice     multiple-choice accuracy by log-likelihood, wrapped against unwrapped
@@ -38,7 +39,7 @@ from .workload import DATA, DTYPES, System, load_system, prompt_sets, read_choic
 TASKS = ("practice", "agreement", "choice")
 QUICK = {  # option: (quick, full)
     "practice_prompts": (8, 30), "test_prompts": (6, 30), "rounds": (3, 5), "max_new_tokens": (32, 64),
-    "sweep_prompts": (1, 3), "limit": (12, None),
+    "sweep_prompts": (1, 3), "limit": (12, None), "family_prompts": (4, 16),
 }
 
 
@@ -68,8 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     practice.add_argument("--near", type=Path, default=None,
                           help="near-duplicates JSONL ('of' = a practised id); default: the committed set "
                                "when --prompts is the committed file")
+    practice.add_argument("--families", default=None,
+                          help="task-family JSONL ('family'; 'split' practice/transfer): practice instances join "
+                               "the stream, unseen ones form the transfer set; default: the committed families "
+                               "when --prompts is the committed file; none: off")
     practice.add_argument("--practice-prompts", type=integer(1), default=None,
                           help="prompts practised (quick 8, full 30)")
+    practice.add_argument("--family-prompts", type=integer(1), default=None,
+                          help="instances practised per family (quick 4, full 16)")
     practice.add_argument("--test-prompts", type=integer(1), default=None,
                           help="prompts per test set (quick 6, full 30)")
     practice.add_argument("--rounds", type=integer(0), default=None, help="practice rounds (quick 3, full 5)")
@@ -111,8 +118,15 @@ def _resolve(args: argparse.Namespace) -> None:
     if args.task != "practice" and not args.skills:
         raise UsageError(f"{args.task} measures learned skills: give --skills DIR (see shortcut practice)")
     args.auto_early_exit = args.early_exit is None  # filled from the model depth once it is loaded
-    if args.near is None and args.prompts.resolve() == (DATA / "prompts.jsonl").resolve():
+    committed = args.prompts.resolve() == (DATA / "prompts.jsonl").resolve()
+    if args.near is None and committed:
         args.near = DATA / "near_duplicates.jsonl"
+    if args.families is None:
+        args.families = DATA / "families.jsonl" if committed else None
+    elif args.families.strip().lower() == "none":
+        args.families = None
+    else:
+        args.families = Path(args.families)
 
 
 def _check_skills(folder: str | None) -> None:
@@ -141,7 +155,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     _check_skills(args.skills)
     _check_skills(args.compare)
     if args.task == "practice":
-        data = prompt_sets(args.prompts, args.near, n_practice=args.practice_prompts, n_test=args.test_prompts)
+        data = prompt_sets(args.prompts, args.near, n_practice=args.practice_prompts, n_test=args.test_prompts,
+                           families=args.families, n_family=args.family_prompts)
         if not args.skills:
             read_passages(args.corpus)  # the fresh observer's training text
     elif args.task == "agreement":
@@ -204,9 +219,12 @@ def _check_against_model(args: argparse.Namespace, system: System, data) -> None
         return
     if args.task == "practice":
         for name, records in data.items():
-            check_prompt_lengths(system.tokenizer, records, max_new_tokens=args.max_new_tokens, context=context,
-                                 option="--max-new-tokens",
-                                 source=str(args.near if name == "near-duplicates" else args.prompts))
+            files = {"near-duplicates": args.near, "transfer": args.families}
+            for family in (False, True):  # the practice stream mixes --prompts and --families records
+                part = [r for r in records if ("family" in r) == family]
+                source = args.families if family else files.get(name, args.prompts)
+                check_prompt_lengths(system.tokenizer, part, max_new_tokens=args.max_new_tokens, context=context,
+                                     option="--max-new-tokens", source=str(source))
     elif args.task == "agreement":
         if args.max_length > context:
             raise ValueError(f"--max-length {args.max_length} is more than the model's context of {context} tokens")
@@ -234,6 +252,7 @@ def _measure(args: argparse.Namespace, argv: list[str], systems: list[System], d
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     if args.task == "practice":
         settings["practice_prompts"] = len(data["practice"])
+        settings["family_practice_prompts"] = sum("family" in r for r in data["practice"])
         settings["test_sets"] = {k: len(v) for k, v in data.items() if k != "practice"}
     result = {"task": args.task, "command": "shortcut-eval " + " ".join(argv), "settings": settings,
               "environment": report.environment(args.seed),

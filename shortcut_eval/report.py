@@ -104,6 +104,13 @@ def markdown(result: dict) -> str:
                   "bound of a perfect exit policy with the current exit heads (no timing).", "",
                   "## Practice rounds", "", table(result["rounds"], markdown=True), "",
                   "## Test sets (skills frozen)", "", table(result["tests"], markdown=True), ""]
+        ablation = ablation_table(result["tests"])
+        if ablation:
+            lines += ["## Sequence memory only vs full system (lossless)", "",
+                      "The same frozen skills with the shallow path off (`shallow_drafts=False`: only practised "
+                      "sequences draft, every other token takes the full path) beside the full system, per test "
+                      "set. `transfer` holds unseen instances of the practised task families.", "",
+                      ablation, ""]
         sweep = result.get("early_exit_sweep") or {}
         if sweep:
             lines += [f"`assistant_early_exit` sweep ({sweep['prompts']} prompts): "
@@ -115,6 +122,28 @@ def markdown(result: dict) -> str:
         lines += [table(result["tests"], markdown=True), ""]
     lines += [f"Wall time {result['seconds']:.0f} s. Raw numbers: `results.json`."]
     return "\n".join(lines) + "\n"
+
+
+def ablation_table(tests: list[dict]) -> str:
+    """Markdown table: each test set's full lossless row beside its memory-only row
+    (speed ratio, FLOPs per token, replayed share); empty when there is no ablation row."""
+    rows = {(r["set"], r["method"]): r for r in tests}
+    lines = []
+    for (set_name, method), memory in rows.items():
+        if " memory only" not in method:
+            continue
+        full = rows.get((set_name, method.replace(" memory only", "")))
+        if full is None:
+            continue
+        cells = [set_name, method.replace(" memory only", "")]
+        for key, fmt in (("speed_ratio", "{:.2f}"), ("flops_rel", "{:.2f}"), ("replayed_share", "{:.0%}")):
+            cells += [_cell(full, key, fmt), _cell(memory, key, fmt)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    header = ("| set | method | speed x full | speed x memory only | flops full | flops memory only "
+              "| replayed full | replayed memory only |")
+    return "\n".join([header, "|" + "|".join("---" for _ in range(8)) + "|", *lines])
 
 
 def plot_practice(result: dict, path: Path) -> None:
@@ -145,8 +174,8 @@ def plot_practice(result: dict, path: Path) -> None:
             speed_ax.plot(x, [r["speed_ratio"] for r in rows], marker="o", color=color(method), label=label)
         flops_ax.plot(x, [r["flops_rel"] for r in rows], marker="o", color=color(method), label=label)
     last = max((r["round"] for r in rounds), default=1)
-    markers = {"exact repeats": "*", "near-duplicates": "^", "novel": "s"}
-    offsets = {"exact repeats": 0.2, "near-duplicates": 0.35, "novel": 0.5}
+    markers = {"exact repeats": "*", "near-duplicates": "^", "transfer": "D", "novel": "s"}
+    offsets = {"exact repeats": 0.2, "near-duplicates": 0.3, "transfer": 0.4, "novel": 0.5}
     for row in tests:
         if not row["method"].startswith(("shortcut", "oracle")):
             continue

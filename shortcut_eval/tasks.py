@@ -22,6 +22,7 @@ from .peers import oracle, peer_methods, summarise_oracle, sweep_early_exit
 from .workload import Method, System, measure_prompt, summarise
 
 MODES = ("lossless", "fast")
+MEMORY_ONLY = "memory only"  # the method row of the skills with the shallow path off
 
 
 def _modes(mode: str) -> list[str]:
@@ -31,7 +32,10 @@ def _modes(mode: str) -> list[str]:
 # -- practice --------------------------------------------------------------------------
 def practice(args: Any, systems: list[System], sets: dict[str, list[dict]], log: Callable[[str], None]) -> dict:
     """Practise the stream for ``args.rounds`` rounds (lossless, learning on), then measure
-    the frozen skills on exact repeats, near-duplicates and novel prompts beside the peers."""
+    the frozen skills on every test set (exact repeats, near-duplicates, transfer, novel)
+    beside the peers. In lossless mode a ``shortcut lossless memory only`` row measures the
+    same skills with the shallow path off (``shallow_drafts=False``: only the practised
+    sequences draft), so each set shows what the sequence memory gives alone."""
     plain = Method("plain", "plain", systems[0])
     modes = _modes(args.mode)
     many = len(systems) > 1
@@ -94,7 +98,12 @@ def practice(args: Any, systems: list[System], sets: dict[str, list[dict]], log:
             raw["rounds"].append({"round": round_index, "practice": rows})
 
     sweep: dict[str, Any] = {}
-    methods = shortcut_methods(modes)
+    methods = []
+    for method in shortcut_methods(modes):
+        methods.append(method)
+        if method.mode == "lossless":  # the ablation beside the full system, in the same rotation
+            methods.append(Method(method.name.replace("shortcut lossless", f"shortcut lossless {MEMORY_ONLY}"),
+                                  "shortcut", method.system, mode="lossless", options={"shallow_drafts": False}))
     if early_exits:
         best, medians = sweep_early_exit(systems[0], plain, early_exits, sweep_records, args.max_new_tokens)
         bar.update(len(sweep_records))

@@ -45,7 +45,9 @@ class System:
 @dataclass
 class Method:
     """A way to generate: ``plain`` (untouched model), ``shortcut`` (the wrapped model in
-    ``mode``) or ``peer`` (the model's own ``generate`` with ``options``)."""
+    ``mode``, with ``options`` as :class:`shortcut.ShortcutConfig` fields set for the
+    call, e.g. ``{"shallow_drafts": False}`` for the memory-only ablation) or ``peer``
+    (the model's own ``generate`` with ``options`` as its keyword arguments)."""
 
     name: str
     kind: str
@@ -102,12 +104,18 @@ def _default_observer(handle: Any, tokenizer: Any, corpus: Path, steps: int, pro
     return seconds
 
 
-def prompt_sets(prompts: Path, near: Path | None, *, n_practice: int, n_test: int) -> dict[str, list[dict]]:
-    """The practice stream and the three test sets.
+def prompt_sets(prompts: Path, near: Path | None, *, n_practice: int, n_test: int,
+                families: Path | None = None, n_family: int | None = None) -> dict[str, list[dict]]:
+    """The practice stream and the test sets, each at most ``n_test`` prompts.
 
     ``prompts`` records carry ``split`` = ``practice`` / ``novel``; a file without splits
     is cut in two (first ``n_practice`` practised, the rest novel). Near-duplicates
     (records with ``of`` = a practised prompt's ``id``) come from ``near`` when given.
+    With ``families`` (see :func:`family_sets`), the first ``n_family`` practice
+    instances of each family join the practice stream and unseen instances of the same
+    families form the ``transfer`` set. Exact repeats and near-duplicates stay those of
+    ``prompts``. Sets come in the order practice, exact repeats, near-duplicates,
+    transfer, novel (from practised verbatim to never practised).
     """
     records = read_prompts(prompts)
     if any("split" in r for r in records):
@@ -126,7 +134,52 @@ def prompt_sets(prompts: Path, near: Path | None, *, n_practice: int, n_test: in
             raise DataFileError(f"{near}: no record's 'of' names a practised prompt id of {prompts}")
     if not sets["novel"]:
         raise DataFileError(f"{prompts}: no novel prompts left after the {len(practice)} practised ones")
-    return {name: sets[name] for name in ("practice", "exact repeats", "near-duplicates", "novel") if name in sets}
+    if families is not None:
+        practised, sets["transfer"] = family_sets(families, n_family=n_family, n_test=n_test)
+        sets["practice"] = practice + practised
+    order = ("practice", "exact repeats", "near-duplicates", "transfer", "novel")
+    return {name: sets[name] for name in order if name in sets}
+
+
+FAMILY_SPLITS = ("practice", "transfer")
+
+
+def family_sets(path: Path, *, n_family: int | None, n_test: int) -> tuple[list[dict], list[dict]]:
+    """The practised instances and the transfer set of a task-family file.
+
+    Each record is a prompt record (``prompt`` or ``messages``) with ``family`` (a
+    string naming the task) and ``split``: ``practice`` (may be practised) or
+    ``transfer`` (never practised). Returns the first ``n_family`` practice records of
+    each family (all with ``None``), and ``n_test`` transfer records taken from the
+    families in turn (file order within a family), so every family is measured. A family
+    with transfer records must have practice records: its transfer would be novel.
+    """
+    records = read_jsonl(path, required=("family", "split"), types={"family": str, "split": str, "id": str},
+                         check=_check_family_record)
+    by_family: dict[str, dict[str, list[dict]]] = {}
+    for number, record in enumerate(records, start=1):
+        record.setdefault("id", f"{path.name}#{number}")
+        by_family.setdefault(record["family"], {s: [] for s in FAMILY_SPLITS})[record["split"]].append(record)
+    unpractised = sorted(f for f, s in by_family.items() if s["transfer"] and not s["practice"])
+    if unpractised:
+        raise DataFileError(f"{path}: families {', '.join(unpractised)} have transfer records but no practice "
+                            "records (their transfer would be novel)")
+    practised = [r for s in by_family.values() for r in s["practice"][:n_family]]
+    queues = [s["transfer"] for s in by_family.values() if s["transfer"]]
+    if not queues:
+        raise DataFileError(f"{path}: no record has split 'transfer'")
+    transfer: list[dict] = []
+    for index in range(max(len(q) for q in queues)):
+        transfer += [q[index] for q in queues if index < len(q)]
+    return practised, transfer[:n_test]
+
+
+def _check_family_record(record: dict, where: str) -> None:
+    check_prompt(record, where)
+    if record["split"] not in FAMILY_SPLITS:
+        raise DataFileError(f"{where}: 'split' must be one of {', '.join(FAMILY_SPLITS)}, got {record['split']!r}")
+    if not record["family"].strip():
+        raise DataFileError(f"{where}: 'family' must name the task, got an empty string")
 
 
 def _check_near_duplicate(record: dict, where: str) -> None:
@@ -168,11 +221,19 @@ def generate(method: Method, ids: torch.Tensor, new_tokens: int) -> dict[str, An
         with handle.disabled():
             out = model.generate(**gen)
     elif method.kind == "shortcut":
-        mode, handle.config.mode = handle.config.mode, method.mode
+        # the skills keep the mode and settings they were made with
+        changes = {"mode": method.mode, **method.options}
+        unknown = sorted(name for name in changes if not hasattr(handle.config, name))
+        if unknown:
+            raise ValueError(f"method {method.name!r}: {unknown} are not ShortcutConfig fields")
+        saved = {name: getattr(handle.config, name) for name in changes}
         try:
+            for name, value in changes.items():
+                setattr(handle.config, name, value)
             out = model.generate(**gen)
         finally:
-            handle.config.mode = mode  # the skills keep the mode they were made with
+            for name, value in saved.items():
+                setattr(handle.config, name, value)
     else:
         with handle.reference():
             out = model.generate(**gen, **method.options)

@@ -141,6 +141,33 @@ def test_practised_sequences_are_replayed_as_drafts_without_running_layers(pract
         handle.set_learning(True)
 
 
+def test_shallow_drafts_off_leaves_the_sequence_memory_alone(practised):
+    """``shallow_drafts=False`` (the memory-only ablation): practised answers are still
+    replayed, no shallow draft forward runs, and the tokens are the unwrapped model's."""
+    model, handle, _ = practised
+    handle.set_learning(False)
+    handle.config.shallow_drafts = False
+    try:
+        for prompt in PROMPTS:
+            with handle.disabled():
+                ref = model.generate(input_ids=prompt, max_new_tokens=20, do_sample=False)
+            before = handle.decode_stats.copy()
+            out = model.generate(input_ids=prompt, max_new_tokens=20, do_sample=False)
+            assert torch.equal(out, ref)
+            delta = handle.decode_stats - before
+            assert delta.draft_forwards == 0 and delta.drafted == delta.replayed
+        assert handle.decode_stats.replay_accepted > 0
+        handle.config.replay_sequences = False  # neither source: every token takes the full path
+        with handle.disabled():
+            ref = model.generate(input_ids=PROMPTS[0], max_new_tokens=20, do_sample=False)
+        before = handle.decode_stats.copy()
+        assert torch.equal(model.generate(input_ids=PROMPTS[0], max_new_tokens=20, do_sample=False), ref)
+        assert (handle.decode_stats - before).drafted == 0
+    finally:
+        handle.config.shallow_drafts, handle.config.replay_sequences = True, True
+        handle.set_learning(True)
+
+
 def test_generate_leaves_no_hook_and_carries_the_draft_length(practised):
     model, handle, _ = practised
     layer = handle.parts.layers[handle.learner.signature_layer]

@@ -271,7 +271,8 @@ class ShallowDrafter:
     def __init__(self, model: PreTrainedModel, runtime: Any, observer: Observer | None, heads: ExitHeads | None,
                  policy: ExitPolicy | None, trail: Trail | None, *, max_draft: int, min_confidence: float,
                  stats: DecodeStats, on_full_path: Callable[[torch.Tensor], None] | None = None,
-                 num_draft: int | None = None, sequences: SequenceMemory | None = None) -> None:
+                 num_draft: int | None = None, sequences: SequenceMemory | None = None,
+                 shallow: bool = True) -> None:
         self.base = getattr(model, model.base_model_prefix)
         self.model = model
         self.on_full_path = on_full_path  # gets the logits of a token that took the full path
@@ -289,6 +290,7 @@ class ShallowDrafter:
         self.num_draft = min(num_draft or 4, max_draft)
         self.stats = stats
         self.sequences = sequences  # practised sequences: drafts that need no layer at all
+        self.shallow = shallow  # whether the shallow path drafts where the sequences do not
         self.replayed = False  # whether the latest draft came from them
         # Back-off: after a draft attempt that produced nothing accepted, skip the next
         # `_pause` steps (doubling up to 8): asking costs an SAE encode and a policy
@@ -323,7 +325,7 @@ class ShallowDrafter:
             return replay
         budget = min(limit, self.num_draft)
         heads = self.heads
-        if self.step is None or heads is None or heads.shortlist.numel() == 0:
+        if not self.shallow or self.step is None or heads is None or heads.shortlist.numel() == 0:
             return input_ids[:, :0]
         lengths = layer_lengths(cache)
         drafted: list[torch.Tensor] = []
