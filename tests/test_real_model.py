@@ -198,10 +198,10 @@ def test_eval_harness_smoke_on_real_model(tmp_path):
     out = tmp_path / "eval"
     assert cli.main(["practice", "--practice-prompts", "2", "--test-prompts", "2", "--rounds", "3",
                      "--max-new-tokens", "16", "--early-exit", "22", "--sweep-prompts", "1",
-                     "--sae-steps", "200", "--out", str(out), "-q"]) == 0
+                     "--family-prompts", "1", "--sae-steps", "200", "--out", str(out), "-q"]) == 0
     result = json.loads((out / "results.json").read_text())
     rows = {(r["set"], r["method"]): r for r in result["tests"]}
-    for test_set in ("exact repeats", "near-duplicates", "novel"):
+    for test_set in ("exact repeats", "near-duplicates", "transfer", "novel"):
         for method in ("shortcut lossless", "early-exit E=22", "prompt lookup"):
             assert rows[(test_set, method)]["identical"] == 1.0, (test_set, method)
     assert (rows[("exact repeats", "shortcut lossless")]["bytes_rel"] < 0.9
