@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from .arch import ModelParts, resolve
 from .config import ShortcutConfig
+from .decode.draft_length import DraftLengths
 from .decode.fast import FastController, FastStep, make_fast_decoder
 from .decode.lossless import ShallowDrafter, Trail, custom_generate_kwargs, make_decoder, unsupported_options
 from .decode.runtime import FixedPlan, LayerPolicy, LayerRuntime, Stats
@@ -74,6 +75,8 @@ class Shortcut:
         self.auto_observer: AutoObserver | None = None  # trains the observer from traffic until one is attached
         self.decode_stats = DecodeStats()  # what lossless and fast decoding did, summed over calls
         self._draft_length: int | None = None  # lossless draft length reached by the latest call
+        # Lookup-draft lengths per situation, learned from every verification.
+        self._lookup_lengths = DraftLengths(config.draft_accept_bar)
         self._warned: set[str] = set()
         self._reference = False  # inside reference(): plain generate, counted, not learned
         self.fast: FastController | None = None  # fast mode's audits and calibration
@@ -272,12 +275,14 @@ class Shortcut:
                 fast.committed = []
             # Without an observer the drafter replays practised sequences only.
             observer, heads, policy = (learner.observer, learner.heads, learner.policy) if learner else (None,) * 3
+            self._lookup_lengths.accept_bar = self.config.draft_accept_bar  # the config may change between calls
             drafter = ShallowDrafter(self.model, self._runtime, observer, heads, policy, trail,
                                      max_draft=self.config.max_draft, min_confidence=self.config.draft_confidence,
                                      stats=self.decode_stats,
                                      on_full_path=learner.learn_recorded if learner else None,
                                      num_draft=self._draft_length, sequences=sequences,
-                                     shallow=self.config.shallow_drafts)
+                                     shallow=self.config.shallow_drafts, lengths=self._lookup_lengths,
+                                     copy_text=self.config.copy_drafts)
             try:
                 decoder = make_decoder(drafter, self.decode_stats, streamer=stream, on_fallback=self._warn_full_path)
                 output = original(*args, custom_generate=decoder, **kwargs)

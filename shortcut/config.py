@@ -57,6 +57,15 @@ class ShortcutConfig:
             layer (``shortcut/learn/sequences.py``). In fast mode a plain greedy call whose
             prompt was practised commits its practised answer with no layer at all.
             ``False`` drafts and commits with the shallow path only.
+        copy_drafts: lossless drafts may also copy from the call's own text (prompt and
+            output so far): where the text ends the way an earlier part of it went on,
+            what followed there is proposed, as practised sequences are (a span quoted
+            from the prompt, a repeated name or line). No layer runs to make it.
+        draft_accept_bar: a draft from the practised sequences or the text itself
+            proposes a token only while the chance that verification accepts it, learned
+            per situation from earlier verifications, is at least this
+            (``shortcut/decode/draft_length.py``); lower drafts longer and wastes more
+            compute on rejected tokens.
         shallow_drafts: lossless drafts that the practised sequences do not supply come
             from the shallow path (exit heads chosen by the policy). ``False``: only the
             practised sequences draft and every other token takes the full path, which
@@ -80,6 +89,8 @@ class ShortcutConfig:
     max_draft: int = 32
     draft_confidence: float = 0.3
     replay_sequences: bool = True
+    copy_drafts: bool = True
+    draft_accept_bar: float = 0.3
     shallow_drafts: bool = True
     policy_threshold: float = 0.8
     consolidate_every: int = 1024
@@ -100,6 +111,8 @@ class ShortcutConfig:
             raise ValueError(f"max_draft={self.max_draft} must be at least 1")
         if not 0.0 <= self.draft_confidence <= 1.0:
             raise ValueError(f"draft_confidence={self.draft_confidence} must be in [0, 1]")
+        if not 0.0 < self.draft_accept_bar < 1.0:
+            raise ValueError(f"draft_accept_bar={self.draft_accept_bar} must be in (0, 1)")
         if not 0.0 <= self.policy_threshold <= 1.0:
             raise ValueError(f"policy_threshold={self.policy_threshold} must be in [0, 1]")
         if self.consolidate_every < 0:
@@ -192,6 +205,7 @@ class ShortcutConfig:
 _FIELD_TYPES: dict[str, type | None] = {
     "mode": str, "observer_layers": None, "exit_layers": None, "learn": bool, "target_error_rate": float,
     "audit_fraction": float, "fast_confidence": float, "fast_practised_prompts_only": bool, "max_draft": int,
-    "draft_confidence": float, "replay_sequences": bool, "shallow_drafts": bool, "policy_threshold": float,
+    "draft_confidence": float, "replay_sequences": bool, "copy_drafts": bool,
+    "draft_accept_bar": float, "shallow_drafts": bool, "policy_threshold": float,
     "consolidate_every": int, "fit_steps": int, "seed": int,
 }

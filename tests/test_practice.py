@@ -78,11 +78,11 @@ def test_drafted_tokens_skip_real_compute(practised):
     model, handle, _ = practised
     handle.stats.reset()
     before = handle.decode_stats.copy()
-    handle.config.replay_sequences = False  # the shallow path drafts
+    handle.config.replay_sequences = handle.config.copy_drafts = False  # the shallow path drafts
     try:
         model.generate(input_ids=PROMPTS[0], max_new_tokens=20, do_sample=False)
     finally:
-        handle.config.replay_sequences = True
+        handle.config.replay_sequences = handle.config.copy_drafts = True
     drafted = handle.decode_stats.draft_forwards - before.draft_forwards
     assert drafted > 0
     runs = handle.stats.total.per_layer_runs
@@ -99,10 +99,12 @@ def test_an_unsure_first_draft_token_runs_each_layer_once(practised):
     before = handle.decode_stats.copy()
     handle.stats.reset()
     handle.config.replay_sequences, handle.config.draft_confidence = False, 1.01  # never sure
+    handle.config.copy_drafts = False
     try:
         out = model.generate(input_ids=PROMPTS[1], max_new_tokens=10, do_sample=False)
     finally:
         handle.config.replay_sequences, handle.config.draft_confidence = True, 0.0
+        handle.config.copy_drafts = True
     assert torch.equal(out, ref)
     assert handle.decode_stats.draft_unsure - before.draft_unsure > 0
     assert handle.decode_stats.drafted == before.drafted
@@ -155,9 +157,10 @@ def test_shallow_drafts_off_leaves_the_sequence_memory_alone(practised):
             out = model.generate(input_ids=prompt, max_new_tokens=20, do_sample=False)
             assert torch.equal(out, ref)
             delta = handle.decode_stats - before
-            assert delta.draft_forwards == 0 and delta.drafted == delta.replayed
+            assert delta.draft_forwards == 0 and delta.drafted == delta.replayed + delta.copied
         assert handle.decode_stats.replay_accepted > 0
-        handle.config.replay_sequences = False  # neither source: every token takes the full path
+        handle.config.replay_sequences = False  # no source: every token takes the full path
+        handle.config.copy_drafts = False
         with handle.disabled():
             ref = model.generate(input_ids=PROMPTS[0], max_new_tokens=20, do_sample=False)
         before = handle.decode_stats.copy()
@@ -165,6 +168,7 @@ def test_shallow_drafts_off_leaves_the_sequence_memory_alone(practised):
         assert (handle.decode_stats - before).drafted == 0
     finally:
         handle.config.shallow_drafts, handle.config.replay_sequences = True, True
+        handle.config.copy_drafts = True
         handle.set_learning(True)
 
 
@@ -200,18 +204,25 @@ def test_acceptance_counts_every_matching_draft_token_including_the_end(practise
     model, handle, _ = practised
     drafts, records = [], []
     draft, record = lossless.ShallowDrafter.draft, lossless.ShallowDrafter.record
+    prompt_draft = lossless.ShallowDrafter.prompt_draft
 
     def spy_draft(self, input_ids, *args, **kwargs):
         out = draft(self, input_ids, *args, **kwargs)
         drafts.append((input_ids.shape[1], out[0].tolist()))
         return out
 
-    def spy_record(self, drafted, accepted):
+    def spy_prompt_draft(self, input_ids, *args, **kwargs):
+        out = prompt_draft(self, input_ids, *args, **kwargs)
+        drafts.append((input_ids.shape[1], out[0].tolist()))
+        return out
+
+    def spy_record(self, drafted, accepted, *rest):
         records.append((drafted, accepted))
-        return record(self, drafted, accepted)
+        return record(self, drafted, accepted, *rest)
 
     ended = 0
     lossless.ShallowDrafter.draft, lossless.ShallowDrafter.record = spy_draft, spy_record
+    lossless.ShallowDrafter.prompt_draft = spy_prompt_draft
     try:
         for prompt in PROMPTS:
             with handle.disabled():
@@ -222,7 +233,8 @@ def test_acceptance_counts_every_matching_draft_token_including_the_end(practise
                 with handle.disabled():
                     assert torch.equal(out, model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False,
                                                            eos_token_id=eos)[0])
-                for (start, tokens), (drafted, accepted) in zip(drafts, records[1:]):  # records[0]: the prefill
+                assert len(drafts) == len(records)  # the prefill's draft, then the loop's
+                for (start, tokens), (drafted, accepted) in zip(drafts, records):
                     assert drafted == len(tokens)
                     matching = 0
                     while (matching < len(tokens) and start + matching < len(out)
@@ -232,6 +244,7 @@ def test_acceptance_counts_every_matching_draft_token_including_the_end(practise
                     ended += bool(tokens) and tokens[-1] == eos and matching == len(tokens)
     finally:
         lossless.ShallowDrafter.draft, lossless.ShallowDrafter.record = draft, record
+        lossless.ShallowDrafter.prompt_draft = prompt_draft
     assert ended, "some practised answer should be drafted up to its end"
 
 

@@ -54,3 +54,25 @@ def test_answer_needs_a_sequence_that_begins_with_the_whole_prompt():
     assert memory.answer([0] + prompt[1:], limit=10) == []
     assert memory.answer(prompt + [40, 41, 42, 43], limit=10) == []  # nothing followed it
     assert memory.answer(prompt, limit=0) == []
+
+
+def test_text_index_copies_from_earlier_in_the_same_text():
+    from shortcut.learn.sequences import TextIndex
+
+    index = TextIndex()
+    text = [1, 2, 3, 4, 5, 6, 7, 9, 9, 2, 3, 4]
+    # The end [2, 3, 4] occurred before (after 1): what followed there is proposed.
+    assert index.lookup(text, limit=3) == ([5, 6, 7], 3)
+    # The text grows: indexed incrementally, the longer agreement wins.
+    assert index.lookup(text + [5, 6], limit=2) == ([7, 9], 5)
+    assert index.lookup([8, 8, 8, 1, 2], limit=4) == ([], 0)  # another text: reindexed, no earlier [8, 1, 2]
+    assert index.lookup([1, 2, 3], limit=4) == ([], 0)  # the end itself is no earlier occurrence
+    assert index.lookup(text, limit=0) == ([], 0)
+
+
+def test_lookup_has_no_length_rule_and_continuation_keeps_it():
+    memory = SequenceMemory()
+    long = list(range(100, 100 + 3 * SHORT_MATCH))
+    memory.add(long)
+    assert memory.lookup([0, 101, 102, 103], limit=10) == (long[4:14], KEY)
+    assert memory.continuation([0, 101, 102, 103], limit=10) == (long[4:4 + PROBE], KEY)

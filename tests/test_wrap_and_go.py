@@ -179,9 +179,12 @@ def test_observer_trains_itself_from_traffic_and_attaches(caplog):
     handle = shortcut.wrap(model, shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2]), observer=auto)
     try:
         prompts = _distinct_prompts(5)
+        before = handle.decode_stats.copy()
         model.generate(input_ids=prompts[0], max_new_tokens=NEW, do_sample=False)
+        rejected = (handle.decode_stats - before).drafted - (handle.decode_stats - before).accepted
         collected = auto.tokens
-        assert 0 < collected <= prompts[0].shape[1] - 1 + NEW  # the prompt's first position is left out
+        # Every position a full forward read (the prompt's first left out), rejected drafts included.
+        assert 0 < collected <= prompts[0].shape[1] - 1 + NEW + rejected
         model.generate(input_ids=prompts[0], max_new_tokens=NEW, do_sample=False)
         assert auto.tokens == collected  # a repeated prompt adds nothing
         def sampled_as_unwrapped(prompt):

@@ -69,10 +69,11 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList, Stop
 from transformers.generation.streamers import BaseStreamer
 
 from ..capture import layer_input
-from ..learn.sequences import SequenceMemory
+from ..learn.sequences import PROBE, SHORT_MATCH, SequenceMemory, TextIndex
 from ..observe import Observer, Signature
 from ..policy.exits import ExitPolicy, PolicyDecision
 from ..policy.heads import ExitHeads, Prediction
+from .draft_length import DraftLengths
 from .stats import DecodeStats
 
 if TYPE_CHECKING:
@@ -272,7 +273,7 @@ class ShallowDrafter:
                  policy: ExitPolicy | None, trail: Trail | None, *, max_draft: int, min_confidence: float,
                  stats: DecodeStats, on_full_path: Callable[[torch.Tensor], None] | None = None,
                  num_draft: int | None = None, sequences: SequenceMemory | None = None,
-                 shallow: bool = True) -> None:
+                 shallow: bool = True, lengths: DraftLengths | None = None, copy_text: bool = False) -> None:
         self.base = getattr(model, model.base_model_prefix)
         self.model = model
         self.on_full_path = on_full_path  # gets the logits of a token that took the full path
@@ -291,7 +292,11 @@ class ShallowDrafter:
         self.stats = stats
         self.sequences = sequences  # practised sequences: drafts that need no layer at all
         self.shallow = shallow  # whether the shallow path drafts where the sequences do not
-        self.replayed = False  # whether the latest draft came from them
+        self.lengths = lengths  # learned lookup-draft lengths; None: the memory's fixed rule
+        self.text = TextIndex() if copy_text else None  # this call's own text, to copy from
+        self.replayed = False  # whether the latest draft came from the practised sequences
+        self.copied = False  # whether it came from the text itself
+        self._situation: tuple[str, bool, int] | None = None  # the latest lookup draft's, for record()
         # Back-off: after a draft attempt that produced nothing accepted, skip the next
         # `_pause` steps (doubling up to 8): asking costs an SAE encode and a policy
         # decision, a rejected draft its layers and a wider verification, and unfamiliar
@@ -312,7 +317,8 @@ class ShallowDrafter:
         sequence) is the last. ``inputs`` gives each draft forward its mask and positions
         (default: no padding). Returns [1, k] (k may be 0); the cache is left as it was."""
         inputs = inputs or SequenceInputs({})
-        self.attempted, self.replayed = False, False
+        self.attempted, self.replayed, self.copied = False, False, False
+        self._situation = None
         self.full_logits = None
         if limit <= 0:
             return input_ids[:, :0]
@@ -320,9 +326,9 @@ class ShallowDrafter:
             self._skip -= 1
             self.stats.draft_paused += 1
             return input_ids[:, :0]
-        replay = self.replay(input_ids, min(limit, self.max_draft), stop_ids)
-        if replay.shape[1]:
-            return replay
+        looked_up = self.lookup(input_ids, min(limit, self.max_draft), stop_ids, opening=False)
+        if looked_up.shape[1]:
+            return looked_up
         budget = min(limit, self.num_draft)
         heads = self.heads
         if not self.shallow or self.step is None or heads is None or heads.shortlist.numel() == 0:
@@ -382,33 +388,84 @@ class ShallowDrafter:
         return torch.cat(drafted, dim=-1) if drafted else input_ids[:, :0]
 
     def prompt_draft(self, input_ids: torch.Tensor, limit: int, stop_ids: frozenset[int],
-                     sampled: bool) -> torch.Tensor:
-        """The draft the prefill forward carries after the prompt [1, T]: its practised
-        continuation. A greedy call replays the whole practised answer (bounded by the
-        memory's agreement rule, not ``max_draft``: no layer runs to make it); a sampled
-        answer soon leaves the practised greedy one, so it risks no more than any draft."""
-        return self.replay(input_ids, min(limit, self.max_draft) if sampled else limit, stop_ids)
+                     sampled: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The draft the prefill forward carries after the prompt [1, T] (``mask``: its
+        attention mask, if any). A greedy call whose prompt (without its padding) was
+        practised verbatim replays the whole practised answer (the full model's own
+        greedy answer to it; no layer runs to make it); any other prompt gets a lookup
+        draft (:meth:`lookup`) of at most ``max_draft`` tokens."""
+        self.replayed, self.copied, self._situation = False, False, None
+        if not sampled and self.sequences is not None:
+            prompt = input_ids[0].tolist()
+            if mask is not None:
+                prompt = [t for t, keep in zip(prompt, mask[0].tolist()) if keep]
+            answer = self.sequences.answer(prompt, limit)
+            if answer:
+                return self._proposed(input_ids, answer, stop_ids, "memory")
+        return self.lookup(input_ids, min(limit, self.max_draft), stop_ids, opening=True)
 
-    def replay(self, input_ids: torch.Tensor, limit: int, stop_ids: frozenset[int]) -> torch.Tensor:
-        """The continuation of a practised sequence that the text [1, T] ends like (no
-        layer runs); [1, 0] when there is none or no memory."""
-        if self.sequences is None:
+    def lookup(self, input_ids: torch.Tensor, limit: int, stop_ids: frozenset[int],
+               opening: bool = False) -> torch.Tensor:
+        """A draft that needs no layer: what followed where the text [1, T] ends the way a
+        practised sequence or (with ``copy_text``) an earlier part of the text itself went
+        on; [1, 0] when neither has it. With learned ``lengths`` each candidate proposes
+        as many tokens as its situation (source, ``opening`` = right after the prompt,
+        agreement) earns and the one likelier to be accepted wins; without, the memory's
+        fixed rule sizes it."""
+        ids = input_ids[0].tolist()
+        candidates = []
+        if self.sequences is not None:
+            if self.lengths is None:
+                tokens, agreement = self.sequences.continuation(ids, limit)
+            else:
+                tokens, agreement = self.sequences.lookup(ids, limit)
+            candidates.append(("memory", tokens, agreement))
+        if self.text is not None:
+            tokens, agreement = self.text.lookup(ids, limit)
+            if self.lengths is None:
+                tokens = tokens[:PROBE if agreement < SHORT_MATCH else 2 * agreement]
+            candidates.append(("context", tokens, agreement))
+        best: tuple[float, str, list[int], int] | None = None
+        for source, tokens, agreement in candidates:
+            if not tokens:
+                continue
+            p = 1.0
+            if self.lengths is not None:
+                tokens = tokens[:self.lengths.length(source, opening, agreement)]
+                p = self.lengths.probability(source, opening, agreement)
+            if tokens and (best is None or (p, len(tokens)) > (best[0], len(best[2]))):
+                best = (p, source, tokens, agreement)
+        if best is None:
             return input_ids[:, :0]
-        tokens, _ = self.sequences.continuation(input_ids[0].tolist(), limit)
+        _, source, tokens, agreement = best
+        self._situation = (source, opening, agreement)
+        return self._proposed(input_ids, tokens, stop_ids, source)
+
+    def _proposed(self, input_ids: torch.Tensor, tokens: list[int], stop_ids: frozenset[int],
+                  source: str) -> torch.Tensor:
+        """``tokens`` as the draft [1, k] (cut after an end of sequence), counted as
+        drafted from ``source``."""
         for i, token in enumerate(tokens):
             if token in stop_ids:  # nothing after the end is ever accepted
                 tokens = tokens[:i + 1]
                 break
-        if not tokens:
-            return input_ids[:, :0]
-        self.attempted, self.replayed = True, True
+        self.attempted = True
         self.stats.drafted += len(tokens)
-        self.stats.replayed += len(tokens)
+        if source == "memory":
+            self.replayed = True
+            self.stats.replayed += len(tokens)
+        else:
+            self.copied = True
+            self.stats.copied += len(tokens)
         return torch.tensor([tokens], dtype=input_ids.dtype, device=input_ids.device)
 
-    def record(self, drafted: int, accepted: int) -> None:
-        """Adapt the draft length and the back-off to the measured acceptance of the
-        latest draft."""
+    def record(self, drafted: int, accepted: int, rejected: bool | None = None) -> None:
+        """Adapt the draft lengths and the back-off to the verification of the latest
+        draft: ``accepted`` of ``drafted`` tokens, then a ``rejected`` one or not (default:
+        whether fewer than all were accepted; a call that ended on an accepted token
+        rejected nothing)."""
+        if rejected is None:
+            rejected = accepted < drafted
         if self.attempted and accepted == 0:
             self._pause = min(8, max(1, 2 * self._pause))
             self._skip = self._pause
@@ -417,8 +474,13 @@ class ShallowDrafter:
         if drafted == 0:
             return
         self.stats.accepted += accepted
-        if self.replayed:  # the shallow path's draft length adapts to its own drafts only
-            self.stats.replay_accepted += accepted
+        if self.replayed or self.copied:  # the shallow path's draft length adapts to its own drafts only
+            if self.replayed:
+                self.stats.replay_accepted += accepted
+            else:
+                self.stats.copy_accepted += accepted
+            if self.lengths is not None and self._situation is not None:
+                self.lengths.update(*self._situation, accepted=accepted, rejected=rejected)
             return
         if accepted == drafted:
             self.num_draft = min(self.max_draft, 2 * self.num_draft)
@@ -586,19 +648,20 @@ def make_decoder(drafter: ShallowDrafter, stats: DecodeStats, *, streamer: Any =
         if trail is not None:
             trail.expect(0)
         limit = generation_config.max_length - input_ids.shape[1] - 1
-        drafts = drafter.prompt_draft(input_ids, limit, stop_ids, do_sample) \
+        drafts = drafter.prompt_draft(input_ids, limit, stop_ids, do_sample, inputs.mask_to(input_ids.shape[1])) \
             if can_extend_prefill(generation_config, model_kwargs) else input_ids[:, :0]
         pending = prefill(model, input_ids, drafts, generation_config, model_kwargs, inputs)
         while True:
-            accepted, finished = 0, False
+            accepted, finished, rejected = 0, False, False
             for i in range(pending.shape[1]):
                 input_ids, token, finished = choose_next(input_ids, pending[:, i], logits_processor,
                                                          stopping_criteria, do_sample, streamer)
                 matched = i < drafts.shape[1] and int(token) == int(drafts[0, i])
                 accepted += matched  # a drafted end-of-sequence that matched counts too
+                rejected = i < drafts.shape[1] and not matched
                 if finished or not matched:
                     break
-            drafter.record(drafts.shape[1], accepted)
+            drafter.record(drafts.shape[1], accepted, rejected)
             # The cache may hold only tokens before the newest one.
             valid = input_ids.shape[1] - 1
             crop_all(cache, valid)

@@ -20,6 +20,9 @@ class DecodeStats:
             that matched included).
         replayed: drafted tokens taken from practised sequences (no layer ran for them).
         replay_accepted: of those, the accepted ones.
+        copied: drafted tokens copied from the call's own text (prompt and output so
+            far; no layer ran for them).
+        copy_accepted: of those, the accepted ones.
         replay_committed: fast mode's tokens committed from a practised answer with no
             layer run.
         draft_forwards: shallow forwards run to draft a token.
@@ -40,6 +43,8 @@ class DecodeStats:
     accepted: int = 0
     replayed: int = 0
     replay_accepted: int = 0
+    copied: int = 0
+    copy_accepted: int = 0
     replay_committed: int = 0
     draft_forwards: int = 0
     verify_forwards: int = 0

@@ -101,22 +101,20 @@ class SequenceMemory:
         (at most ``limit`` tokens, fewer for a short agreement: see the module doc), and
         the agreement (how many tokens of ``ids`` matched, counted back from the end).
         ``([], 0)`` when the last ``KEY`` tokens never occurred in practice."""
+        tokens, match = self.lookup(ids, limit)
+        allowed = DRAFT_PER_MATCH * match if match >= SHORT_MATCH else PROBE
+        return tokens[:allowed], match
+
+    def lookup(self, ids: list[int], limit: int) -> tuple[list[int], int]:
+        """Like :meth:`continuation`, with no length rule: up to ``limit`` tokens of what
+        followed the best match, and its agreement (the caller sizes the draft)."""
         if limit <= 0 or len(ids) < KEY:
             return [], 0
-        candidates = self._index.get(tuple(ids[-KEY:]))
-        if not candidates:
+        found = best_match(self._index, self.sequences, ids)
+        if found is None:
             return [], 0
-        best, best_match = candidates[-1], 0  # every candidate matches at least KEY tokens
-        for s, end in reversed(candidates[-MAX_CANDIDATES:]):
-            seq = self.sequences[s]
-            match = KEY
-            while match < MAX_MATCH and match < end and match < len(ids) and seq[end - match - 1] == ids[-match - 1]:
-                match += 1
-            if match > best_match:
-                best, best_match = (s, end), match
-        s, end = best
-        allowed = DRAFT_PER_MATCH * best_match if best_match >= SHORT_MATCH else PROBE
-        return self.sequences[s][end:end + min(limit, allowed)], best_match
+        s, end, match = found
+        return self.sequences[s][end:end + limit], match
 
     def answer(self, prompt: list[int], limit: int) -> list[int]:
         """The practised answer to exactly ``prompt``: what followed it in the sequence
@@ -144,3 +142,55 @@ class SequenceMemory:
         self._index = {}
         for s in range(len(self.sequences)):
             self._index_one(s)
+
+
+def best_match(index: dict[tuple[int, ...], list[tuple[int, int]]], sequences: list[list[int]],
+               ids: list[int]) -> tuple[int, int, int] | None:
+    """``(sequence, end, agreement)`` of the occurrence of the end of ``ids`` in
+    ``sequences`` whose preceding tokens agree with ``ids`` furthest back (the most
+    recent on a tie); ``None`` when the last ``KEY`` tokens occur nowhere in ``index``."""
+    candidates = index.get(tuple(ids[-KEY:]))
+    if not candidates:
+        return None
+    best, best_match_length = candidates[-1], 0  # every candidate matches at least KEY tokens
+    for s, end in reversed(candidates[-MAX_CANDIDATES:]):
+        seq = sequences[s]
+        match = KEY
+        while match < MAX_MATCH and match < end and match < len(ids) and seq[end - match - 1] == ids[-match - 1]:
+            match += 1
+        if match > best_match_length:
+            best, best_match_length = (s, end), match
+    return best[0], best[1], best_match_length
+
+
+class TextIndex:
+    """The n-gram index of one growing text: the current call's prompt and output, so a
+    draft can copy what the text itself said before (a span quoted from the prompt, a
+    repeated name or line), with the same matching as :class:`SequenceMemory`."""
+
+    def __init__(self) -> None:
+        self.text: list[int] = []
+        self._index: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+
+    def sync(self, ids: list[int]) -> None:
+        """Make the index hold ``ids``: a text that extends the held one is indexed
+        incrementally, any other text from scratch."""
+        n = len(self.text)
+        if len(ids) < n or ids[:n] != self.text:
+            self.text, self._index, n = [], {}, 0
+        self.text.extend(ids[n:])
+        # A key must be followed by a token: ends n..len-1 become valid (end n was not).
+        for end in range(max(KEY, n), len(self.text)):
+            self._index.setdefault(tuple(self.text[end - KEY:end]), []).append((0, end))
+
+    def lookup(self, ids: list[int], limit: int) -> tuple[list[int], int]:
+        """Up to ``limit`` tokens of what followed the best earlier occurrence of the end
+        of ``ids`` in ``ids`` itself, and its agreement; ``([], 0)`` when there is none."""
+        if limit <= 0 or len(ids) < KEY:
+            return [], 0
+        self.sync(ids)
+        found = best_match(self._index, [self.text], ids)
+        if found is None:
+            return [], 0
+        _, end, match = found
+        return self.text[end:end + limit], match

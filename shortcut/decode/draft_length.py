@@ -1,0 +1,98 @@
+"""How many tokens a lookup draft proposes, learned from what verification accepted.
+
+A lookup draft (a practised sequence, or the current text itself) costs no layer to make,
+but every proposed token costs a position in the verification forward, and a rejected
+one is compute spent for nothing. How far such a draft goes on being right depends on
+the situation: a long agreement with a practised sequence is usually a rejoined
+practised stretch; the same template followed by new content (a practised task on new
+input) agrees for a few structure tokens and then leaves it.
+
+So each situation keeps a continuation probability ``p``, the chance that a drafted
+token is accepted given that the one before it was, estimated from verification
+outcomes as ``accepted / (accepted + rejections)`` (a geometric run length; a draft
+that was accepted to its end, or cut by the end of the call, adds no rejection). A draft
+then proposes the tokens whose chance of being reached, ``p ** i``, is at least
+``accept_bar``: the expected waste per proposed token stays below ``1 - accept_bar``.
+A situation below the bar still proposes one token every ``EXPLORE``-th time it comes
+up, so an estimate that was too low can recover.
+
+A situation is the draft's source (``"memory"`` or ``"context"``), whether the draft
+starts the answer (right after the prompt) or continues it, and the agreement bucket
+(how many tokens of the text matched where the continuation was found).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+SOURCES = ("memory", "context")
+AGREEMENT_BUCKETS = (3, 6, 12, 24, 48)  # lower bounds of the agreement buckets
+PRIOR_WEIGHT = 2.0  # rejections the prior counts as; a few outcomes outweigh it
+EXPLORE = 8  # a situation below the bar probes one token this often
+
+
+def bucket(agreement: int) -> int:
+    """The lower bound of ``agreement``'s bucket."""
+    return max((b for b in AGREEMENT_BUCKETS if agreement >= b), default=AGREEMENT_BUCKETS[0])
+
+
+def prior(agreement_bucket: int) -> float:
+    """Continuation probability before any outcome: a coincidental short match is as
+    likely wrong as right; a long one is a rejoined stretch (about what the fixed rule
+    that came before proposed: a probe of two below 12 tokens, then twice the agreement)."""
+    return {3: 0.6, 6: 0.6, 12: 0.9, 24: 0.95, 48: 0.97}[agreement_bucket]
+
+
+@dataclass
+class DraftLengths:
+    """Continuation probabilities per situation, and the draft lengths they give.
+
+    Args:
+        accept_bar: a drafted token is proposed while its chance of being accepted is at
+            least this (0 < bar < 1; lower drafts longer and wastes more).
+    """
+
+    accept_bar: float = 0.3
+    counts: dict[tuple[str, bool, int], list[float]] = field(default_factory=dict)
+    _declined: dict[tuple[str, bool, int], int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.accept_bar < 1.0:
+            raise ValueError(f"accept_bar={self.accept_bar} must be in (0, 1)")
+
+    def _counts(self, source: str, opening: bool, agreement: int) -> list[float]:
+        if source not in SOURCES:
+            raise ValueError(f"source={source!r} is not one of {SOURCES}")
+        key = (source, opening, bucket(agreement))
+        if key not in self.counts:
+            p = prior(key[2])
+            self.counts[key] = [PRIOR_WEIGHT * p / (1.0 - p), PRIOR_WEIGHT]
+        return self.counts[key]
+
+    def probability(self, source: str, opening: bool, agreement: int) -> float:
+        """The continuation probability of a draft in this situation."""
+        accepted, rejections = self._counts(source, opening, agreement)
+        return accepted / (accepted + rejections)
+
+    def length(self, source: str, opening: bool, agreement: int) -> int:
+        """Tokens to propose in this situation: those reached with probability at least
+        ``accept_bar``; 0 when not even the first one is (1 every ``EXPLORE``-th time)."""
+        p = self.probability(source, opening, agreement)
+        if p < self.accept_bar:
+            key = (source, opening, bucket(agreement))
+            self._declined[key] = (self._declined.get(key, 0) + 1) % EXPLORE
+            return int(self._declined[key] == 0)
+        if p >= 1.0:
+            return 1 << 20
+        return int(math.log(self.accept_bar) / math.log(p))
+
+    def update(self, source: str, opening: bool, agreement: int, accepted: int, rejected: bool) -> None:
+        """Record a verified draft: ``accepted`` tokens, then a rejection or not."""
+        counts = self._counts(source, opening, agreement)
+        counts[0] += accepted
+        counts[1] += float(rejected)
+
+    def to_dict(self) -> dict[str, list[float]]:
+        """Json-ready counts (``"source|opening|bucket"`` -> [accepted, rejections])."""
+        return {f"{s}|{int(o)}|{b}": list(v) for (s, o, b), v in self.counts.items()}
