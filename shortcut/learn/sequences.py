@@ -12,12 +12,12 @@ where it does.
 
 Lookup: the last ``KEY`` tokens select candidate positions (an n-gram index); among
 them the one whose preceding tokens agree with the text furthest back wins (the most
-recent sequence on a tie). The agreement sets the draft: below ``SHORT_MATCH`` tokens
-it is a ``PROBE`` of two tokens (a coincidence in new text is common, and verifying
-three tokens costs about what one does on a CPU: ``benchmarks/bench_verify.py``), from there
-on ``DRAFT_PER_MATCH`` tokens per agreeing token, up to the caller's limit. A probe that
-is accepted lengthens the agreement, so a rejoined practised stretch soon drafts long
-(drafting the whole continuation after any short match slows novel text down).
+recent sequence on a tie). :meth:`SequenceMemory.lookup` returns what followed and the
+agreement, and lossless drafting sizes the draft from acceptance it learned per
+situation (``shortcut/decode/draft_length.py``). :meth:`SequenceMemory.continuation`
+applies the fixed rule fast mode's fork check relies on: below ``SHORT_MATCH`` tokens of
+agreement a ``PROBE`` of two tokens, from there on ``DRAFT_PER_MATCH`` tokens per
+agreeing token. :class:`TextIndex` looks up the current call's own text the same way.
 
 Fast mode asks for more than a match: :meth:`SequenceMemory.answer` gives what followed
 a prompt only when a sequence begins with exactly that prompt, and commits it unverified.
