@@ -111,6 +111,10 @@ def test_config_validation_and_unknown_keys(tmp_path, caplog):
     assert default.observer_layers == [2] and default.exit_layers == [3, 7, 11, 15, 19]
     with pytest.raises(ValueError, match="fast_confidence=1.5"):
         ShortcutConfig(fast_confidence=1.5)
+    with pytest.raises(ValueError, match=r"draft_accept_bar=0 must be in \(0, 1\)"):
+        ShortcutConfig(draft_accept_bar=0)
+    with pytest.raises(TypeError, match="copy_drafts='yes' must be true or false"):
+        ShortcutConfig(copy_drafts="yes")
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"mode": "fast", "colour": "blue"}))
     assert ShortcutConfig.load(path).mode == "fast"
