@@ -107,7 +107,7 @@ def measure_skills(model, folder: Path, sets: dict, new_tokens: int, label: str,
     rows, pair = [], 0
     try:
         for replay, (name, inputs) in ((r, item) for r in replays for item in sets.items()):
-            handle.config.replay_sequences = replay
+            handle.config.lossless.replay_sequences = replay
             results = []
             for ids in inputs:
                 results.append(measure(handle, ids, new_tokens, plain_first=pair % 2 == 0))
@@ -169,7 +169,7 @@ def heads_benchmark(model, tokenizer, args: argparse.Namespace, n_test: int, set
           f"threads={torch.get_num_threads()} (lossless; speed = tokens/s vs plain generate, same run)")
     print(_header())
     rows = measure_skills(model, args.skills, sets, args.new_tokens, "practised", replays)
-    cfg = ft.FinetuneConfig(max_new_tokens=args.new_tokens, steps=args.steps, seed=args.seed)
+    cfg = ft.FinetuneConfig(max_new_tokens=args.new_tokens, seed=args.seed, heads=ft.HeadsFitConfig(steps=args.steps))
     summary, seconds = run_finetune(model, tokenizer, args.skills, args.work / "heads", cfg)
     print(ft.format_summary(summary), flush=True)
     rows += measure_skills(model, args.work / "heads", sets, args.new_tokens, "consolidated", replays)
@@ -211,10 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=30, help="practised prompts (as in the practice benchmark)")
     parser.add_argument("--test-prompts", type=int, default=None, help="prompts per test set (default: --prompts)")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=ft.FinetuneConfig.steps, help="most exit-head steps")
+    parser.add_argument("--steps", type=int, default=ft.HeadsFitConfig.steps, help="most exit-head steps")
     parser.add_argument("--layerskip", action="store_true", help="also train and assess the LoRA level")
-    parser.add_argument("--lora-steps", type=int, default=ft.FinetuneConfig.lora_steps)
-    parser.add_argument("--lora-final-target", choices=("base", "tokens"), default=ft.FinetuneConfig.lora_final_target)
+    parser.add_argument("--lora-steps", type=int, default=ft.LayerSkipConfig.steps)
+    parser.add_argument("--lora-final-target", choices=("base", "tokens"), default=ft.LayerSkipConfig.final_target)
     parser.add_argument("--quality-passages", type=int, default=70)
     parser.add_argument("--choice", type=int, default=100, help="choice questions")
     parser.add_argument("--seed", type=int, default=0)
@@ -247,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.layerskip:
         records = read_jsonl(DEFAULT_PASSAGES, required=("text",))
         quality = [r["text"] for r in records if r.get("split") == "heldout"][:args.quality_passages]
-        lcfg = ft.FinetuneConfig(level="layerskip", max_new_tokens=args.new_tokens, steps=args.steps,
-                                 lora_steps=args.lora_steps, lora_final_target=args.lora_final_target, seed=args.seed)
+        lcfg = ft.FinetuneConfig(level="layerskip", max_new_tokens=args.new_tokens, seed=args.seed,
+                                 heads=ft.HeadsFitConfig(steps=args.steps),
+                                 layerskip=ft.LayerSkipConfig(steps=args.lora_steps,
+                                                              final_target=args.lora_final_target))
         ls_summary, ls_seconds = run_finetune(model, tokenizer, args.skills, args.work / "layerskip", lcfg, quality)
         print(ft.format_summary(ls_summary), flush=True)
         choice = read_jsonl(DATA / "choice.jsonl")[:args.choice]

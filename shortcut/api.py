@@ -148,7 +148,7 @@ class Shortcut:
                         policy: ExitPolicy | None = None) -> None:
         """Give the handle its SAE observer (and, when loading, learned heads and
         policy). From then on full-path forwards of batch 1 are practice (while
-        ``config.learn``), and lossless ``generate`` drafts with the shallow path too.
+        ``config.learning.enabled``), and lossless ``generate`` drafts with the shallow path too.
         The replay log and practised sequences learned so far are kept; the new heads
         count as fitted on none of the log (fast mode commits only after a re-fit)."""
         self._check_live()
@@ -162,21 +162,22 @@ class Shortcut:
         if not exits:
             raise ValueError(f"no exit layer in {self.config.exit_layers} lies above observer layer {observer.layer}")
         heads = heads or ExitHeads(self.parts, exits)
-        policy = policy or ExitPolicy(exits, observer.d_sae, threshold=self.config.policy_threshold)
+        policy = policy or ExitPolicy(exits, observer.d_sae, threshold=self.config.learning.policy_threshold)
         if self.auto_observer is not None:  # an observer is here: stop collecting for one
             self.auto_observer.uninstall()
             self.auto_observer = None
         if self.learner is not None:
             self.learner.uninstall()
         self.learner = Learner(self.model, self.parts, observer, heads, policy,
-                               consolidate_every=self.config.consolidate_every, fit_steps=self.config.fit_steps,
+                               consolidate_every=self.config.learning.consolidate_every,
+                               fit_steps=self.config.learning.fit_steps,
                                seed=self.config.seed, experience=self.experience)
         self.experience.fitted_log = 0
-        self.learner.enabled = self.config.learn
-        self.fast = FastController(min_confidence=self.config.fast_confidence,
+        self.learner.enabled = self.config.learning.enabled
+        self.fast = FastController(min_confidence=self.config.fast.confidence,
                                    min_familiarity=policy.min_familiarity,
-                                   target_error_rate=self.config.target_error_rate,
-                                   audit_fraction=self.config.audit_fraction, seed=self.config.seed)
+                                   target_error_rate=self.config.fast.target_error_rate,
+                                   audit_fraction=self.config.fast.audit_fraction, seed=self.config.seed)
         self.learner.install(
             gate=lambda: self._runtime.policy is None and not self._runtime.bypass and not self._reference)
 
@@ -203,7 +204,7 @@ class Shortcut:
 
     def set_learning(self, enabled: bool) -> None:
         """Switch practice on or off (off: skills are frozen)."""
-        self.config.learn = enabled
+        self.config.learning.enabled = enabled
         if self.learner is not None:
             self.learner.enabled = enabled
 
@@ -238,8 +239,8 @@ class Shortcut:
                 and mask.shape == input_ids.shape):
             prompt = [t for t, keep in zip(prompt, mask[0].tolist()) if keep]  # the text without its padding
         commit = learner is not None and self.config.mode == "fast" and (  # asked before this call is logged
-            not self.config.fast_practised_prompts_only or (prompt is not None and learner.was_practised(prompt)))
-        if self.config.learn and prompt is not None:
+            not self.config.fast.practised_prompts_only or (prompt is not None and learner.was_practised(prompt)))
+        if self.config.learning.enabled and prompt is not None:
             experience.log_prompt(prompt)  # the replay log consolidation reads
         bad = unsupported_options(self.model, kwargs, input_ids)
         if bad:
@@ -247,11 +248,11 @@ class Shortcut:
             return original(*args, **kwargs)
         assert isinstance(input_ids, torch.Tensor)  # anything else is an unsupported option
         fast = self.fast  # set by attach_observer with the learner
-        sequences = experience.sequences if self.config.replay_sequences else None
+        sequences = experience.sequences if self.config.lossless.replay_sequences else None
         # generate hands custom_generate no streamer or tokenizer: see custom_generate_kwargs.
         kwargs, stream = custom_generate_kwargs(self.model, kwargs)
         collector = None  # collects this call's residuals for the observer being learned
-        if auto is not None and self.config.learn and prompt is not None:
+        if auto is not None and self.config.learning.enabled and prompt is not None:
             collector = auto
             collector.begin_call(prompt)
         trail = None
@@ -273,17 +274,19 @@ class Shortcut:
             # Without an observer the drafter replays practised sequences only.
             observer, heads, policy = (learner.observer, learner.heads, learner.policy) if learner else (None,) * 3
             drafter = ShallowDrafter(self.model, self._runtime, observer, heads, policy, trail,
-                                     max_draft=self.config.max_draft, min_confidence=self.config.draft_confidence,
+                                     max_draft=self.config.lossless.max_draft,
+                                     min_confidence=self.config.lossless.draft_confidence,
                                      stats=self.decode_stats,
                                      on_full_path=learner.learn_recorded if learner else None,
                                      num_draft=self._draft_length, sequences=sequences,
-                                     shallow=self.config.shallow_drafts)
+                                     shallow=self.config.lossless.shallow_drafts)
             try:
                 decoder = make_decoder(drafter, self.decode_stats, streamer=stream, on_fallback=self._warn_full_path)
                 output = original(*args, custom_generate=decoder, **kwargs)
             finally:
                 self._draft_length = drafter.num_draft
-            if self.config.learn and drafter.plain_greedy:  # the full model's greedy answer: later calls may replay it
+            # the full model's greedy answer: later calls may replay it
+            if self.config.learning.enabled and drafter.plain_greedy:
                 experience.sequences.add(output[0].tolist(), start=input_ids.shape[1])
             return output
         finally:
@@ -387,7 +390,7 @@ def wrap(model: PreTrainedModel, config: ShortcutConfig | None = None, *,
     With no learned policy the wrapped model computes exactly what the model computed
     before (bit-identical logits); ``handle.remove()`` restores it completely.
 
-    It practises from the first call: while ``config.learn``, every plain greedy
+    It practises from the first call: while ``config.learning.enabled``, every plain greedy
     lossless ``generate`` call adds its answer to the practised sequences, and later
     calls whose text goes the way a practised one went draft it back, verified by the
     full model (same tokens as unwrapped, greedy or seeded sampling). An observer

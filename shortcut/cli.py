@@ -149,7 +149,8 @@ def _practice(args: argparse.Namespace) -> int:
     if args.skills:
         handle = shortcut.load(model, args.skills)
     else:
-        handle = shortcut.wrap(model, shortcut.ShortcutConfig(consolidate_every=0, seed=args.seed))
+        learning = shortcut.LearningConfig(consolidate_every=0)
+        handle = shortcut.wrap(model, shortcut.ShortcutConfig(seed=args.seed, learning=learning))
         handle.train_observer(texts, tokenizer, steps=args.sae_steps, progress=not args.quiet)
     rows = handle.practice(records, rounds=args.rounds, max_new_tokens=args.new_tokens, tokenizer=tokenizer,
                            progress=not args.quiet)

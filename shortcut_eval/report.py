@@ -107,9 +107,9 @@ def markdown(result: dict) -> str:
         ablation = ablation_table(result["tests"])
         if ablation:
             lines += ["## Sequence memory only vs full system (lossless)", "",
-                      "The same frozen skills with the shallow path off (`shallow_drafts=False`: only practised "
-                      "sequences draft, every other token takes the full path) beside the full system, per test "
-                      "set. `transfer` holds unseen instances of the practised task families.", "",
+                      "The same frozen skills with the shallow path off (`lossless.shallow_drafts=False`: only "
+                      "practised sequences draft, every other token takes the full path) beside the full system, "
+                      "per test set. `transfer` holds unseen instances of the practised task families.", "",
                       ablation, ""]
         sweep = result.get("early_exit_sweep") or {}
         if sweep:

@@ -11,6 +11,7 @@ decoding; see ``shortcut/decode/accounting.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import statistics
 import time
@@ -46,7 +47,8 @@ class System:
 class Method:
     """A way to generate: ``plain`` (untouched model), ``shortcut`` (the wrapped model in
     ``mode``, with ``options`` as :class:`shortcut.ShortcutConfig` fields set for the
-    call, e.g. ``{"shallow_drafts": False}`` for the memory-only ablation) or ``peer``
+    call, a group's fields by dotted name, e.g. ``{"lossless.shallow_drafts": False}`` for
+    the memory-only ablation) or ``peer``
     (the model's own ``generate`` with ``options`` as its keyword arguments)."""
 
     name: str
@@ -72,7 +74,8 @@ def load_system(label: str, model_name: str, *, dtype: str, skills: str | None, 
         shape = {"observer_layers": [observer_layer]} if observer_layer is not None else {}
         if exit_layers:
             shape["exit_layers"] = list(exit_layers)
-        handle = shortcut.wrap(model, shortcut.ShortcutConfig(seed=seed, consolidate_every=0, **shape))
+        learning = shortcut.LearningConfig(consolidate_every=0)
+        handle = shortcut.wrap(model, shortcut.ShortcutConfig(seed=seed, learning=learning, **shape))
         observer_seconds = _default_observer(handle, tokenizer, corpus, sae_steps, progress)
     handle.set_learning(False)
     return System(label, model, tokenizer, handle, ParamSizes.of(handle), observer_seconds)
@@ -223,17 +226,23 @@ def generate(method: Method, ids: torch.Tensor, new_tokens: int) -> dict[str, An
     elif method.kind == "shortcut":
         # the skills keep the mode and settings they were made with
         changes = {"mode": method.mode, **method.options}
-        unknown = sorted(name for name in changes if not hasattr(handle.config, name))
+        fields, unknown = [], []
+        for name, value in changes.items():
+            target = _config_field(handle.config, name)
+            if target is None:
+                unknown.append(name)
+            else:
+                fields.append((*target, value))
         if unknown:
-            raise ValueError(f"method {method.name!r}: {unknown} are not ShortcutConfig fields")
-        saved = {name: getattr(handle.config, name) for name in changes}
+            raise ValueError(f"method {method.name!r}: {sorted(unknown)} are not ShortcutConfig fields")
+        saved = [(owner, attribute, getattr(owner, attribute)) for owner, attribute, _ in fields]
         try:
-            for name, value in changes.items():
-                setattr(handle.config, name, value)
+            for owner, attribute, value in fields:
+                setattr(owner, attribute, value)
             out = model.generate(**gen)
         finally:
-            for name, value in saved.items():
-                setattr(handle.config, name, value)
+            for owner, attribute, value in saved:
+                setattr(owner, attribute, value)
     else:
         with handle.reference():
             out = model.generate(**gen, **method.options)
@@ -251,6 +260,20 @@ def generate(method: Method, ids: torch.Tensor, new_tokens: int) -> dict[str, An
             # tokens from practised sequences: accepted lossless drafts, committed fast-mode answers
             "replayed": float(decode.replay_accepted + decode.replay_committed),
             "learn_seconds": (learner.stats.learn_seconds - learn_before) if learner else 0.0}
+
+
+def _config_field(config: Any, name: str) -> tuple[Any, str] | None:
+    """The object and attribute a method option names: a top-level field (``"mode"``)
+    or a group's (``"lossless.shallow_drafts"``); ``None`` when there is no such field."""
+    *groups, attribute = name.split(".")
+    owner = config
+    for group in groups:
+        owner = getattr(owner, group, None)
+        if not dataclasses.is_dataclass(owner):
+            return None
+    if not dataclasses.is_dataclass(owner) or attribute not in {f.name for f in dataclasses.fields(owner)}:
+        return None
+    return owner, attribute
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, BertForMaskedLM, LlamaConfig, LlamaModel
 
 import shortcut
-from shortcut import FixedPlan, ShortcutConfig
+from shortcut import FastConfig, FixedPlan, ShortcutConfig
 from shortcut.arch import ArchSpec, llama_like_kv, register_architecture
 
 from .conftest import TINY_CONFIGS, make_tiny
@@ -109,8 +109,8 @@ def test_config_validation_and_unknown_keys(tmp_path, caplog):
         ShortcutConfig(observer_layers=[1], exit_layers=[4]).resolved(4)
     default = ShortcutConfig().resolved(30)
     assert default.observer_layers == [2] and default.exit_layers == [3, 7, 11, 15, 19]
-    with pytest.raises(ValueError, match="fast_confidence=1.5"):
-        ShortcutConfig(fast_confidence=1.5)
+    with pytest.raises(ValueError, match=r"fast.confidence=1.5 must be in \[0, 1\]"):
+        ShortcutConfig(fast=FastConfig(confidence=1.5))
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"mode": "fast", "colour": "blue"}))
     assert ShortcutConfig.load(path).mode == "fast"

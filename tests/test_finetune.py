@@ -21,14 +21,14 @@ from shortcut.skills.folder import SkillsMismatchError
 from .conftest import make_tiny
 from .test_practice import PROMPTS, _observer
 
-FAST = {"steps": 40, "batch_size": 16, "eval_every": 10, "patience": 2, "max_new_tokens": 12, "lr": 3e-3,
-        "checkpoint_every": 0}
-LORA = {"level": "layerskip", "lora_steps": 12, "lora_lr": 5e-3, "lora_batch_size": 2, "lora_rank": 4, "lora_alpha": 8,
-        "layer_dropout": 0.2}
+FAST = {"max_new_tokens": 12, "checkpoint_every": 0}
+HEADS = {"steps": 40, "batch_size": 16, "eval_every": 10, "patience": 2, "lr": 3e-3}
+LORA = {"level": "layerskip",
+        "layerskip": ft.LayerSkipConfig(steps=12, lr=5e-3, batch_size=2, rank=4, alpha=8, layer_dropout=0.2)}
 
 
-def _config(**kw) -> ft.FinetuneConfig:
-    return ft.FinetuneConfig(**{**FAST, **kw})
+def _config(heads=None, **kw) -> ft.FinetuneConfig:
+    return ft.FinetuneConfig(**{**FAST, **kw}, heads=ft.HeadsFitConfig(**{**HEADS, **(heads or {})}))
 
 
 def _tokenizer():
@@ -46,8 +46,9 @@ def _tokenizer():
 def skills_dir(tmp_path_factory):
     """A tiny llama practised on three prompts, saved as a skills folder."""
     model = make_tiny("llama")
-    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2], draft_confidence=0.0,
-                                     policy_threshold=0.3, fit_steps=30)
+    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2],
+                                     lossless=shortcut.LosslessConfig(draft_confidence=0.0),
+                                     learning=shortcut.LearningConfig(policy_threshold=0.3, fit_steps=30))
     handle = shortcut.wrap(model, config)
     handle.attach_observer(_observer(model))
     handle.practice(PROMPTS, rounds=2, max_new_tokens=12, progress=False)
@@ -170,9 +171,9 @@ def test_resume_after_interruption_gives_the_same_result(skills_dir, tmp_path, m
     assert Checkpoints(run / "checkpoints", {}, 1, 1, None).latest(saves[-1]) is not None
     with pytest.raises(FileExistsError, match="--resume"):
         ft.finetune(make_tiny("llama"), skills_dir, run, config=cfg, progress=False)
-    with pytest.raises(ValueError, match="another configuration"):
-        ft.finetune(make_tiny("llama"), skills_dir, run, config=_config(checkpoint_every=4, steps=41, **extra),
-                    resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"another configuration \(differs in: config.heads.steps\)"):
+        other = _config(checkpoint_every=4, heads={"steps": 41}, **extra)
+        ft.finetune(make_tiny("llama"), skills_dir, run, config=other, resume=True, progress=False)
 
     ft.finetune(make_tiny("llama"), skills_dir, run, config=cfg, resume=True, progress=False)
     for name in ("heads.safetensors", "policy.safetensors") + (("adapter/adapter_model.safetensors",) if extra else ()):
@@ -258,7 +259,7 @@ def test_layerskip_schedule_helpers():
 
 
 def test_layerskip_final_layer_anchored_to_the_base_distribution():
-    """With ``lora_final_target="base"`` the final layer's term is the KL divergence from
+    """With ``LayerSkipConfig(final_target="base")`` the final layer's term is the KL divergence from
     the base model's logits: zero while the adapter is still the identity (LoRA's B
     starts at zero), and positive once the adapter moves the final distribution."""
     from peft import LoraConfig, get_peft_model

@@ -65,8 +65,9 @@ def test_inference_mode_generate_learns_and_later_calls_work():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_reduced_precision_practises_consolidates_saves_and_loads(dtype, tmp_path):
     model = make_tiny("llama").to(dtype)
-    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2], draft_confidence=0.0,
-                                     policy_threshold=0.3, fit_steps=10)
+    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2],
+                                     lossless=shortcut.LosslessConfig(draft_confidence=0.0),
+                                     learning=shortcut.LearningConfig(policy_threshold=0.3, fit_steps=10))
     handle = shortcut.wrap(model, config)
     handle.attach_observer(_observer(model))
     rows = handle.practice(PROMPTS, rounds=2, max_new_tokens=8, progress=False)

@@ -28,8 +28,9 @@ def _observer(model, layer: int = 0) -> Observer:
 def _practised(arch: str = "llama", rounds: int = 3):
     model = make_tiny(arch)
     # Low thresholds: a random tiny model is never confident, but drafting must be exercised.
-    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2], draft_confidence=0.0,
-                                     policy_threshold=0.3, fit_steps=30)
+    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2],
+                                     lossless=shortcut.LosslessConfig(draft_confidence=0.0),
+                                     learning=shortcut.LearningConfig(policy_threshold=0.3, fit_steps=30))
     handle = shortcut.wrap(model, config)
     handle.attach_observer(_observer(model))
     rows = handle.practice(PROMPTS, rounds=rounds, max_new_tokens=16, progress=False)
@@ -78,11 +79,11 @@ def test_drafted_tokens_skip_real_compute(practised):
     model, handle, _ = practised
     handle.stats.reset()
     before = handle.decode_stats.copy()
-    handle.config.replay_sequences = False  # the shallow path drafts
+    handle.config.lossless.replay_sequences = False  # the shallow path drafts
     try:
         model.generate(input_ids=PROMPTS[0], max_new_tokens=20, do_sample=False)
     finally:
-        handle.config.replay_sequences = True
+        handle.config.lossless.replay_sequences = True
     drafted = handle.decode_stats.draft_forwards - before.draft_forwards
     assert drafted > 0
     runs = handle.stats.total.per_layer_runs
@@ -98,11 +99,11 @@ def test_an_unsure_first_draft_token_runs_each_layer_once(practised):
         ref = model.generate(input_ids=PROMPTS[1], max_new_tokens=10, do_sample=False)
     before = handle.decode_stats.copy()
     handle.stats.reset()
-    handle.config.replay_sequences, handle.config.draft_confidence = False, 1.01  # never sure
+    handle.config.lossless.replay_sequences, handle.config.lossless.draft_confidence = False, 1.01  # never sure
     try:
         out = model.generate(input_ids=PROMPTS[1], max_new_tokens=10, do_sample=False)
     finally:
-        handle.config.replay_sequences, handle.config.draft_confidence = True, 0.0
+        handle.config.lossless.replay_sequences, handle.config.lossless.draft_confidence = True, 0.0
     assert torch.equal(out, ref)
     assert handle.decode_stats.draft_unsure - before.draft_unsure > 0
     assert handle.decode_stats.drafted == before.drafted
@@ -146,7 +147,7 @@ def test_shallow_drafts_off_leaves_the_sequence_memory_alone(practised):
     replayed, no shallow draft forward runs, and the tokens are the unwrapped model's."""
     model, handle, _ = practised
     handle.set_learning(False)
-    handle.config.shallow_drafts = False
+    handle.config.lossless.shallow_drafts = False
     try:
         for prompt in PROMPTS:
             with handle.disabled():
@@ -157,14 +158,14 @@ def test_shallow_drafts_off_leaves_the_sequence_memory_alone(practised):
             delta = handle.decode_stats - before
             assert delta.draft_forwards == 0 and delta.drafted == delta.replayed
         assert handle.decode_stats.replay_accepted > 0
-        handle.config.replay_sequences = False  # neither source: every token takes the full path
+        handle.config.lossless.replay_sequences = False  # neither source: every token takes the full path
         with handle.disabled():
             ref = model.generate(input_ids=PROMPTS[0], max_new_tokens=20, do_sample=False)
         before = handle.decode_stats.copy()
         assert torch.equal(model.generate(input_ids=PROMPTS[0], max_new_tokens=20, do_sample=False), ref)
         assert (handle.decode_stats - before).drafted == 0
     finally:
-        handle.config.shallow_drafts, handle.config.replay_sequences = True, True
+        handle.config.lossless.shallow_drafts, handle.config.lossless.replay_sequences = True, True
         handle.set_learning(True)
 
 
@@ -176,7 +177,7 @@ def test_generate_leaves_no_hook_and_carries_the_draft_length(practised):
     model.generate(input_ids=PROMPTS[0], max_new_tokens=20, do_sample=False)
     assert len(layer._forward_pre_hooks) == hooks  # the trail's capture hook is gone
     carried = handle._draft_length
-    assert carried is not None and 1 <= carried <= handle.config.max_draft
+    assert carried is not None and 1 <= carried <= handle.config.lossless.max_draft
     # The next call starts from the length the last one reached.
     drafter_lengths = []
     original = lossless.ShallowDrafter.__init__
@@ -320,8 +321,10 @@ def test_lossless_on_other_architectures(arch):
 
 def test_fast_mode_commits_exits_and_audits():
     model = make_tiny("llama")
-    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2], draft_confidence=0.0,
-                                     fast_confidence=0.0, policy_threshold=0.3, fit_steps=30, audit_fraction=1.0)
+    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2],
+                                     lossless=shortcut.LosslessConfig(draft_confidence=0.0),
+                                     fast=shortcut.FastConfig(confidence=0.0, audit_fraction=1.0),
+                                     learning=shortcut.LearningConfig(policy_threshold=0.3, fit_steps=30))
     handle = shortcut.wrap(model, config)
     handle.attach_observer(_observer(model))
     handle.practice(PROMPTS, rounds=2, max_new_tokens=16, progress=False)
@@ -349,7 +352,8 @@ def test_loaded_policy_uses_the_saved_threshold(tmp_path):
     from shortcut.skills import folder as skills
 
     model = make_tiny("llama")
-    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2], policy_threshold=0.55)
+    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2],
+                                     learning=shortcut.LearningConfig(policy_threshold=0.55))
     handle = shortcut.wrap(model, config)
     handle.attach_observer(_observer(model))
     assert handle.exit_policy.threshold == 0.55
@@ -358,7 +362,7 @@ def test_loaded_policy_uses_the_saved_threshold(tmp_path):
 
     loaded = shortcut.load(make_tiny("llama"), folder)
     try:
-        assert loaded.config.policy_threshold == 0.55
+        assert loaded.config.learning.policy_threshold == 0.55
         assert loaded.exit_policy.threshold == 0.55
     finally:
         loaded.remove()
@@ -366,7 +370,7 @@ def test_loaded_policy_uses_the_saved_threshold(tmp_path):
     parts = shortcut.arch.resolve(model)
     policy = skills.load_learned(folder, manifest, parts, manifest["base_model"]).policy
     assert policy.threshold == 0.55
-    other = shortcut.ShortcutConfig(policy_threshold=0.7)
+    other = shortcut.ShortcutConfig(learning=shortcut.LearningConfig(policy_threshold=0.7))
     policy = skills.load_learned(folder, manifest, parts, manifest["base_model"], config=other).policy
     assert policy.threshold == 0.7
 
@@ -471,8 +475,10 @@ def test_fast_mode_full_path_tokens_see_the_full_models_cache():
     up first, so every token that did not come from a shallow path is exactly the full
     model's greedy choice after the text so far."""
     model = make_tiny("llama")
-    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2], draft_confidence=0.0,
-                                     fast_confidence=0.15, policy_threshold=0.3, fit_steps=30, audit_fraction=1.0)
+    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2],
+                                     lossless=shortcut.LosslessConfig(draft_confidence=0.0),
+                                     fast=shortcut.FastConfig(confidence=0.15, audit_fraction=1.0),
+                                     learning=shortcut.LearningConfig(policy_threshold=0.3, fit_steps=30))
     handle = shortcut.wrap(model, config)  # a random tiny model's heads are never very confident
     handle.attach_observer(_observer(model))
     handle.practice(PROMPTS, rounds=2, max_new_tokens=16, progress=False)
@@ -585,12 +591,12 @@ def test_fast_mode_commits_only_on_prompts_practised_verbatim(practised):
         assert controller.lossless_calls == calls + 1 and controller.exits == exits and controller.committed == []
         model.generate(input_ids=PROMPTS[0], max_new_tokens=16, do_sample=False)
         assert controller.lossless_calls == calls + 1 and controller.committed  # practised: commits
-        handle.config.fast_practised_prompts_only = False
+        handle.config.fast.practised_prompts_only = False
         controller.recalibrate(controller.calibrated_for)  # audits of the call above moved the bars
         model.generate(input_ids=reworded, max_new_tokens=16, do_sample=False)
         assert controller.lossless_calls == calls + 1 and controller.committed
     finally:
-        handle.config.mode, handle.config.fast_practised_prompts_only = "lossless", True
+        handle.config.mode, handle.config.fast.practised_prompts_only = "lossless", True
         controller.min_confidence = controller.base_confidence = saved
         handle.set_learning(True)
     # A prompt counts once the heads have been re-fitted after it was logged.

@@ -44,7 +44,7 @@ skill ladder. Those tokens are pending in every layer; where the answer ends bef
 call does, the next token catches up (one batched full forward, which audits them).
 
 Which calls commit at all: only those whose prompt was practised verbatim (in the replay
-log before the heads' latest re-fit; ``ShortcutConfig.fast_practised_prompts_only``).
+log before the heads' latest re-fit; ``FastConfig.practised_prompts_only``).
 Every deep layer reads every prompt token, so a reworded prompt (another opening, one
 changed detail) moves the answer in ways the shallow path cannot see, and no bar on the
 early-layer signals separates those tokens (measured in ``docs/findings.md``). Other

@@ -90,6 +90,77 @@ DEFAULT_QUALITY = DEFAULT_PASSAGES
 
 
 @dataclass
+class HeadsFitConfig:
+    """The exit heads' re-fit (both levels).
+
+    Attributes:
+        steps: most optimiser steps (early stopping may end sooner).
+        batch_size: replayed positions per step (over all processes).
+        lr: peak learning rate (relative step, see ``ExitHeads.fit``).
+        warm_start: continue from the practised heads instead of refitting from the
+            logit lens (then the held-out positions were seen in practice already, and
+            the held-out figures are not independent).
+        hard_weight: weight of the cross-entropy on the full model's token (0: pure KL).
+        heldout: fraction of replayed positions held out for early stopping (0: none).
+        eval_every: steps between held-out evaluations.
+        patience: evaluations without improvement before stopping.
+    """
+
+    steps: int = 3000
+    batch_size: int = 256
+    lr: float = 1e-2
+    warm_start: bool = False
+    hard_weight: float = 1.0
+    heldout: float = 0.1
+    eval_every: int = 100
+    patience: int = 5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.heldout < 0.5:
+            raise ValueError(f"heads.heldout={self.heldout} must be in [0, 0.5)")
+        _at_least_one(self, "heads.", ("steps", "batch_size", "eval_every"))
+
+
+@dataclass
+class LayerSkipConfig:
+    """The LoRA adapter that level ``layerskip`` trains, and LayerSkip's recipe for it.
+
+    Attributes:
+        steps, lr, batch_size, rank, alpha: the adapter's optimiser steps, learning
+            rate, sequences per step, LoRA rank and LoRA alpha.
+        targets: ``"attention"`` (q/k/v/o projections) or ``"mlp"``.
+        final_target: what the final layer learns while the adapter trains: ``"base"``,
+            the base model's own distribution (KL; the adapter then changes what the
+            early exits read, not what the model says), or ``"tokens"``, the replayed
+            greedy tokens and extra text (cross-entropy, LayerSkip's recipe).
+        exit_scale: LayerSkip's ``e_scale``, the weight of early-exit losses.
+        curriculum: ``"rotational"`` (one early exit per step, in turn) or
+            ``"gradual"`` (exits enabled from the deepest to the shallowest).
+        layer_dropout: dropout rate of the last layer; shallower layers get less.
+    """
+
+    steps: int = 100
+    lr: float = 2e-4
+    batch_size: int = 4
+    rank: int = 8
+    alpha: int = 16
+    targets: str = "attention"
+    final_target: str = "base"
+    exit_scale: float = 1.0
+    curriculum: str = "rotational"
+    layer_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.curriculum not in ("rotational", "gradual"):
+            raise ValueError(f"layerskip.curriculum={self.curriculum!r} must be 'rotational' or 'gradual'")
+        if self.targets not in ("attention", "mlp"):
+            raise ValueError(f"layerskip.targets={self.targets!r} must be 'attention' or 'mlp'")
+        if self.final_target not in ("base", "tokens"):
+            raise ValueError(f"layerskip.final_target={self.final_target!r} must be 'base' or 'tokens'")
+        _at_least_one(self, "layerskip.", ("steps", "batch_size", "rank"))
+
+
+@dataclass
 class FinetuneConfig:
     """Settings of one consolidation run (everything but ``checkpoint_every`` and
     ``keep_checkpoints`` defines the run: resuming needs the same values).
@@ -98,85 +169,45 @@ class FinetuneConfig:
         level: ``"heads"`` or ``"layerskip"`` (see the module doc).
         max_new_tokens: greedy continuation length per replayed prompt (practice's).
         max_length: extra texts are cut to this many tokens.
-        steps: most exit-head optimiser steps (early stopping may end sooner).
-        batch_size: replayed positions per exit-head step (over all processes).
-        lr: peak learning rate of the exit heads (relative step, see ``ExitHeads.fit``).
-        warm_start: continue from the practised heads instead of refitting from the
-            logit lens (then the held-out positions were seen in practice already, and
-            the held-out figures are not independent).
-        warmup: fraction of the steps with a linear warm-up; cosine decay after it.
-        hard_weight: weight of the cross-entropy on the full model's token (0: pure KL).
-        heldout: fraction of replayed positions held out for early stopping (0: none).
-        eval_every: steps between held-out evaluations.
-        patience: evaluations without improvement before stopping.
-        lora_steps, lora_lr, lora_batch_size, lora_rank, lora_alpha: the LoRA adapter
-            (level ``layerskip``); the batch counts sequences.
-        lora_targets: ``"attention"`` (q/k/v/o projections) or ``"mlp"``.
-        lora_final_target: what the final layer learns while the adapter trains:
-            ``"base"``, the base model's own distribution (KL; the adapter then changes
-            what the early exits read, not what the model says), or ``"tokens"``, the
-            replayed greedy tokens and extra text (cross-entropy, LayerSkip's recipe).
-        exit_scale: LayerSkip's ``e_scale``, the weight of early-exit losses.
-        curriculum: ``"rotational"`` (one early exit per step, in turn) or
-            ``"gradual"`` (exits enabled from the deepest to the shallowest).
-        layer_dropout: dropout rate of the last layer; shallower layers get less.
+        warmup: fraction of each training stage's steps with a linear warm-up; cosine
+            decay after it (the heads' fit and the adapter's alike).
         seed: seeds splits, batch order and layer dropout.
         checkpoint_every: steps between checkpoints (0: none).
         keep_checkpoints: checkpoints kept per stage.
+        heads: the exit heads' re-fit (:class:`HeadsFitConfig`).
+        layerskip: the adapter of level ``layerskip`` (:class:`LayerSkipConfig`).
     """
 
     level: str = "heads"
     max_new_tokens: int = 64
     max_length: int = 512
-    steps: int = 3000
-    batch_size: int = 256
-    lr: float = 1e-2
-    warm_start: bool = False
     warmup: float = 0.05
-    hard_weight: float = 1.0
-    heldout: float = 0.1
-    eval_every: int = 100
-    patience: int = 5
-    lora_steps: int = 100
-    lora_lr: float = 2e-4
-    lora_batch_size: int = 4
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_targets: str = "attention"
-    lora_final_target: str = "base"
-    exit_scale: float = 1.0
-    curriculum: str = "rotational"
-    layer_dropout: float = 0.1
     seed: int = 0
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
+    heads: HeadsFitConfig = dataclasses.field(default_factory=HeadsFitConfig)
+    layerskip: LayerSkipConfig = dataclasses.field(default_factory=LayerSkipConfig)
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
             raise ValueError(f"level={self.level!r} is not one of {LEVELS}")
-        if self.curriculum not in ("rotational", "gradual"):
-            raise ValueError(f"curriculum={self.curriculum!r} must be 'rotational' or 'gradual'")
-        if self.lora_targets not in ("attention", "mlp"):
-            raise ValueError(f"lora_targets={self.lora_targets!r} must be 'attention' or 'mlp'")
-        if self.lora_final_target not in ("base", "tokens"):
-            raise ValueError(f"lora_final_target={self.lora_final_target!r} must be 'base' or 'tokens'")
-        if not 0.0 <= self.heldout < 0.5:
-            raise ValueError(f"heldout={self.heldout} must be in [0, 0.5)")
-        positive = ("max_new_tokens", "max_length", "steps", "batch_size", "eval_every",
-                    "lora_steps", "lora_batch_size", "lora_rank")
-        bad = [name for name in positive if getattr(self, name) < 1]
-        if bad:
-            raise ValueError(f"{', '.join(bad)} must be at least 1")
+        _at_least_one(self, "", ("max_new_tokens", "max_length"))
 
     def run_key(self) -> dict[str, Any]:
-        """The settings that define the result (checkpoint frequency does not)."""
+        """The settings that define the result (checkpoint frequency does not; nor do
+        the adapter's at level ``heads``)."""
         key = dataclasses.asdict(self)
         for name in ("checkpoint_every", "keep_checkpoints"):
             key.pop(name)
         if self.level == "heads":
-            adapter_only = ("exit_scale", "curriculum", "layer_dropout")
-            key = {k: v for k, v in key.items() if not k.startswith("lora_") and k not in adapter_only}
+            key.pop("layerskip")
         return key
+
+
+def _at_least_one(config: Any, prefix: str, names: Sequence[str]) -> None:
+    bad = [prefix + name for name in names if getattr(config, name) < 1]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} must be at least 1")
 
 
 # -- the output folder ------------------------------------------------------------------
@@ -192,9 +223,15 @@ def _files_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _flatten(run: dict[str, Any]) -> dict[str, Any]:
-    return {f"{k}.{sub}" if isinstance(v, dict) else k: (v[sub] if isinstance(v, dict) else v)
-            for k, v in run.items() for sub in (v if isinstance(v, dict) else [None])}
+def _flatten(run: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"config": {"heads": {"lr": 1}}}`` as ``{"config.heads.lr": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in run.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def check_output(output: Path, run: dict[str, Any], *, resume: bool, overwrite: bool) -> str:
@@ -268,9 +305,10 @@ def fit_heads(heads: ExitHeads, states: dict[int, torch.Tensor], final: torch.Te
     """Re-fit ``heads`` on all positions: a select phase on a training split with early
     stopping on the held-out split, then a final phase on everything for the best
     number of steps. Returns what happened in both phases."""
+    settings = cfg.heads
     n = int(tokens.shape[0])
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
-    n_held = int(n * cfg.heldout) if n >= 20 else 0
+    n_held = int(n * settings.heldout) if n >= 20 else 0
     held, train = order[:n_held], order[n_held:]
     rows, bias = heads._shortlist_weights()
 
@@ -284,12 +322,13 @@ def fit_heads(heads: ExitHeads, states: dict[int, torch.Tensor], final: torch.Te
     def run(stage: str, index: torch.Tensor, steps: int, evaluate: bool) -> tuple[dict[str, Any], TranslatorFit]:
         accelerator = make_accelerator()
         module = TranslatorFit(heads, states).to(accelerator.device)
-        optimizer = adam(list(module.parameters()), lr=cfg.lr)
+        optimizer = adam(list(module.parameters()), lr=settings.lr)
         module, optimizer = accelerator.prepare(module, optimizer)
 
         def loss_fn(step: int) -> torch.Tensor:
-            idx = index[batch_indices(len(index), step, cfg.batch_size, cfg.seed, accelerator)].to(targets.device)
-            total, _ = module({layer: states[layer][idx] for layer in states}, targets[idx], score, cfg.hard_weight)
+            idx = index[batch_indices(len(index), step, settings.batch_size, cfg.seed, accelerator)].to(targets.device)
+            batch = {layer: states[layer][idx] for layer in states}
+            total, _ = module(batch, targets[idx], score, settings.hard_weight)
             return total
 
         def eval_fn() -> dict[str, Any]:
@@ -299,7 +338,7 @@ def fit_heads(heads: ExitHeads, states: dict[int, torch.Tensor], final: torch.Te
             with torch.no_grad():
                 for idx in mine.split(1024):
                     batch = {layer: states[layer][idx] for layer in states}
-                    _, losses = inner(batch, targets[idx], score, cfg.hard_weight)
+                    _, losses = inner(batch, targets[idx], score, settings.hard_weight)
                     for j, layer in enumerate(inner.layers):
                         pred = heads.shortlist[inner.logits(layer, states[layer][idx], score).argmax(-1)]
                         sums[j] += losses[layer] * len(idx)
@@ -312,9 +351,9 @@ def fit_heads(heads: ExitHeads, states: dict[int, torch.Tensor], final: torch.Te
                     "agreement": {str(layer): float(sums[len(inner.layers) + j]) / count
                                   for j, layer in enumerate(inner.layers)}}
 
-        state = train_loop(stage, accelerator, optimizer, loss_fn, steps=steps, lr=cfg.lr, warmup=cfg.warmup, ckpt=ckpt,
-                           eval_fn=eval_fn if evaluate else None, eval_every=cfg.eval_every, patience=cfg.patience,
-                           progress=progress)
+        state = train_loop(stage, accelerator, optimizer, loss_fn, steps=steps, lr=settings.lr, warmup=cfg.warmup,
+                           ckpt=ckpt, eval_fn=eval_fn if evaluate else None, eval_every=settings.eval_every,
+                           patience=settings.patience, progress=progress)
         return state, accelerator.unwrap_model(module)
 
     model_params = [p for m in (heads.final_norm, heads.unembed) for p in m.parameters()]
@@ -325,10 +364,10 @@ def fit_heads(heads: ExitHeads, states: dict[int, torch.Tensor], final: torch.Te
             p.requires_grad_(False)
         select = ckpt.result("heads-select")
         if select is None and n_held:
-            state, _ = run("heads-select", train, cfg.steps, evaluate=True)
+            state, _ = run("heads-select", train, settings.steps, evaluate=True)
             select = {"best_step": state["best_step"], "steps_run": state["step"], "evals": state["evals"]}
             ckpt.finish("heads-select", select)
-        final_steps = max(1, select["best_step"]) if select else cfg.steps
+        final_steps = max(1, select["best_step"]) if select else settings.steps
         state, module = run("heads-final", order, final_steps, evaluate=False)
         module.write_to(heads)
     finally:
@@ -369,7 +408,7 @@ def consolidate_heads(model: nn.Module, parts: ModelParts, learned: skills.Skill
         raise ValueError("the replay gives no position to learn from (empty dataset)")
     before = agreement(heads, states, tokens)
     heads.grow_shortlist(tokens)
-    if not cfg.warm_start:  # refit from the logit lens: the held-out split stays unseen
+    if not cfg.heads.warm_start:  # refit from the logit lens: the held-out split stays unseen
         with torch.no_grad():
             for lin in heads.translators.values():
                 lin.weight.zero_()
@@ -541,6 +580,7 @@ def write_output(output: Path, source: Path, manifest: dict[str, Any], learned: 
 def build_parser() -> argparse.ArgumentParser:
     """The ``shortcut-finetune`` argument parser (defaults from :class:`FinetuneConfig`)."""
     d = FinetuneConfig()
+    h, ls = d.heads, d.layerskip
     from ..cli import Parser, integer, real
 
     p = Parser(prog="shortcut-finetune", description=__doc__.splitlines()[0],
@@ -551,24 +591,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", choices=LEVELS, default=d.level)
     p.add_argument("--extra", default=None, help="JSONL of extra {'text'} passages or {'prompt'} prompts")
     p.add_argument("--new-tokens", type=integer(1), default=d.max_new_tokens, help="greedy tokens per replayed prompt")
-    p.add_argument("--steps", type=integer(1), default=d.steps, help="most exit-head steps")
-    p.add_argument("--batch-size", type=integer(1), default=d.batch_size)
-    p.add_argument("--lr", type=real(0, include_low=False), default=d.lr)
-    p.add_argument("--heldout", type=real(0, 0.5), default=d.heldout,
+    p.add_argument("--steps", type=integer(1), default=h.steps, help="most exit-head steps")
+    p.add_argument("--batch-size", type=integer(1), default=h.batch_size)
+    p.add_argument("--lr", type=real(0, include_low=False), default=h.lr)
+    p.add_argument("--heldout", type=real(0, 0.5), default=h.heldout,
                    help="fraction of positions held out for early stopping")
-    p.add_argument("--eval-every", type=integer(1), default=d.eval_every)
-    p.add_argument("--patience", type=integer(0), default=d.patience)
-    p.add_argument("--lora-steps", type=integer(1), default=d.lora_steps)
-    p.add_argument("--lora-lr", type=real(0, include_low=False), default=d.lora_lr)
-    p.add_argument("--lora-batch-size", type=integer(1), default=d.lora_batch_size)
-    p.add_argument("--lora-rank", type=integer(1), default=d.lora_rank, help="LoRA rank (alpha = 2 x rank)")
-    p.add_argument("--lora-targets", choices=("attention", "mlp"), default=d.lora_targets)
-    p.add_argument("--lora-final-target", choices=("base", "tokens"), default=d.lora_final_target,
+    p.add_argument("--eval-every", type=integer(1), default=h.eval_every)
+    p.add_argument("--patience", type=integer(0), default=h.patience)
+    p.add_argument("--lora-steps", type=integer(1), default=ls.steps)
+    p.add_argument("--lora-lr", type=real(0, include_low=False), default=ls.lr)
+    p.add_argument("--lora-batch-size", type=integer(1), default=ls.batch_size)
+    p.add_argument("--lora-rank", type=integer(1), default=ls.rank, help="LoRA rank (alpha = 2 x rank)")
+    p.add_argument("--lora-targets", choices=("attention", "mlp"), default=ls.targets)
+    p.add_argument("--lora-final-target", choices=("base", "tokens"), default=ls.final_target,
                    help="final layer's target while the adapter trains: the base model's distribution (KL) "
                         "or the replayed tokens (cross-entropy, LayerSkip's recipe)")
-    p.add_argument("--exit-scale", type=real(0), default=d.exit_scale)
-    p.add_argument("--curriculum", choices=("rotational", "gradual"), default=d.curriculum)
-    p.add_argument("--layer-dropout", type=real(0, 1), default=d.layer_dropout)
+    p.add_argument("--exit-scale", type=real(0), default=ls.exit_scale)
+    p.add_argument("--curriculum", choices=("rotational", "gradual"), default=ls.curriculum)
+    p.add_argument("--layer-dropout", type=real(0, 1), default=ls.layer_dropout)
     p.add_argument("--quality", default=str(DEFAULT_QUALITY),
                    help="JSONL of {'text'} passages for the perplexity report")
     p.add_argument("--quality-split", default="heldout", help="split of --quality to use ('' for all records)")
@@ -585,13 +625,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace) -> FinetuneConfig:
     return FinetuneConfig(
-        level=args.level, max_new_tokens=args.new_tokens, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        heldout=args.heldout, eval_every=args.eval_every, patience=args.patience, lora_steps=args.lora_steps,
-        lora_lr=args.lora_lr, lora_batch_size=args.lora_batch_size, lora_rank=args.lora_rank,
-        lora_alpha=2 * args.lora_rank, lora_targets=args.lora_targets,
-        lora_final_target=args.lora_final_target, exit_scale=args.exit_scale,
-        curriculum=args.curriculum, layer_dropout=args.layer_dropout, seed=args.seed,
-        checkpoint_every=args.checkpoint_every)
+        level=args.level, max_new_tokens=args.new_tokens, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        heads=HeadsFitConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, heldout=args.heldout,
+                             eval_every=args.eval_every, patience=args.patience),
+        layerskip=LayerSkipConfig(steps=args.lora_steps, lr=args.lora_lr, batch_size=args.lora_batch_size,
+                                  rank=args.lora_rank, alpha=2 * args.lora_rank, targets=args.lora_targets,
+                                  final_target=args.lora_final_target, exit_scale=args.exit_scale,
+                                  curriculum=args.curriculum, layer_dropout=args.layer_dropout))
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -256,7 +256,7 @@ def load_learned(folder: Path, manifest: dict[str, Any], parts: ModelParts, fing
         )
     if config is None:
         config = load_config(folder, manifest)
-    policy = ExitPolicy(layers, observer.d_sae, threshold=config.policy_threshold)
+    policy = ExitPolicy(layers, observer.d_sae, threshold=config.learning.policy_threshold)
     policy.load_state_dict(policy_state)
     practised, sequences = load_replay_log(folder, manifest, vocab_size)
     return Skills(observer, heads, policy, practised, sequences)
