@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 
 from .arch import ModelParts, resolve
 from .config import ShortcutConfig
-from .decode.fast import FastController, FastStep, make_fast_decoder
+from .decode.fast import FastController, FastDecoder, FastStep
 from .decode.lossless import ShallowDrafter, Trail, custom_generate_kwargs, make_decoder, unsupported_options
 from .decode.runtime import FixedPlan, LayerPolicy, LayerRuntime, Stats
 from .decode.stats import DecodeStats
@@ -265,9 +265,9 @@ class Shortcut:
                 if fast.calibrated_for != learner.stats.consolidations:
                     fast.recalibrate(learner.stats.consolidations)
                 step = FastStep(learner.observer, learner.policy, learner.heads, fast, trail, sequences=sequences)
-                decoder = make_fast_decoder(self._runtime, step, fast, self.decode_stats, streamer=stream,
-                                            on_fallback=self._warn_full_path)
-                return original(*args, custom_generate=decoder, **kwargs)
+                fast_decoder = FastDecoder(self._runtime, step, fast, self.decode_stats, streamer=stream,
+                                           on_fallback=self._warn_full_path)
+                return original(*args, custom_generate=fast_decoder, **kwargs)
             if self.config.mode == "fast" and fast is not None:
                 fast.lossless_calls += 1  # a prompt never practised verbatim: verify, do not commit
                 fast.committed = []
