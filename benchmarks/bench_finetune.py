@@ -88,7 +88,7 @@ def measure(handle, ids: torch.Tensor, new_tokens: int, plain_first: bool) -> di
     new = outs["plain"].shape[1] - ids.shape[1]
     delta = handle.decode_stats - counters
     return {
-        "replayed": float(delta.replay_accepted),
+        "recalled": float(delta.recall_accepted),
         "new_tokens": new,
         "identical": bool(torch.equal(outs["plain"], outs["wrapped"])),
         "speed_ratio": seconds["plain"] / seconds["wrapped"],
@@ -107,7 +107,7 @@ def measure_skills(model, folder: Path, sets: dict, new_tokens: int, label: str,
     rows, pair = [], 0
     try:
         for replay, (name, inputs) in ((r, item) for r in replays for item in sets.items()):
-            handle.config.lossless.replay_sequences = replay
+            handle.config.lossless.recall_sequences = replay
             results = []
             for ids in inputs:
                 results.append(measure(handle, ids, new_tokens, plain_first=pair % 2 == 0))
@@ -123,7 +123,7 @@ def measure_skills(model, folder: Path, sets: dict, new_tokens: int, label: str,
                 "identical": sum(r["identical"] for r in results) / len(results),
                 "acceptance": sum(r["accepted"] for r in results) / drafted if drafted else 0.0,
                 "drafted_per_token": drafted / sum(r["new_tokens"] for r in results),
-                "replayed_share": sum(r["replayed"] for r in results) / sum(r["new_tokens"] for r in results),
+                "recalled_share": sum(r["recalled"] for r in results) / sum(r["new_tokens"] for r in results),
                 "layer_calls_per_token": statistics.mean(r["layer_calls_per_token"] for r in results),
                 "oracle_exit_layer": sum(oracle) / len(oracle),
             })
@@ -295,13 +295,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _header() -> str:
     return (f"{'set':<17}{'skills':<14}{'replay':>7}{'speed x':>8}{'tok/s':>7}{'ident':>7}{'accept':>8}"
-            f"{'draft/tok':>10}{'replayed':>9}{'layer calls/tok':>16}{'oracle exit':>12}")
+            f"{'draft/tok':>10}{'recalled':>9}{'layer calls/tok':>16}{'oracle exit':>12}")
 
 
 def _row(r: dict) -> str:
     return (f"{r['set']:<17}{r['skills']:<14}{'on' if r['replay'] else 'off':>7}{r['speed_ratio_median']:>8.2f}"
             f"{r['wrapped_tok_s_median']:>7.1f}{100 * r['identical']:>6.0f}%{100 * r['acceptance']:>7.0f}%"
-            f"{r['drafted_per_token']:>10.2f}{100 * r['replayed_share']:>8.0f}%{r['layer_calls_per_token']:>16.1f}"
+            f"{r['drafted_per_token']:>10.2f}{100 * r['recalled_share']:>8.0f}%{r['layer_calls_per_token']:>16.1f}"
             f"{r['oracle_exit_layer']:>12.2f}")
 
 

@@ -210,7 +210,7 @@ class Shortcut:
 
     def _generate(self, original: Any, *args: Any, **kwargs: Any) -> Any:
         """``model.generate`` with what was practised: lossless drafting (practised
-        sequences replayed, and the shallow path once an observer is attached) with
+        sequences recalled, and the shallow path once an observer is attached) with
         full-path verification, or fast mode's committed exits (see decode/lossless.py and
         decode/fast.py). Calls from several threads run one at a time (the handle's lock).
 
@@ -248,7 +248,7 @@ class Shortcut:
             return original(*args, **kwargs)
         assert isinstance(input_ids, torch.Tensor)  # anything else is an unsupported option
         fast = self.fast  # set by attach_observer with the learner
-        sequences = experience.sequences if self.config.lossless.replay_sequences else None
+        sequences = experience.sequences if self.config.lossless.recall_sequences else None
         # generate hands custom_generate no streamer or tokenizer: see custom_generate_kwargs.
         kwargs, stream = custom_generate_kwargs(self.model, kwargs)
         collector = None  # collects this call's residuals for the observer being learned

@@ -63,11 +63,11 @@ class LosslessConfig:
     Attributes:
         max_draft: most tokens one draft may propose before verification; the draft
             length adapts below it (why 32: ``docs/findings.md``). In greedy calls a
-            practised answer replayed with the prompt's prefill is bounded by the
+            practised answer recalled with the prompt's prefill is bounded by the
             sequence memory's agreement rule instead (it costs no layer to make, and the
             prompt's forward verifies it).
         draft_confidence: a draft stops where the exit head's confidence falls below this.
-        replay_sequences: drafts first try the practised sequences (prompt and output of
+        recall_sequences: drafts first try the practised sequences (prompt and output of
             each plain greedy lossless call made while learning): where the text ends the
             way one went on, what followed is drafted without running any layer
             (``shortcut/learn/sequences.py``). In fast mode a plain greedy call whose
@@ -83,7 +83,7 @@ class LosslessConfig:
 
     max_draft: int = 32
     draft_confidence: float = 0.3
-    replay_sequences: bool = True
+    recall_sequences: bool = True
     shallow_drafts: bool = True
 
     def __post_init__(self) -> None:
@@ -167,7 +167,7 @@ GROUPS: dict[str, type[LosslessConfig] | type[FastConfig] | type[LearningConfig]
 FLAT_KEYS: dict[str, tuple[str, str]] = {
     "max_draft": ("lossless", "max_draft"),
     "draft_confidence": ("lossless", "draft_confidence"),
-    "replay_sequences": ("lossless", "replay_sequences"),
+    "replay_sequences": ("lossless", "recall_sequences"),
     "shallow_drafts": ("lossless", "shallow_drafts"),
     "target_error_rate": ("fast", "target_error_rate"),
     "audit_fraction": ("fast", "audit_fraction"),

@@ -258,7 +258,7 @@ def generate(method: Method, ids: torch.Tensor, new_tokens: int) -> dict[str, An
     return {"output": out, "seconds": seconds, "new_tokens": new, "cost": cost,
             "drafted": float(decode.drafted), "accepted": float(decode.accepted),
             # tokens from practised sequences: accepted lossless drafts, committed fast-mode answers
-            "replayed": float(decode.replay_accepted + decode.replay_committed),
+            "recalled": float(decode.recall_accepted + decode.recall_committed),
             "learn_seconds": (learner.stats.learn_seconds - learn_before) if learner else 0.0}
 
 
@@ -309,7 +309,7 @@ def measure_prompt(methods: list[Method], plain: Method, record: dict, new_token
             "bytes_rel": run["cost"]["bytes"] / reference["bytes"],
             "flops_rel": run["cost"]["flops"] / reference["flops"],
             "identical": bool(torch.equal(run["output"], base["output"])), "agreed_tokens": agree,
-            "drafted": run["drafted"], "accepted": run["accepted"], "replayed": run["replayed"],
+            "drafted": run["drafted"], "accepted": run["accepted"], "recalled": run["recalled"],
             "learn_seconds": run["learn_seconds"],
             "output_ids": run["output"][0, ids.shape[1]:].tolist(),
         }
@@ -332,7 +332,7 @@ def summarise(rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         "acceptance": sum(r["accepted"] for r in rows) / drafted if drafted else None,
         "drafted_per_token": drafted / max(tokens, 1),
         # generated tokens that came from practised sequences (accepted drafts, committed answers)
-        "replayed_share": sum(r.get("replayed", 0.0) for r in rows) / max(tokens, 1),
+        "recalled_share": sum(r.get("recalled", 0.0) for r in rows) / max(tokens, 1),
         "learn_seconds": sum(r["learn_seconds"] for r in rows),
     }
     summary.update(extra)

@@ -55,12 +55,12 @@ def _delta(handle, before):
 
 @pytest.mark.parametrize("arch", FUZZ_ARCHS)
 def test_left_padded_batch_of_one_decodes_like_plain(handles, arch):
-    """Prefill with a replayed draft, shallow draft forwards and verifications all carry
+    """Prefill with a recalled draft, shallow draft forwards and verifications all carry
     the padding mask and the positions generate derives from it (gemma3's sliding window
     is 6: the padded prompts outgrow it)."""
     model, handle = _get(handles, arch)
     for replay in (True, False):  # practised sequences draft, or the shallow path does
-        handle.config.lossless.replay_sequences = replay
+        handle.config.lossless.recall_sequences = replay
         before = handle.decode_stats.copy()
         try:
             for prompt in PROMPTS + [torch.tensor([[40, 41, 42, 43, 44, 45, 46]])]:
@@ -74,7 +74,7 @@ def test_left_padded_batch_of_one_decodes_like_plain(handles, arch):
                         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=14, **kw)
                         assert torch.equal(out, ref), (arch, replay, prompt.tolist(), pad, kw)
         finally:
-            handle.config.lossless.replay_sequences = True
+            handle.config.lossless.recall_sequences = True
         delta = _delta(handle, before)
         assert delta["verify_forwards"] > 0 and delta["accepted"] > 0, (arch, replay, delta)
         if not replay:

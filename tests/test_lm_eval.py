@@ -86,7 +86,7 @@ def test_lossless_scores_equal_hf(hf_run, tiny_model_dir, skills_dir):
     info = sc["config"]["shortcut"]
     assert info["mode"] == "lossless" and info["skills"] == str(skills_dir) and info["learn"] is False
     # The generations compared above went through drafting (shallow-path drafts or
-    # replayed practised sequences), not only the full path.
+    # recalled practised sequences), not only the full path.
     assert info["draft"]["drafted"] > 0 and info["draft"]["accepted"] > 0
     lm.handle.remove()
 

@@ -79,11 +79,11 @@ def test_drafted_tokens_skip_real_compute(practised):
     model, handle, _ = practised
     handle.stats.reset()
     before = handle.decode_stats.copy()
-    handle.config.lossless.replay_sequences = False  # the shallow path drafts
+    handle.config.lossless.recall_sequences = False  # the shallow path drafts
     try:
         model.generate(input_ids=PROMPTS[0], max_new_tokens=20, do_sample=False)
     finally:
-        handle.config.lossless.replay_sequences = True
+        handle.config.lossless.recall_sequences = True
     drafted = handle.decode_stats.draft_forwards - before.draft_forwards
     assert drafted > 0
     runs = handle.stats.total.per_layer_runs
@@ -99,11 +99,11 @@ def test_an_unsure_first_draft_token_runs_each_layer_once(practised):
         ref = model.generate(input_ids=PROMPTS[1], max_new_tokens=10, do_sample=False)
     before = handle.decode_stats.copy()
     handle.stats.reset()
-    handle.config.lossless.replay_sequences, handle.config.lossless.draft_confidence = False, 1.01  # never sure
+    handle.config.lossless.recall_sequences, handle.config.lossless.draft_confidence = False, 1.01  # never sure
     try:
         out = model.generate(input_ids=PROMPTS[1], max_new_tokens=10, do_sample=False)
     finally:
-        handle.config.lossless.replay_sequences, handle.config.lossless.draft_confidence = True, 0.0
+        handle.config.lossless.recall_sequences, handle.config.lossless.draft_confidence = True, 0.0
     assert torch.equal(out, ref)
     assert handle.decode_stats.draft_unsure - before.draft_unsure > 0
     assert handle.decode_stats.drafted == before.drafted
@@ -111,7 +111,7 @@ def test_an_unsure_first_draft_token_runs_each_layer_once(practised):
     assert runs == [runs[0]] * len(runs)  # every token through every layer, once
 
 
-def test_practised_sequences_are_replayed_as_drafts_without_running_layers(practised):
+def test_practised_sequences_are_recalled_as_drafts_without_running_layers(practised):
     """A practised prompt's answer is in the sequence memory (lossless output, learning
     on): the next call drafts it from there, runs no draft forward, verifies in few
     forwards, and returns the unwrapped model's tokens."""
@@ -128,7 +128,7 @@ def test_practised_sequences_are_replayed_as_drafts_without_running_layers(pract
     # Each of the 15 tokens after the prefill's came from the memory or was a
     # verification's own next token: two-token probes while fewer than 12 tokens agree
     # (this prompt has 5), then one long draft.
-    assert delta.replay_accepted + delta.verify_forwards == 15 and delta.verify_forwards <= 4
+    assert delta.recall_accepted + delta.verify_forwards == 15 and delta.verify_forwards <= 4
     assert delta.draft_forwards == 0
     runs = handle.stats.total.per_layer_runs
     assert runs[0] == runs[3]  # no layer ran for a draft: every layer saw the same tokens
@@ -144,7 +144,7 @@ def test_practised_sequences_are_replayed_as_drafts_without_running_layers(pract
 
 def test_shallow_drafts_off_leaves_the_sequence_memory_alone(practised):
     """``shallow_drafts=False`` (the memory-only ablation): practised answers are still
-    replayed, no shallow draft forward runs, and the tokens are the unwrapped model's."""
+    recalled, no shallow draft forward runs, and the tokens are the unwrapped model's."""
     model, handle, _ = practised
     handle.set_learning(False)
     handle.config.lossless.shallow_drafts = False
@@ -156,16 +156,16 @@ def test_shallow_drafts_off_leaves_the_sequence_memory_alone(practised):
             out = model.generate(input_ids=prompt, max_new_tokens=20, do_sample=False)
             assert torch.equal(out, ref)
             delta = handle.decode_stats - before
-            assert delta.draft_forwards == 0 and delta.drafted == delta.replayed
-        assert handle.decode_stats.replay_accepted > 0
-        handle.config.lossless.replay_sequences = False  # neither source: every token takes the full path
+            assert delta.draft_forwards == 0 and delta.drafted == delta.recalled
+        assert handle.decode_stats.recall_accepted > 0
+        handle.config.lossless.recall_sequences = False  # neither source: every token takes the full path
         with handle.disabled():
             ref = model.generate(input_ids=PROMPTS[0], max_new_tokens=20, do_sample=False)
         before = handle.decode_stats.copy()
         assert torch.equal(model.generate(input_ids=PROMPTS[0], max_new_tokens=20, do_sample=False), ref)
         assert (handle.decode_stats - before).drafted == 0
     finally:
-        handle.config.lossless.shallow_drafts, handle.config.lossless.replay_sequences = True, True
+        handle.config.lossless.shallow_drafts, handle.config.lossless.recall_sequences = True, True
         handle.set_learning(True)
 
 
@@ -255,7 +255,7 @@ def test_practice_rounds_report_and_learning_switch(practised):
     model, handle, rows = practised
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert rows[-1]["accepted"] > 0
-    assert rows[0]["replayed"] == 0 < rows[-1]["replayed"]  # round 3 replays what rounds 1-2 produced
+    assert rows[0]["recalled"] == 0 < rows[-1]["recalled"]  # round 3 recalls what rounds 1-2 produced
     assert all(r["learn_seconds"] >= 0 and r["consolidate_seconds"] > 0 for r in rows)
     handle.set_learning(False)
     learned = handle.learner.stats.tokens_learned
@@ -310,11 +310,11 @@ def test_lossless_on_other_architectures(arch):
         with handle.disabled():
             ref = model.generate(input_ids=PROMPTS[0], max_new_tokens=24, do_sample=False)
         assert torch.equal(model.generate(input_ids=PROMPTS[0], max_new_tokens=24, do_sample=False), ref)
-        assert handle.fast.replayed == 15 and handle.fast.catch_ups == 1
+        assert handle.fast.recalled == 15 and handle.fast.catch_ups == 1
         handle.config.mode = "lossless"
         # A practised answer in the prefill forward, longer than gemma3's sliding window (6):
         # the rejected part after a fork is cropped from those layers too.
-        _check_prefill_replay(model, handle, dict(do_sample=False))
+        _check_prefill_recall(model, handle, dict(do_sample=False))
     finally:
         handle.remove()
 
@@ -382,12 +382,12 @@ def test_practised_answer_is_verified_by_the_prefill(practised, kw):
     other forward, a practised answer that forks costs only the forwards after the fork,
     and the output (greedy or seeded sampling) is the unwrapped model's."""
     model, handle, _ = practised
-    _check_prefill_replay(model, handle, kw)
+    _check_prefill_recall(model, handle, kw)
 
 
-def test_prefill_replay_with_a_left_padded_prompt(practised):
+def test_prefill_recall_with_a_left_padded_prompt(practised):
     """A single prompt with left padding: the prefill still carries and verifies the
-    replayed answer (mask and positions extended) and the output is the unwrapped model's."""
+    recalled answer (mask and positions extended) and the output is the unwrapped model's."""
     from shortcut.learn.sequences import SHORT_MATCH, SequenceMemory
 
     model, handle, _ = practised
@@ -408,10 +408,10 @@ def test_prefill_replay_with_a_left_padded_prompt(practised):
         handle.learner.sequences = memory
         handle.set_learning(True)
     assert torch.equal(out, ref)
-    assert delta.replay_accepted == 15 and delta.verify_forwards == 0
+    assert delta.recall_accepted == 15 and delta.verify_forwards == 0
 
 
-def _check_prefill_replay(model, handle, kw):
+def _check_prefill_recall(model, handle, kw):
     from shortcut.learn.sequences import SHORT_MATCH, SequenceMemory
 
     prompt = torch.arange(20, 20 + SHORT_MATCH + 2).view(1, -1)
@@ -435,7 +435,7 @@ def _check_prefill_replay(model, handle, kw):
             assert torch.equal(out, ref)
             if not kw["do_sample"]:  # sampling may leave the practised answer anywhere
                 assert delta.verify_forwards + delta.full_path_steps <= most_verifies
-                assert delta.replay_accepted >= min(15, fork - prompt.shape[1])
+                assert delta.recall_accepted >= min(15, fork - prompt.shape[1])
             runs = handle.stats.total.per_layer_runs
             assert runs[0] == runs[-1]  # no draft ran a layer: the memory made them
     finally:
@@ -555,7 +555,7 @@ def test_fast_mode_does_not_commit_where_a_practised_sequence_goes_on_otherwise(
         for k in range(max(SHORT_MATCH, len(prompt) + 1), len(seq)):
             # A practised sequence that forks from the model's answer at position k. It
             # begins with another token: one that begins with the prompt itself is taken
-            # for the prompt's practised answer and replayed outright.
+            # for the prompt's practised answer and recalled outright.
             handle.learner.sequences = SequenceMemory()
             handle.learner.sequences.add([(seq[0] + 1) % 96] + seq[1:k] + [(seq[k] + 1) % 96] + seq[k + 1:])
             before = controller.vetoes
@@ -609,7 +609,7 @@ def test_fast_mode_commits_only_on_prompts_practised_verbatim(practised):
 def test_fast_mode_commits_the_practised_answer_with_no_layer(practised):
     """A plain greedy call whose prompt was practised commits its practised answer (the
     full model's own greedy tokens) without running any layer after the prefill; where
-    the call goes on past that answer, the next token catches the replayed ones up and
+    the call goes on past that answer, the next token catches the recalled ones up and
     audits them, and the output stays the full model's."""
     from shortcut.learn.sequences import SequenceMemory
 
@@ -622,31 +622,31 @@ def test_fast_mode_commits_the_practised_answer_with_no_layer(practised):
     memory = handle.learner.sequences
     handle.learner.sequences = SequenceMemory()  # as if practised once, for 16 tokens
     handle.learner.sequences.add(ref[0, :prompt.shape[1] + 16].tolist())
-    # Heads that never commit: every token not replayed is the full path's.
+    # Heads that never commit: every token not recalled is the full path's.
     controller.min_confidence = controller.base_confidence = 1.01
     handle.config.mode = "fast"
     handle.set_learning(False)
     try:
         controller.audit_fraction = 0.0
         handle.stats.reset()
-        replayed, audits = controller.replayed, controller.audits
-        counted = handle.decode_stats.replay_committed
+        recalled, audits = controller.recalled, controller.audits
+        counted = handle.decode_stats.recall_committed
         out = model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False)  # as practised
         assert torch.equal(out, ref[:, :out.shape[1]])
-        assert controller.replayed - replayed == 15  # all but the prefill's token
-        assert handle.decode_stats.replay_committed - counted == 15
+        assert controller.recalled - recalled == 15  # all but the prefill's token
+        assert handle.decode_stats.recall_committed - counted == 15
         assert handle.stats.total.per_layer_runs == [prompt.shape[1]] * 4  # the prefill alone
         assert controller.audits == audits
 
         controller.audit_fraction = 1.0
-        errors, replayed = controller.errors, controller.replayed
+        errors, recalled = controller.errors, controller.recalled
         out = model.generate(input_ids=prompt, max_new_tokens=24, do_sample=False)  # longer than practised
         assert torch.equal(out, ref)
-        assert controller.replayed - replayed == 15
+        assert controller.recalled - recalled == 15
         assert controller.audits - audits >= 15 and controller.errors == errors
 
         # Even where the heads would commit, the token after the answer takes the full
-        # path first: the replayed tokens hold keys/values in no layer.
+        # path first: the recalled tokens hold keys/values in no layer.
         controller.min_confidence = controller.base_confidence = 0.0
         controller.audit_fraction, catch_ups = 0.0, controller.catch_ups
         out = model.generate(input_ids=prompt, max_new_tokens=24, do_sample=False)
@@ -655,11 +655,11 @@ def test_fast_mode_commits_the_practised_answer_with_no_layer(practised):
         assert torch.equal(out[:, :end + 1], ref[:, :end + 1])
 
         # Sampling or a logits processor: the practised answer is not this call's answer.
-        replayed = controller.replayed
+        recalled = controller.recalled
         torch.manual_seed(0)
         model.generate(input_ids=prompt, max_new_tokens=16, do_sample=True)
         model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False, repetition_penalty=1.5)
-        assert controller.replayed == replayed
+        assert controller.recalled == recalled
     finally:
         handle.learner.sequences = memory
         handle.config.mode = "lossless"

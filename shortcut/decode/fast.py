@@ -100,7 +100,7 @@ class FastController:
         self.catch_ups = 0
         self.lossless_calls = 0  # calls decoded losslessly (prompt not practised verbatim)
         self.vetoes = 0  # confident heads overruled by a practised sequence that goes on otherwise
-        self.replayed = 0  # tokens committed from the prompt's practised answer (no layer ran)
+        self.recalled = 0  # tokens committed from the prompt's practised answer (no layer ran)
         self.committed: list[int] = []  # positions (in the returned ids) of the latest call's committed tokens
         self.calibrated_for = 0  # the skills' consolidation count the bars were measured on
 
@@ -138,7 +138,7 @@ class FastController:
 
     def report(self) -> dict[str, float]:
         """The counters and current bars, by name."""
-        return {"exits": self.exits, "replayed": self.replayed, "unsure": self.unsure, "vetoes": self.vetoes,
+        return {"exits": self.exits, "recalled": self.recalled, "unsure": self.unsure, "vetoes": self.vetoes,
                 "full_steps": self.full_steps,
                 "catch_ups": self.catch_ups, "lossless_calls": self.lossless_calls, "audits": self.audits,
                 "audit_errors": self.errors, "measured_error_rate": self.error_rate,
@@ -264,7 +264,7 @@ class FastDecoder:
             if following and generated < len(answer):  # pending: the answer names the next token
                 logits = self._commit_answer(input_ids, answer[generated])
                 continue
-            if self.unfed:  # no layer holds the replayed tokens' keys/values: catch up first
+            if self.unfed:  # no layer holds the recalled tokens' keys/values: catch up first
                 controller.full_steps += 1
                 logits = self._catch_up(input_ids)
                 continue
@@ -297,8 +297,8 @@ class FastDecoder:
     def _commit_answer(self, input_ids: torch.Tensor, next_token: int) -> torch.Tensor:
         """Commit the practised answer's ``next_token`` (no layer runs); returns logits
         that choose it."""
-        self.controller.replayed += 1
-        self.stats.replay_committed += 1
+        self.controller.recalled += 1
+        self.stats.recall_committed += 1
         self._pend(input_ids, next_token)
         logits = torch.full((1, self.vocab), float("-inf"), device=input_ids.device)
         logits[0, next_token] = 0.0

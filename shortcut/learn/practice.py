@@ -378,7 +378,7 @@ def run_rounds(handle: Any, prompts: list[Any], *, rounds: int, max_new_tokens: 
             "drafted": delta.drafted,
             "accepted": delta.accepted,
             "acceptance": delta.accepted / delta.drafted if delta.drafted else 0.0,
-            "replayed": delta.replay_accepted,  # accepted tokens from practised sequences
+            "recalled": delta.recall_accepted,  # accepted tokens from practised sequences
             "learn_seconds": (learner.stats.learn_seconds if learner else 0.0) - learn_before,
             "consolidate_seconds": fit.get("seconds", 0.0),
             "head_agreement": fit.get("agreement", {}),
