@@ -260,11 +260,11 @@ class DraftStep:
 
 
 class ShallowDrafter:
-    """Drafts tokens with the shallow path of the model itself, and replays practised
+    """Drafts tokens with the shallow path of the model itself, and recalls practised
     sequences.
 
     Without an observer (``observer``, ``heads``, ``policy`` and ``trail`` all ``None``)
-    it drafts from the practised ``sequences`` only: a wrapped model replays what it
+    it drafts from the practised ``sequences`` only: a wrapped model recalls what it
     practised before any observer was trained.
     """
 
@@ -291,7 +291,7 @@ class ShallowDrafter:
         self.stats = stats
         self.sequences = sequences  # practised sequences: drafts that need no layer at all
         self.shallow = shallow  # whether the shallow path drafts where the sequences do not
-        self.replayed = False  # whether the latest draft came from them
+        self.recalled = False  # whether the latest draft came from them
         # Back-off: after a draft attempt that produced nothing accepted, skip the next
         # `_pause` steps (doubling up to 8): asking costs an SAE encode and a policy
         # decision, a rejected draft its layers and a wider verification, and unfamiliar
@@ -312,7 +312,7 @@ class ShallowDrafter:
         sequence) is the last. ``inputs`` gives each draft forward its mask and positions
         (default: no padding). Returns [1, k] (k may be 0); the cache is left as it was."""
         inputs = inputs or SequenceInputs({})
-        self.attempted, self.replayed = False, False
+        self.attempted, self.recalled = False, False
         self.full_logits = None
         if limit <= 0:
             return input_ids[:, :0]
@@ -320,9 +320,9 @@ class ShallowDrafter:
             self._skip -= 1
             self.stats.draft_paused += 1
             return input_ids[:, :0]
-        replay = self.replay(input_ids, min(limit, self.max_draft), stop_ids)
-        if replay.shape[1]:
-            return replay
+        recalled = self.recall(input_ids, min(limit, self.max_draft), stop_ids)
+        if recalled.shape[1]:
+            return recalled
         budget = min(limit, self.num_draft)
         heads = self.heads
         if not self.shallow or self.step is None or heads is None or heads.shortlist.numel() == 0:
@@ -384,12 +384,12 @@ class ShallowDrafter:
     def prompt_draft(self, input_ids: torch.Tensor, limit: int, stop_ids: frozenset[int],
                      sampled: bool) -> torch.Tensor:
         """The draft the prefill forward carries after the prompt [1, T]: its practised
-        continuation. A greedy call replays the whole practised answer (bounded by the
+        continuation. A greedy call recalls the whole practised answer (bounded by the
         memory's agreement rule, not ``max_draft``: no layer runs to make it); a sampled
         answer soon leaves the practised greedy one, so it risks no more than any draft."""
-        return self.replay(input_ids, min(limit, self.max_draft) if sampled else limit, stop_ids)
+        return self.recall(input_ids, min(limit, self.max_draft) if sampled else limit, stop_ids)
 
-    def replay(self, input_ids: torch.Tensor, limit: int, stop_ids: frozenset[int]) -> torch.Tensor:
+    def recall(self, input_ids: torch.Tensor, limit: int, stop_ids: frozenset[int]) -> torch.Tensor:
         """The continuation of a practised sequence that the text [1, T] ends like (no
         layer runs); [1, 0] when there is none or no memory."""
         if self.sequences is None:
@@ -401,9 +401,9 @@ class ShallowDrafter:
                 break
         if not tokens:
             return input_ids[:, :0]
-        self.attempted, self.replayed = True, True
+        self.attempted, self.recalled = True, True
         self.stats.drafted += len(tokens)
-        self.stats.replayed += len(tokens)
+        self.stats.recalled += len(tokens)
         return torch.tensor([tokens], dtype=input_ids.dtype, device=input_ids.device)
 
     def record(self, drafted: int, accepted: int) -> None:
@@ -417,8 +417,8 @@ class ShallowDrafter:
         if drafted == 0:
             return
         self.stats.accepted += accepted
-        if self.replayed:  # the shallow path's draft length adapts to its own drafts only
-            self.stats.replay_accepted += accepted
+        if self.recalled:  # the shallow path's draft length adapts to its own drafts only
+            self.stats.recall_accepted += accepted
             return
         if accepted == drafted:
             self.num_draft = min(self.max_draft, 2 * self.num_draft)
@@ -536,7 +536,7 @@ def plain_decode(model: Any, input_ids: torch.Tensor, logits_processor: Any, sto
 def prefill(model: Any, input_ids: torch.Tensor, drafts: torch.Tensor, generation_config: Any,
             model_kwargs: dict[str, Any], inputs: SequenceInputs | None = None) -> torch.Tensor:
     """Run the prompt [1, T] through the full model as plain decoding's prefill does,
-    with ``drafts`` [1, k] after it in the same forward (the prompt's replayed
+    with ``drafts`` [1, k] after it in the same forward (the prompt's recalled
     continuation: an exact repeat verifies its answer with the forward that reads the
     prompt), their mask and positions extended as ``inputs`` extends them. Returns the
     logits [1, k + 1, V] that pick the first k + 1 new tokens."""
