@@ -30,7 +30,7 @@ written by ``shortcut-eval practice --out runs/eval/full``: 30 prompts x 5 round
     python benchmarks/bench_finetune.py --replay on              # replay on only (half the time)
     python benchmarks/bench_finetune.py --layerskip --quality-only   # only the LoRA level's quality
 
-Skills whose replay log is empty (written before practice calls were logged) get a
+Skills whose prompt log is empty (written before practice calls were logged) get a
 copy whose log holds the prompts the practice benchmark practised (the first
 ``--prompts`` of split "practice").
 """

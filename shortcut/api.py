@@ -43,8 +43,8 @@ class Shortcut:
     holds what shortcut adds: the policy that decides which layers run, the compute
     statistics, and saving of what was learned.
 
-    What the model practised (:attr:`experience`: the replay log of prompts and the
-    practised sequences that lossless drafts replay) is kept from ``wrap()`` on, with
+    What the model practised (:attr:`experience`: the prompt log of prompts and the
+    practised sequences that lossless drafts recall) is kept from ``wrap()`` on, with
     no setup: while learning, every plain greedy lossless ``generate`` call adds its
     answer, and later calls that repeat it draft it back for the full model to verify.
     The observer-dependent skills (SAE observer, exit heads, policy: the shallow path)
@@ -69,7 +69,7 @@ class Shortcut:
         # at a time (re-entrant: generate calls the model's forward, practice calls generate).
         self._lock = threading.RLock()
         self._removed = False
-        self.experience = Experience()  # replay log and practised sequences, observer or not
+        self.experience = Experience()  # prompt log and practised sequences, observer or not
         self.learner: Learner | None = None  # the observer-dependent skills, once attached
         self.auto_observer: AutoObserver | None = None  # trains the observer from traffic until one is attached
         self.decode_stats = DecodeStats()  # what lossless and fast decoding did, summed over calls
@@ -149,7 +149,7 @@ class Shortcut:
         """Give the handle its SAE observer (and, when loading, learned heads and
         policy). From then on full-path forwards of batch 1 are practice (while
         ``config.learning.enabled``), and lossless ``generate`` drafts with the shallow path too.
-        The replay log and practised sequences learned so far are kept; the new heads
+        The prompt log and practised sequences learned so far are kept; the new heads
         count as fitted on none of the log (fast mode commits only after a re-fit)."""
         self._check_live()
         width = self.parts.unembed.weight.shape[1]
@@ -215,7 +215,7 @@ class Shortcut:
         decode/fast.py). Calls from several threads run one at a time (the handle's lock).
 
         Fast mode needs the observer's skills to commit anything; without an observer it
-        decodes losslessly (replaying practised answers, verified), so its output is the
+        decodes losslessly (recalling practised answers, verified), so its output is the
         unwrapped model's."""
         with self._lock:
             return self._generate_locked(original, *args, **kwargs)
@@ -241,7 +241,7 @@ class Shortcut:
         commit = learner is not None and self.config.mode == "fast" and (  # asked before this call is logged
             not self.config.fast.practised_prompts_only or (prompt is not None and learner.was_practised(prompt)))
         if self.config.learning.enabled and prompt is not None:
-            experience.log_prompt(prompt)  # the replay log consolidation reads
+            experience.log_prompt(prompt)  # the prompt log consolidation reads
         bad = unsupported_options(self.model, kwargs, input_ids)
         if bad:
             self._warn_full_path(", ".join(bad))
@@ -271,7 +271,7 @@ class Shortcut:
             if self.config.mode == "fast" and fast is not None:
                 fast.lossless_calls += 1  # a prompt never practised verbatim: verify, do not commit
                 fast.committed = []
-            # Without an observer the drafter replays practised sequences only.
+            # Without an observer the drafter recalls practised sequences only.
             observer, heads, policy = (learner.observer, learner.heads, learner.policy) if learner else (None,) * 3
             drafter = ShallowDrafter(self.model, self._runtime, observer, heads, policy, trail,
                                      max_draft=self.config.lossless.max_draft,
@@ -285,7 +285,7 @@ class Shortcut:
                 output = original(*args, custom_generate=decoder, **kwargs)
             finally:
                 self._draft_length = drafter.num_draft
-            # the full model's greedy answer: later calls may replay it
+            # the full model's greedy answer: later calls may recall it
             if self.config.learning.enabled and drafter.plain_greedy:
                 experience.sequences.add(output[0].tolist(), start=input_ids.shape[1])
             return output
@@ -338,7 +338,7 @@ class Shortcut:
     # -- persistence ----------------------------------------------------------------
     def save_pretrained(self, folder: str | Path, *, overwrite: bool = True) -> Path:
         """Write config and everything learned to ``folder`` (safetensors + json): the
-        replay log and practised sequences always, the observer, exit heads and policy
+        prompt log and practised sequences always, the observer, exit heads and policy
         when an observer is attached. :func:`load` resumes from it."""
 
         def fill(tmp: Path) -> None:
@@ -347,7 +347,7 @@ class Shortcut:
             if self.learner is not None:
                 contents.update(skills.save_learned(tmp, self.learner, self.fingerprint))
             else:
-                contents.update(skills.save_replay_log(tmp, self.experience))
+                contents.update(skills.save_prompt_log(tmp, self.experience))
             skills.write_manifest(tmp, self.fingerprint, contents)
 
         with self._lock:
@@ -479,7 +479,7 @@ def load(model: PreTrainedModel, folder: str | Path) -> Shortcut:
     if learned is not None:
         practised, sequences = learned.practised, learned.sequences
     else:  # practised sequences only (no observer yet)
-        practised, sequences = skills.load_replay_log(folder, manifest, int(parts.unembed.weight.shape[0]))
+        practised, sequences = skills.load_prompt_log(folder, manifest, int(parts.unembed.weight.shape[0]))
     adapter = manifest.get("contents", {}).get("adapter")
     if adapter:
         skills.merge_adapter(model, skills.inside(folder, adapter, "contents.adapter"))

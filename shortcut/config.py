@@ -107,7 +107,7 @@ class FastConfig:
             (shortlist softmax) is at least this; audits raise the bar while the measured
             error rate is above ``target_error_rate``.
         practised_prompts_only: commit shallow tokens only in generate calls whose prompt
-            was practised verbatim (in the replay log before the heads' latest re-fit);
+            was practised verbatim (in the prompt log before the heads' latest re-fit);
             any other call decodes losslessly with the same skills. Deep layers read every
             prompt token, so a reworded prompt moves answers where the shallow path cannot
             see it (``docs/findings.md``). ``False`` lets the bars alone decide.

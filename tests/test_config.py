@@ -14,7 +14,7 @@ from shortcut import FastConfig, LearningConfig, LosslessConfig, ShortcutConfig
 FLAT = {
     "mode": "fast", "observer_layers": [1], "exit_layers": [2, 3], "learn": False, "target_error_rate": 0.02,
     "audit_fraction": 0.5, "fast_confidence": 0.4, "fast_practised_prompts_only": False, "max_draft": 8,
-    "draft_confidence": 0.2, "recall_sequences": False, "shallow_drafts": False, "policy_threshold": 0.6,
+    "draft_confidence": 0.2, "replay_sequences": False, "shallow_drafts": False, "policy_threshold": 0.6,
     "consolidate_every": 0, "fit_steps": 50, "seed": 7,
 }
 GROUPED = ShortcutConfig(

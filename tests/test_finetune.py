@@ -87,7 +87,7 @@ def test_heads_level_trains_keeps_base_and_stays_lossless(skills_dir, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     summary = ft.finetune(model, skills_dir, tmp_path / "out", config=_config(), progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # base model bit-identical
-    assert summary["replayed_prompts"] == len(PROMPTS)  # the log's repeats are replayed once
+    assert summary["regenerated_prompts"] == len(PROMPTS)  # the log's repeats are re-generated once
     fit = summary["heads"]["fit"]
     assert fit["loss_last"] < fit["loss_first"]
     assert fit["heldout_positions"] > 0 and fit["select_steps_run"] >= fit["best_step"] >= 1
@@ -96,10 +96,10 @@ def test_heads_level_trains_keeps_base_and_stays_lossless(skills_dir, tmp_path):
     assert manifest["contents"]["consolidation"]["level"] == "heads" and "adapter" not in manifest["contents"]
     log, source = (json.loads((folder / "replay_log.json").read_text()) for folder in (out, skills_dir))
     assert log["prompts"] == source["prompts"]
-    # Practised sequences: the practised ones plus each replayed prompt with the greedy
+    # Practised sequences: the practised ones plus each re-generated prompt with the greedy
     # continuation it got here (the same, for greedy practice of the same length).
-    replayed = [_greedy(model, prompt, FAST["max_new_tokens"]) for prompt in PROMPTS]
-    assert {tuple(x) for x in log["sequences"]} == {tuple(x) for x in source["sequences"] + replayed}
+    regenerated = [_greedy(model, prompt, FAST["max_new_tokens"]) for prompt in PROMPTS]
+    assert {tuple(x) for x in log["sequences"]} == {tuple(x) for x in source["sequences"] + regenerated}
     assert json.loads((out / ft.SUMMARY_FILE).read_text())["run"] == summary["run"]
     assert not (out / "checkpoints").exists()
     assert not torch.equal(load_file(str(out / "heads.safetensors"))["translators.1.weight"],
@@ -200,12 +200,12 @@ def test_cli_runs_and_bad_inputs_exit_2(skills_dir, model_dir, tmp_path, capsys)
         assert _cli(skills, target, model_dir, *more) == 2
         assert match in capsys.readouterr().err
 
-    # No replay log.
+    # No prompt log.
     no_log = tmp_path / "no_log"
     shutil.copytree(skills_dir, no_log)
     (no_log / "replay_log.json").unlink()
-    fails(no_log, tmp_path / "x1", match="no replay log")
-    # Empty dataset: the replay log lists nothing and there is no extra text.
+    fails(no_log, tmp_path / "x1", match="no prompt log")
+    # Empty dataset: the prompt log lists nothing and there is no extra text.
     empty = tmp_path / "empty"
     shutil.copytree(skills_dir, empty)
     (empty / "replay_log.json").write_text('{"prompts": []}\n')
@@ -267,7 +267,7 @@ def test_layerskip_final_layer_anchored_to_the_base_distribution():
     from shortcut.arch import resolve
     from shortcut.capture import StateCapture
     from shortcut.finetune.layerskip import base_logits, exit_weights, make_batch, objective
-    from shortcut.finetune.replay import Example
+    from shortcut.finetune.regenerate import Example
 
     model = make_tiny("llama")
     parts = resolve(model)

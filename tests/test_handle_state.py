@@ -84,7 +84,7 @@ def test_reduced_precision_practises_consolidates_saves_and_loads(dtype, tmp_pat
 
 
 def test_handle_memory_stays_bounded_over_ten_thousand_calls():
-    """The replay log keeps the latest ``log_capacity`` prompts (10,000 logged here, as
+    """The prompt log keeps the latest ``log_capacity`` prompts (10,000 logged here, as
     10,000 generate calls would), and recent prompts still count as practised after a
     re-fit; generate calls keep every other structure at its bound."""
     model, handle, _ = _practised(rounds=1)
@@ -99,6 +99,6 @@ def test_handle_memory_stays_bounded_over_ten_thousand_calls():
     for _ in range(20):
         model.generate(input_ids=PROMPTS[0], max_new_tokens=4, do_sample=False)
     assert len(learner.practised) == 500
-    assert len(learner.replay) <= learner.replay.capacity + 64
+    assert len(learner.positions) <= learner.positions.capacity + 64
     assert learner.policy.memory_len <= learner.policy.memory_size
     assert len(handle._warned) <= 256

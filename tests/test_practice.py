@@ -521,7 +521,7 @@ def test_fast_calibration_settles_at_the_target_error_rate():
 
 
 def test_fast_bars_restart_from_their_floors_after_a_refit():
-    model, handle, _ = _practised(rounds=1)  # a replay buffer in memory to re-fit from
+    model, handle, _ = _practised(rounds=1)  # a position buffer in memory to re-fit from
     controller = handle.fast
     for _ in range(10):  # errors of earlier heads pushed both bars up
         controller.record_audit(False)
@@ -571,7 +571,7 @@ def test_fast_mode_does_not_commit_where_a_practised_sequence_goes_on_otherwise(
 
 
 def test_fast_mode_commits_only_on_prompts_practised_verbatim(practised):
-    """A prompt not in the replay log (or logged after the heads' latest re-fit) decodes
+    """A prompt not in the prompt log (or logged after the heads' latest re-fit) decodes
     losslessly in fast mode (the model's own tokens, nothing committed); with the option
     off the bars alone decide."""
     model, handle, _ = practised

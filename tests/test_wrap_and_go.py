@@ -157,7 +157,7 @@ def test_bad_replay_log_of_a_memory_only_folder_is_refused(fresh, tmp_path):
     folder = handle.save_pretrained(tmp_path / "skills")
     other = make_tiny("llama")
     (folder / "replay_log.json").write_text("[1, 2")
-    with pytest.raises(shortcut.SkillsFileError, match="replay_log.json: the replay log is not valid json"):
+    with pytest.raises(shortcut.SkillsFileError, match="replay_log.json: the prompt log is not valid json"):
         shortcut.load(other, folder)
     (folder / "replay_log.json").write_text(json.dumps({"prompts": [[5, 6, 7]], "sequences": [[5, 6, 7, 96]]}))
     with pytest.raises(shortcut.SkillsFileError, match="field 'sequences'"):

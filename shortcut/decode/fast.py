@@ -43,7 +43,7 @@ those), so it is committed token by token with no layer at all: the top rung of 
 skill ladder. Those tokens are pending in every layer; where the answer ends before the
 call does, the next token catches up (one batched full forward, which audits them).
 
-Which calls commit at all: only those whose prompt was practised verbatim (in the replay
+Which calls commit at all: only those whose prompt was practised verbatim (in the prompt
 log before the heads' latest re-fit; ``FastConfig.practised_prompts_only``).
 Every deep layer reads every prompt token, so a reworded prompt (another opening, one
 changed detail) moves the answer in ways the shallow path cannot see, and no bar on the

@@ -16,11 +16,11 @@ every decoder layer learns it, with the recipe's three parts:
 
 One departure, by default (``LayerSkipConfig(final_target="base")``): the final layer's term is the
 KL divergence from the base model's own distribution (adapter off, every layer) instead
-of the cross-entropy on the replayed greedy tokens, which sharpens the model on its own
+of the cross-entropy on the re-generated greedy tokens, which sharpens the model on its own
 answers, and costs general quality (``docs/findings.md``).
 
 Exit ``l`` means "after ``l`` layers" as everywhere in shortcut, i.e. LayerSkip's layer
-``l - 1``. Training data: replayed prompts with the model's greedy continuations (loss on
+``l - 1``. Training data: re-generated prompts with the model's greedy continuations (loss on
 the continuation) and extra text (loss everywhere).
 """
 
