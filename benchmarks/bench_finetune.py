@@ -30,7 +30,7 @@ written by ``shortcut-eval practice --out runs/eval/full``: 30 prompts x 5 round
     python benchmarks/bench_finetune.py --replay on              # replay on only (half the time)
     python benchmarks/bench_finetune.py --layerskip --quality-only   # only the LoRA level's quality
 
-Skills whose replay log is empty (written before practice calls were logged) get a
+Skills whose prompt log is empty (written before practice calls were logged) get a
 copy whose log holds the prompts the practice benchmark practised (the first
 ``--prompts`` of split "practice").
 """
@@ -88,7 +88,7 @@ def measure(handle, ids: torch.Tensor, new_tokens: int, plain_first: bool) -> di
     new = outs["plain"].shape[1] - ids.shape[1]
     delta = handle.decode_stats - counters
     return {
-        "replayed": float(delta.replay_accepted),
+        "recalled": float(delta.recall_accepted),
         "new_tokens": new,
         "identical": bool(torch.equal(outs["plain"], outs["wrapped"])),
         "speed_ratio": seconds["plain"] / seconds["wrapped"],
@@ -107,7 +107,7 @@ def measure_skills(model, folder: Path, sets: dict, new_tokens: int, label: str,
     rows, pair = [], 0
     try:
         for replay, (name, inputs) in ((r, item) for r in replays for item in sets.items()):
-            handle.config.replay_sequences = replay
+            handle.config.lossless.recall_sequences = replay
             results = []
             for ids in inputs:
                 results.append(measure(handle, ids, new_tokens, plain_first=pair % 2 == 0))
@@ -123,7 +123,7 @@ def measure_skills(model, folder: Path, sets: dict, new_tokens: int, label: str,
                 "identical": sum(r["identical"] for r in results) / len(results),
                 "acceptance": sum(r["accepted"] for r in results) / drafted if drafted else 0.0,
                 "drafted_per_token": drafted / sum(r["new_tokens"] for r in results),
-                "replayed_share": sum(r["replayed"] for r in results) / sum(r["new_tokens"] for r in results),
+                "recalled_share": sum(r["recalled"] for r in results) / sum(r["new_tokens"] for r in results),
                 "layer_calls_per_token": statistics.mean(r["layer_calls_per_token"] for r in results),
                 "oracle_exit_layer": sum(oracle) / len(oracle),
             })
@@ -169,7 +169,7 @@ def heads_benchmark(model, tokenizer, args: argparse.Namespace, n_test: int, set
           f"threads={torch.get_num_threads()} (lossless; speed = tokens/s vs plain generate, same run)")
     print(_header())
     rows = measure_skills(model, args.skills, sets, args.new_tokens, "practised", replays)
-    cfg = ft.FinetuneConfig(max_new_tokens=args.new_tokens, steps=args.steps, seed=args.seed)
+    cfg = ft.FinetuneConfig(max_new_tokens=args.new_tokens, seed=args.seed, heads=ft.HeadsFitConfig(steps=args.steps))
     summary, seconds = run_finetune(model, tokenizer, args.skills, args.work / "heads", cfg)
     print(ft.format_summary(summary), flush=True)
     rows += measure_skills(model, args.work / "heads", sets, args.new_tokens, "consolidated", replays)
@@ -211,10 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=30, help="practised prompts (as in the practice benchmark)")
     parser.add_argument("--test-prompts", type=int, default=None, help="prompts per test set (default: --prompts)")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=ft.FinetuneConfig.steps, help="most exit-head steps")
+    parser.add_argument("--steps", type=int, default=ft.HeadsFitConfig.steps, help="most exit-head steps")
     parser.add_argument("--layerskip", action="store_true", help="also train and assess the LoRA level")
-    parser.add_argument("--lora-steps", type=int, default=ft.FinetuneConfig.lora_steps)
-    parser.add_argument("--lora-final-target", choices=("base", "tokens"), default=ft.FinetuneConfig.lora_final_target)
+    parser.add_argument("--lora-steps", type=int, default=ft.LayerSkipConfig.steps)
+    parser.add_argument("--lora-final-target", choices=("base", "tokens"), default=ft.LayerSkipConfig.final_target)
     parser.add_argument("--quality-passages", type=int, default=70)
     parser.add_argument("--choice", type=int, default=100, help="choice questions")
     parser.add_argument("--seed", type=int, default=0)
@@ -247,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.layerskip:
         records = read_jsonl(DEFAULT_PASSAGES, required=("text",))
         quality = [r["text"] for r in records if r.get("split") == "heldout"][:args.quality_passages]
-        lcfg = ft.FinetuneConfig(level="layerskip", max_new_tokens=args.new_tokens, steps=args.steps,
-                                 lora_steps=args.lora_steps, lora_final_target=args.lora_final_target, seed=args.seed)
+        lcfg = ft.FinetuneConfig(level="layerskip", max_new_tokens=args.new_tokens, seed=args.seed,
+                                 heads=ft.HeadsFitConfig(steps=args.steps),
+                                 layerskip=ft.LayerSkipConfig(steps=args.lora_steps,
+                                                              final_target=args.lora_final_target))
         ls_summary, ls_seconds = run_finetune(model, tokenizer, args.skills, args.work / "layerskip", lcfg, quality)
         print(ft.format_summary(ls_summary), flush=True)
         choice = read_jsonl(DATA / "choice.jsonl")[:args.choice]
@@ -293,13 +295,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _header() -> str:
     return (f"{'set':<17}{'skills':<14}{'replay':>7}{'speed x':>8}{'tok/s':>7}{'ident':>7}{'accept':>8}"
-            f"{'draft/tok':>10}{'replayed':>9}{'layer calls/tok':>16}{'oracle exit':>12}")
+            f"{'draft/tok':>10}{'recalled':>9}{'layer calls/tok':>16}{'oracle exit':>12}")
 
 
 def _row(r: dict) -> str:
     return (f"{r['set']:<17}{r['skills']:<14}{'on' if r['replay'] else 'off':>7}{r['speed_ratio_median']:>8.2f}"
             f"{r['wrapped_tok_s_median']:>7.1f}{100 * r['identical']:>6.0f}%{100 * r['acceptance']:>7.0f}%"
-            f"{r['drafted_per_token']:>10.2f}{100 * r['replayed_share']:>8.0f}%{r['layer_calls_per_token']:>16.1f}"
+            f"{r['drafted_per_token']:>10.2f}{100 * r['recalled_share']:>8.0f}%{r['layer_calls_per_token']:>16.1f}"
             f"{r['oracle_exit_layer']:>12.2f}")
 
 

@@ -28,8 +28,9 @@ def main() -> int:
     for dtype in (torch.bfloat16, torch.float16):
         for arch in ("llama", "gpt2", "qwen3", "gemma3_text"):
             model = make_tiny(arch).to(dtype)
-            config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2], draft_confidence=0.0,
-                                             policy_threshold=0.3, fit_steps=20)
+            config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2],
+                                             lossless=shortcut.LosslessConfig(draft_confidence=0.0),
+                                             learning=shortcut.LearningConfig(policy_threshold=0.3, fit_steps=20))
             handle = shortcut.wrap(model, config)
             handle.attach_observer(_observer(model))
             g = torch.Generator().manual_seed(1)

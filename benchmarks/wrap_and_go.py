@@ -61,9 +61,9 @@ class Meter:
             with self.handle.disabled():
                 self.plain[text] = self._timed(model, inputs)
         plain = self.plain[text]
-        replayed = self.handle.decode_stats.replay_accepted
+        recalled = self.handle.decode_stats.recall_accepted
         wrapped = self._timed(model, inputs)
-        wrapped["replayed"] = self.handle.decode_stats.replay_accepted - replayed
+        wrapped["recalled"] = self.handle.decode_stats.recall_accepted - recalled
         self.rows.setdefault(run, []).append({"plain": plain, "wrapped": wrapped})
         return wrapped["tokens"]
 
@@ -85,22 +85,22 @@ class Meter:
                 "wrapped_tps": statistics.median(r["wrapped"]["tps"] for r in rows),
                 "median_ratio": statistics.median(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios),
                 "identical": sum(r["wrapped"]["tokens"] == r["plain"]["tokens"] for r in rows),
-                "replayed_share": sum(r["wrapped"]["replayed"] for r in rows)
+                "recalled_share": sum(r["wrapped"]["recalled"] for r in rows)
                 / max(1, sum(len(r["wrapped"]["tokens"]) for r in rows)),
-                "drafting_prompts": sum(r["wrapped"]["replayed"] > 0 for r in rows),
+                "drafting_prompts": sum(r["wrapped"]["recalled"] > 0 for r in rows),
             })
         return table
 
 
 def print_table(table: list[dict[str, Any]]) -> None:
     print(f"{'run':<16}{'prompts':>8}{'plain tok/s':>13}{'wrapped tok/s':>15}{'median x':>10}"
-          f"{'min-max x':>14}{'identical':>11}{'replayed':>10}{'drafting':>10}")
+          f"{'min-max x':>14}{'identical':>11}{'recalled':>10}{'drafting':>10}")
     for t in table:
         print(f"{t['run']:<16}{t['prompts']:>8}{t['plain_tps']:>13.1f}{t['wrapped_tps']:>15.1f}"
               f"{t['median_ratio']:>10.2f}{t['min_ratio']:>7.2f}-{t['max_ratio']:<6.2f}"
-              f"{t['identical']:>6}/{t['prompts']:<4}{100 * t['replayed_share']:>9.0f}%"
+              f"{t['identical']:>6}/{t['prompts']:<4}{100 * t['recalled_share']:>9.0f}%"
               f"{t['drafting_prompts']:>6}/{t['prompts']:<3}")
-    print("median x: median over prompts of wrapped/plain tokens/s; replayed: share of new tokens drafted from "
+    print("median x: median over prompts of wrapped/plain tokens/s; recalled: share of new tokens drafted from "
           "practised sequences and accepted; drafting: prompts with any such token")
 
 

@@ -11,7 +11,7 @@ Usage::
 
 from .api import Shortcut, load, wrap
 from .arch import ArchSpec, UnsupportedArchitectureError, register_architecture, registered_model_types
-from .config import ShortcutConfig
+from .config import FastConfig, LearningConfig, LosslessConfig, ShortcutConfig
 from .decode.runtime import FixedPlan, LayerPolicy
 from .models import load_model
 from .skills.folder import SkillsMismatchError
@@ -19,8 +19,11 @@ from .skills.validate import SkillsFileError
 
 __all__ = [
     "ArchSpec",
+    "FastConfig",
     "FixedPlan",
     "LayerPolicy",
+    "LearningConfig",
+    "LosslessConfig",
     "Shortcut",
     "ShortcutConfig",
     "SkillsFileError",

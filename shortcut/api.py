@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 from .arch import ModelParts, resolve
 from .config import ShortcutConfig
 from .decode.draft_length import DraftLengths
-from .decode.fast import FastController, FastStep, make_fast_decoder
+from .decode.fast import FastController, FastDecoder, FastStep
 from .decode.lossless import ShallowDrafter, Trail, custom_generate_kwargs, make_decoder, unsupported_options
 from .decode.runtime import FixedPlan, LayerPolicy, LayerRuntime, Stats
 from .decode.stats import DecodeStats
@@ -44,8 +44,8 @@ class Shortcut:
     holds what shortcut adds: the policy that decides which layers run, the compute
     statistics, and saving of what was learned.
 
-    What the model practised (:attr:`experience`: the replay log of prompts and the
-    practised sequences that lossless drafts replay) is kept from ``wrap()`` on, with
+    What the model practised (:attr:`experience`: the prompt log of prompts and the
+    practised sequences that lossless drafts recall) is kept from ``wrap()`` on, with
     no setup: while learning, every plain greedy lossless ``generate`` call adds its
     answer, and later calls that repeat it draft it back for the full model to verify.
     The observer-dependent skills (SAE observer, exit heads, policy: the shallow path)
@@ -70,13 +70,13 @@ class Shortcut:
         # at a time (re-entrant: generate calls the model's forward, practice calls generate).
         self._lock = threading.RLock()
         self._removed = False
-        self.experience = Experience()  # replay log and practised sequences, observer or not
+        self.experience = Experience()  # prompt log and practised sequences, observer or not
         self.learner: Learner | None = None  # the observer-dependent skills, once attached
         self.auto_observer: AutoObserver | None = None  # trains the observer from traffic until one is attached
         self.decode_stats = DecodeStats()  # what lossless and fast decoding did, summed over calls
         self._draft_length: int | None = None  # lossless draft length reached by the latest call
         # Lookup-draft lengths per situation, learned from every verification.
-        self._lookup_lengths = DraftLengths(config.draft_accept_bar)
+        self._lookup_lengths = DraftLengths(config.lossless.accept_bar)
         self._warned: set[str] = set()
         self._reference = False  # inside reference(): plain generate, counted, not learned
         self.fast: FastController | None = None  # fast mode's audits and calibration
@@ -151,8 +151,8 @@ class Shortcut:
                         policy: ExitPolicy | None = None) -> None:
         """Give the handle its SAE observer (and, when loading, learned heads and
         policy). From then on full-path forwards of batch 1 are practice (while
-        ``config.learn``), and lossless ``generate`` drafts with the shallow path too.
-        The replay log and practised sequences learned so far are kept; the new heads
+        ``config.learning.enabled``), and lossless ``generate`` drafts with the shallow path too.
+        The prompt log and practised sequences learned so far are kept; the new heads
         count as fitted on none of the log (fast mode commits only after a re-fit)."""
         self._check_live()
         width = self.parts.unembed.weight.shape[1]
@@ -165,21 +165,22 @@ class Shortcut:
         if not exits:
             raise ValueError(f"no exit layer in {self.config.exit_layers} lies above observer layer {observer.layer}")
         heads = heads or ExitHeads(self.parts, exits)
-        policy = policy or ExitPolicy(exits, observer.d_sae, threshold=self.config.policy_threshold)
+        policy = policy or ExitPolicy(exits, observer.d_sae, threshold=self.config.learning.policy_threshold)
         if self.auto_observer is not None:  # an observer is here: stop collecting for one
             self.auto_observer.uninstall()
             self.auto_observer = None
         if self.learner is not None:
             self.learner.uninstall()
         self.learner = Learner(self.model, self.parts, observer, heads, policy,
-                               consolidate_every=self.config.consolidate_every, fit_steps=self.config.fit_steps,
+                               consolidate_every=self.config.learning.consolidate_every,
+                               fit_steps=self.config.learning.fit_steps,
                                seed=self.config.seed, experience=self.experience)
         self.experience.fitted_log = 0
-        self.learner.enabled = self.config.learn
-        self.fast = FastController(min_confidence=self.config.fast_confidence,
+        self.learner.enabled = self.config.learning.enabled
+        self.fast = FastController(min_confidence=self.config.fast.confidence,
                                    min_familiarity=policy.min_familiarity,
-                                   target_error_rate=self.config.target_error_rate,
-                                   audit_fraction=self.config.audit_fraction, seed=self.config.seed)
+                                   target_error_rate=self.config.fast.target_error_rate,
+                                   audit_fraction=self.config.fast.audit_fraction, seed=self.config.seed)
         self.learner.install(
             gate=lambda: self._runtime.policy is None and not self._runtime.bypass and not self._reference)
 
@@ -206,18 +207,18 @@ class Shortcut:
 
     def set_learning(self, enabled: bool) -> None:
         """Switch practice on or off (off: skills are frozen)."""
-        self.config.learn = enabled
+        self.config.learning.enabled = enabled
         if self.learner is not None:
             self.learner.enabled = enabled
 
     def _generate(self, original: Any, *args: Any, **kwargs: Any) -> Any:
         """``model.generate`` with what was practised: lossless drafting (practised
-        sequences replayed, and the shallow path once an observer is attached) with
+        sequences recalled, and the shallow path once an observer is attached) with
         full-path verification, or fast mode's committed exits (see decode/lossless.py and
         decode/fast.py). Calls from several threads run one at a time (the handle's lock).
 
         Fast mode needs the observer's skills to commit anything; without an observer it
-        decodes losslessly (replaying practised answers, verified), so its output is the
+        decodes losslessly (recalling practised answers, verified), so its output is the
         unwrapped model's."""
         with self._lock:
             return self._generate_locked(original, *args, **kwargs)
@@ -241,20 +242,20 @@ class Shortcut:
                 and mask.shape == input_ids.shape):
             prompt = [t for t, keep in zip(prompt, mask[0].tolist()) if keep]  # the text without its padding
         commit = learner is not None and self.config.mode == "fast" and (  # asked before this call is logged
-            not self.config.fast_practised_prompts_only or (prompt is not None and learner.was_practised(prompt)))
-        if self.config.learn and prompt is not None:
-            experience.log_prompt(prompt)  # the replay log consolidation reads
+            not self.config.fast.practised_prompts_only or (prompt is not None and learner.was_practised(prompt)))
+        if self.config.learning.enabled and prompt is not None:
+            experience.log_prompt(prompt)  # the prompt log consolidation reads
         bad = unsupported_options(self.model, kwargs, input_ids)
         if bad:
             self._warn_full_path(", ".join(bad))
             return original(*args, **kwargs)
         assert isinstance(input_ids, torch.Tensor)  # anything else is an unsupported option
         fast = self.fast  # set by attach_observer with the learner
-        sequences = experience.sequences if self.config.replay_sequences else None
+        sequences = experience.sequences if self.config.lossless.recall_sequences else None
         # generate hands custom_generate no streamer or tokenizer: see custom_generate_kwargs.
         kwargs, stream = custom_generate_kwargs(self.model, kwargs)
         collector = None  # collects this call's residuals for the observer being learned
-        if auto is not None and self.config.learn and prompt is not None:
+        if auto is not None and self.config.learning.enabled and prompt is not None:
             collector = auto
             collector.begin_call(prompt)
         trail = None
@@ -267,28 +268,30 @@ class Shortcut:
                 if fast.calibrated_for != learner.stats.consolidations:
                     fast.recalibrate(learner.stats.consolidations)
                 step = FastStep(learner.observer, learner.policy, learner.heads, fast, trail, sequences=sequences)
-                decoder = make_fast_decoder(self._runtime, step, fast, self.decode_stats, streamer=stream,
-                                            on_fallback=self._warn_full_path)
-                return original(*args, custom_generate=decoder, **kwargs)
+                fast_decoder = FastDecoder(self._runtime, step, fast, self.decode_stats, streamer=stream,
+                                           on_fallback=self._warn_full_path)
+                return original(*args, custom_generate=fast_decoder, **kwargs)
             if self.config.mode == "fast" and fast is not None:
                 fast.lossless_calls += 1  # a prompt never practised verbatim: verify, do not commit
                 fast.committed = []
-            # Without an observer the drafter replays practised sequences only.
+            # Without an observer the drafter recalls practised sequences only.
             observer, heads, policy = (learner.observer, learner.heads, learner.policy) if learner else (None,) * 3
-            self._lookup_lengths.accept_bar = self.config.draft_accept_bar  # the config may change between calls
+            self._lookup_lengths.accept_bar = self.config.lossless.accept_bar  # the config may change between calls
             drafter = ShallowDrafter(self.model, self._runtime, observer, heads, policy, trail,
-                                     max_draft=self.config.max_draft, min_confidence=self.config.draft_confidence,
+                                     max_draft=self.config.lossless.max_draft,
+                                     min_confidence=self.config.lossless.draft_confidence,
                                      stats=self.decode_stats,
                                      on_full_path=learner.learn_recorded if learner else None,
                                      num_draft=self._draft_length, sequences=sequences,
-                                     shallow=self.config.shallow_drafts, lengths=self._lookup_lengths,
-                                     copy_text=self.config.copy_drafts)
+                                     shallow=self.config.lossless.shallow_drafts, lengths=self._lookup_lengths,
+                                     copy_text=self.config.lossless.copy_drafts)
             try:
                 decoder = make_decoder(drafter, self.decode_stats, streamer=stream, on_fallback=self._warn_full_path)
                 output = original(*args, custom_generate=decoder, **kwargs)
             finally:
                 self._draft_length = drafter.num_draft
-            if self.config.learn and drafter.plain_greedy:  # the full model's greedy answer: later calls may replay it
+            # the full model's greedy answer: later calls may recall it
+            if self.config.learning.enabled and drafter.plain_greedy:
                 experience.sequences.add(output[0].tolist(), start=input_ids.shape[1])
             return output
         finally:
@@ -340,7 +343,7 @@ class Shortcut:
     # -- persistence ----------------------------------------------------------------
     def save_pretrained(self, folder: str | Path, *, overwrite: bool = True) -> Path:
         """Write config and everything learned to ``folder`` (safetensors + json): the
-        replay log and practised sequences always, the observer, exit heads and policy
+        prompt log and practised sequences always, the observer, exit heads and policy
         when an observer is attached. :func:`load` resumes from it."""
 
         def fill(tmp: Path) -> None:
@@ -349,7 +352,7 @@ class Shortcut:
             if self.learner is not None:
                 contents.update(skills.save_learned(tmp, self.learner, self.fingerprint))
             else:
-                contents.update(skills.save_replay_log(tmp, self.experience))
+                contents.update(skills.save_prompt_log(tmp, self.experience))
             skills.write_manifest(tmp, self.fingerprint, contents)
 
         with self._lock:
@@ -392,7 +395,7 @@ def wrap(model: PreTrainedModel, config: ShortcutConfig | None = None, *,
     With no learned policy the wrapped model computes exactly what the model computed
     before (bit-identical logits); ``handle.remove()`` restores it completely.
 
-    It practises from the first call: while ``config.learn``, every plain greedy
+    It practises from the first call: while ``config.learning.enabled``, every plain greedy
     lossless ``generate`` call adds its answer to the practised sequences, and later
     calls whose text goes the way a practised one went draft it back, verified by the
     full model (same tokens as unwrapped, greedy or seeded sampling). An observer
@@ -481,7 +484,7 @@ def load(model: PreTrainedModel, folder: str | Path) -> Shortcut:
     if learned is not None:
         practised, sequences = learned.practised, learned.sequences
     else:  # practised sequences only (no observer yet)
-        practised, sequences = skills.load_replay_log(folder, manifest, int(parts.unembed.weight.shape[0]))
+        practised, sequences = skills.load_prompt_log(folder, manifest, int(parts.unembed.weight.shape[0]))
     adapter = manifest.get("contents", {}).get("adapter")
     if adapter:
         skills.merge_adapter(model, skills.inside(folder, adapter, "contents.adapter"))

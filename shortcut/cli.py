@@ -149,15 +149,16 @@ def _practice(args: argparse.Namespace) -> int:
     if args.skills:
         handle = shortcut.load(model, args.skills)
     else:
-        handle = shortcut.wrap(model, shortcut.ShortcutConfig(consolidate_every=0, seed=args.seed))
+        learning = shortcut.LearningConfig(consolidate_every=0)
+        handle = shortcut.wrap(model, shortcut.ShortcutConfig(seed=args.seed, learning=learning))
         handle.train_observer(texts, tokenizer, steps=args.sae_steps, progress=not args.quiet)
     rows = handle.practice(records, rounds=args.rounds, max_new_tokens=args.new_tokens, tokenizer=tokenizer,
                            progress=not args.quiet)
-    print(f"{'round':>5}{'tokens':>8}{'tok/s':>8}{'layer calls/tok':>16}{'drafted':>9}{'accept':>8}{'replayed':>9}"
+    print(f"{'round':>5}{'tokens':>8}{'tok/s':>8}{'layer calls/tok':>16}{'drafted':>9}{'accept':>8}{'recalled':>9}"
           f"{'learn s':>9}")
     for r in rows:
         print(f"{r['round']:>5}{r['generated_tokens']:>8}{r['tokens_per_second']:>8.1f}"
-              f"{r['layer_calls_per_token']:>16.1f}{r['drafted']:>9}{100 * r['acceptance']:>7.0f}%{r['replayed']:>9}"
+              f"{r['layer_calls_per_token']:>16.1f}{r['drafted']:>9}{100 * r['acceptance']:>7.0f}%{r['recalled']:>9}"
               f"{r['learn_seconds'] + r['consolidate_seconds']:>9.1f}")
     handle.save_pretrained(out)
     print(f"skills saved to {out}")

@@ -75,7 +75,7 @@ import torch
 
 import shortcut
 from shortcut import models
-from shortcut.config import ShortcutConfig
+from shortcut.config import LearningConfig, ShortcutConfig
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,8 @@ class ShortcutLM(HFLM):  # type: ignore[misc,valid-type]
             if mode is not None:
                 handle.config.mode = mode
         else:
-            handle = shortcut.wrap(self.model, ShortcutConfig(mode=mode or "lossless", learn=learn))
+            config = ShortcutConfig(mode=mode or "lossless", learning=LearningConfig(enabled=learn))
+            handle = shortcut.wrap(self.model, config)
         handle.set_learning(learn)
         logger.info("shortcut: %r, skills %s", handle, skills or "none")
         return handle
@@ -195,7 +196,7 @@ class ShortcutLM(HFLM):  # type: ignore[misc,valid-type]
         info["shortcut"] = {
             "mode": handle.config.mode,
             "skills": self.skills,
-            "learn": handle.config.learn,
+            "learn": handle.config.learning.enabled,
             "layers_per_token": handle.stats.total.layers_per_token,
             "num_layers": handle.num_layers,
             "draft": handle.decode_stats.as_dict(),

@@ -21,7 +21,7 @@ COLUMNS = [  # (key, header, format)
     ("identical", "identical", "{:.0%}"),
     ("agreement", "agree", "{:.1%}"),
     ("acceptance", "accept", "{:.0%}"),
-    ("replayed_share", "replayed", "{:.0%}"),
+    ("recalled_share", "recalled", "{:.0%}"),
     ("learn_seconds", "learn s", "{:.1f}"),
     ("consolidate_seconds", "refit s", "{:.1f}"),
     ("perplexity", "ppl", "{:.3f}"),
@@ -107,9 +107,9 @@ def markdown(result: dict) -> str:
         ablation = ablation_table(result["tests"])
         if ablation:
             lines += ["## Sequence memory only vs full system (lossless)", "",
-                      "The same frozen skills with the shallow path off (`shallow_drafts=False`: only practised "
-                      "sequences draft, every other token takes the full path) beside the full system, per test "
-                      "set. `transfer` holds unseen instances of the practised task families.", "",
+                      "The same frozen skills with the shallow path off (`lossless.shallow_drafts=False`: only "
+                      "practised sequences draft, every other token takes the full path) beside the full system, "
+                      "per test set. `transfer` holds unseen instances of the practised task families.", "",
                       ablation, ""]
         sweep = result.get("early_exit_sweep") or {}
         if sweep:
@@ -126,7 +126,7 @@ def markdown(result: dict) -> str:
 
 def ablation_table(tests: list[dict]) -> str:
     """Markdown table: each test set's full lossless row beside its memory-only row
-    (speed ratio, FLOPs per token, replayed share); empty when there is no ablation row."""
+    (speed ratio, FLOPs per token, recalled share); empty when there is no ablation row."""
     rows = {(r["set"], r["method"]): r for r in tests}
     lines = []
     for (set_name, method), memory in rows.items():
@@ -136,13 +136,13 @@ def ablation_table(tests: list[dict]) -> str:
         if full is None:
             continue
         cells = [set_name, method.replace(" memory only", "")]
-        for key, fmt in (("speed_ratio", "{:.2f}"), ("flops_rel", "{:.2f}"), ("replayed_share", "{:.0%}")):
+        for key, fmt in (("speed_ratio", "{:.2f}"), ("flops_rel", "{:.2f}"), ("recalled_share", "{:.0%}")):
             cells += [_cell(full, key, fmt), _cell(memory, key, fmt)]
         lines.append("| " + " | ".join(cells) + " |")
     if not lines:
         return ""
     header = ("| set | method | speed x full | speed x memory only | flops full | flops memory only "
-              "| replayed full | replayed memory only |")
+              "| recalled full | recalled memory only |")
     return "\n".join([header, "|" + "|".join("---" for _ in range(8)) + "|", *lines])
 
 

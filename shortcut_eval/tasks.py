@@ -34,7 +34,7 @@ def practice(args: Any, systems: list[System], sets: dict[str, list[dict]], log:
     """Practise the stream for ``args.rounds`` rounds (lossless, learning on), then measure
     the frozen skills on every test set (exact repeats, near-duplicates, transfer, novel)
     beside the peers. In lossless mode a ``shortcut lossless memory only`` row measures the
-    same skills with the shallow path off (``shallow_drafts=False``: only the practised
+    same skills with the shallow path off (``lossless.shallow_drafts=False``: only the practised
     sequences draft), so each set shows what the sequence memory gives alone."""
     plain = Method("plain", "plain", systems[0])
     modes = _modes(args.mode)
@@ -103,7 +103,8 @@ def practice(args: Any, systems: list[System], sets: dict[str, list[dict]], log:
         methods.append(method)
         if method.mode == "lossless":  # the ablation beside the full system, in the same rotation
             methods.append(Method(method.name.replace("shortcut lossless", f"shortcut lossless {MEMORY_ONLY}"),
-                                  "shortcut", method.system, mode="lossless", options={"shallow_drafts": False}))
+                                  "shortcut", method.system, mode="lossless",
+                                  options={"lossless.shallow_drafts": False}))
     if early_exits:
         best, medians = sweep_early_exit(systems[0], plain, early_exits, sweep_records, args.max_new_tokens)
         bar.update(len(sweep_records))
@@ -152,7 +153,7 @@ def candidate_logits(system: System, mode: str, sequence: torch.Tensor) -> tuple
     confidence bar), the exit head's logits at the chosen layer, else the full path's;
     hidden states come from a full forward, so this measures the decisions with an
     exact cache (the practice task's fast rows measure real committed decoding). These
-    are the gates alone, as with ``fast_practised_prompts_only=False``: ``generate`` on
+    are the gates alone, as with ``FastConfig(practised_prompts_only=False)``: ``generate`` on
     a prompt never practised verbatim decodes losslessly.
     """
     handle = system.handle

@@ -11,6 +11,7 @@ decoding; see ``shortcut/decode/accounting.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import statistics
 import time
@@ -46,7 +47,8 @@ class System:
 class Method:
     """A way to generate: ``plain`` (untouched model), ``shortcut`` (the wrapped model in
     ``mode``, with ``options`` as :class:`shortcut.ShortcutConfig` fields set for the
-    call, e.g. ``{"shallow_drafts": False}`` for the memory-only ablation) or ``peer``
+    call, a group's fields by dotted name, e.g. ``{"lossless.shallow_drafts": False}`` for
+    the memory-only ablation) or ``peer``
     (the model's own ``generate`` with ``options`` as its keyword arguments)."""
 
     name: str
@@ -72,7 +74,8 @@ def load_system(label: str, model_name: str, *, dtype: str, skills: str | None, 
         shape = {"observer_layers": [observer_layer]} if observer_layer is not None else {}
         if exit_layers:
             shape["exit_layers"] = list(exit_layers)
-        handle = shortcut.wrap(model, shortcut.ShortcutConfig(seed=seed, consolidate_every=0, **shape))
+        learning = shortcut.LearningConfig(consolidate_every=0)
+        handle = shortcut.wrap(model, shortcut.ShortcutConfig(seed=seed, learning=learning, **shape))
         observer_seconds = _default_observer(handle, tokenizer, corpus, sae_steps, progress)
     handle.set_learning(False)
     return System(label, model, tokenizer, handle, ParamSizes.of(handle), observer_seconds)
@@ -223,17 +226,23 @@ def generate(method: Method, ids: torch.Tensor, new_tokens: int) -> dict[str, An
     elif method.kind == "shortcut":
         # the skills keep the mode and settings they were made with
         changes = {"mode": method.mode, **method.options}
-        unknown = sorted(name for name in changes if not hasattr(handle.config, name))
+        fields, unknown = [], []
+        for name, value in changes.items():
+            target = _config_field(handle.config, name)
+            if target is None:
+                unknown.append(name)
+            else:
+                fields.append((*target, value))
         if unknown:
-            raise ValueError(f"method {method.name!r}: {unknown} are not ShortcutConfig fields")
-        saved = {name: getattr(handle.config, name) for name in changes}
+            raise ValueError(f"method {method.name!r}: {sorted(unknown)} are not ShortcutConfig fields")
+        saved = [(owner, attribute, getattr(owner, attribute)) for owner, attribute, _ in fields]
         try:
-            for name, value in changes.items():
-                setattr(handle.config, name, value)
+            for owner, attribute, value in fields:
+                setattr(owner, attribute, value)
             out = model.generate(**gen)
         finally:
-            for name, value in saved.items():
-                setattr(handle.config, name, value)
+            for owner, attribute, value in saved:
+                setattr(owner, attribute, value)
     else:
         with handle.reference():
             out = model.generate(**gen, **method.options)
@@ -249,8 +258,22 @@ def generate(method: Method, ids: torch.Tensor, new_tokens: int) -> dict[str, An
     return {"output": out, "seconds": seconds, "new_tokens": new, "cost": cost,
             "drafted": float(decode.drafted), "accepted": float(decode.accepted),
             # tokens from practised sequences: accepted lossless drafts, committed fast-mode answers
-            "replayed": float(decode.replay_accepted + decode.replay_committed),
+            "recalled": float(decode.recall_accepted + decode.recall_committed),
             "learn_seconds": (learner.stats.learn_seconds - learn_before) if learner else 0.0}
+
+
+def _config_field(config: Any, name: str) -> tuple[Any, str] | None:
+    """The object and attribute a method option names: a top-level field (``"mode"``)
+    or a group's (``"lossless.shallow_drafts"``); ``None`` when there is no such field."""
+    *groups, attribute = name.split(".")
+    owner = config
+    for group in groups:
+        owner = getattr(owner, group, None)
+        if not dataclasses.is_dataclass(owner):
+            return None
+    if not dataclasses.is_dataclass(owner) or attribute not in {f.name for f in dataclasses.fields(owner)}:
+        return None
+    return owner, attribute
 
 
 @torch.no_grad()
@@ -286,7 +309,7 @@ def measure_prompt(methods: list[Method], plain: Method, record: dict, new_token
             "bytes_rel": run["cost"]["bytes"] / reference["bytes"],
             "flops_rel": run["cost"]["flops"] / reference["flops"],
             "identical": bool(torch.equal(run["output"], base["output"])), "agreed_tokens": agree,
-            "drafted": run["drafted"], "accepted": run["accepted"], "replayed": run["replayed"],
+            "drafted": run["drafted"], "accepted": run["accepted"], "recalled": run["recalled"],
             "learn_seconds": run["learn_seconds"],
             "output_ids": run["output"][0, ids.shape[1]:].tolist(),
         }
@@ -309,7 +332,7 @@ def summarise(rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         "acceptance": sum(r["accepted"] for r in rows) / drafted if drafted else None,
         "drafted_per_token": drafted / max(tokens, 1),
         # generated tokens that came from practised sequences (accepted drafts, committed answers)
-        "replayed_share": sum(r.get("replayed", 0.0) for r in rows) / max(tokens, 1),
+        "recalled_share": sum(r.get("recalled", 0.0) for r in rows) / max(tokens, 1),
         "learn_seconds": sum(r["learn_seconds"] for r in rows),
     }
     summary.update(extra)

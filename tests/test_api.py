@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, BertForMaskedLM, LlamaConfig, LlamaModel
 
 import shortcut
-from shortcut import FixedPlan, ShortcutConfig
+from shortcut import FastConfig, FixedPlan, LosslessConfig, ShortcutConfig
 from shortcut.arch import ArchSpec, llama_like_kv, register_architecture
 
 from .conftest import TINY_CONFIGS, make_tiny
@@ -109,12 +109,12 @@ def test_config_validation_and_unknown_keys(tmp_path, caplog):
         ShortcutConfig(observer_layers=[1], exit_layers=[4]).resolved(4)
     default = ShortcutConfig().resolved(30)
     assert default.observer_layers == [2] and default.exit_layers == [3, 7, 11, 15, 19]
-    with pytest.raises(ValueError, match="fast_confidence=1.5"):
-        ShortcutConfig(fast_confidence=1.5)
-    with pytest.raises(ValueError, match=r"draft_accept_bar=0 must be in \(0, 1\)"):
-        ShortcutConfig(draft_accept_bar=0)
-    with pytest.raises(TypeError, match="copy_drafts='yes' must be true or false"):
-        ShortcutConfig(copy_drafts="yes")
+    with pytest.raises(ValueError, match=r"fast.confidence=1.5 must be in \[0, 1\]"):
+        ShortcutConfig(fast=FastConfig(confidence=1.5))
+    with pytest.raises(ValueError, match=r"lossless.accept_bar=0 must be in \(0, 1\)"):
+        ShortcutConfig(lossless=LosslessConfig(accept_bar=0))
+    with pytest.raises(TypeError, match="lossless.copy_drafts='yes' must be true or false"):
+        ShortcutConfig(lossless=LosslessConfig(copy_drafts="yes"))
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"mode": "fast", "colour": "blue"}))
     assert ShortcutConfig.load(path).mode == "fast"

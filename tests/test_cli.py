@@ -28,13 +28,13 @@ def test_practice_inspect_merge(tiny_model_dir, tmp_path, capsys):
     report = capsys.readouterr().out
     assert "observer share of decode time" in report
     assert "exit after" in report and "decode-time decisions:" in report and "observer:" in report
-    assert "replay log: 10 practised prompts" in report  # 5 prompts x 2 rounds
+    assert "prompt log: 10 practised prompts" in report  # 5 prompts x 2 rounds
 
     assert _practice(tiny_model_dir, b, "--skills", str(a), "--rounds", "1") == 0
     assert cli.main(["merge", str(a), str(b), "-o", str(merged)]) == 0
     assert cli.main(["inspect", str(merged)]) == 0
     merged_report = capsys.readouterr().out
-    assert "replay log: 25 practised prompts" in merged_report  # 10 + (10 + 5)
+    assert "prompt log: 25 practised prompts" in merged_report  # 10 + (10 + 5)
     assert "5 practised sequences" in merged_report  # greedy: both runs produced the same 5, united
 
     # Another practice run trains its own observer: its signatures do not mix.

@@ -287,7 +287,7 @@ FINETUNE_CASES = [
      "no records with split='nope'"),
     (["--model", "smollm9"], "'smollm9' is neither a packaged alias"),
     # checks against the loaded model: context 128 tokens
-    (["--model", "{model}", "--new-tokens", "125"], "a prompt in the replay log has"),
+    (["--model", "{model}", "--new-tokens", "125"], "a prompt in the prompt log has"),
     (["--model", "{model}", "--new-tokens", "128"], "--new-tokens 128 leaves no room for a prompt"),
     (["--model", "{model}", "--extra", "{w}/long_prompt.jsonl"],
      "prompt 'far-too-long' has 2999 tokens; the model's context is 128 tokens, so with --new-tokens 64"),

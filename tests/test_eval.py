@@ -49,7 +49,7 @@ def test_practice_writes_documented_outputs(practice_run):
         if row["method"].startswith(("plain", "shortcut lossless", "early-exit", "prompt")):
             assert row["identical"] == 1.0, row  # every lossless method emits the model's own tokens
     fast = next(r for r in result["tests"] if (r["set"], r["method"]) == ("exact repeats", "shortcut fast"))
-    assert fast["replayed_share"] > 0 and fast["identical"] == 1.0  # practised answers committed, no layer run
+    assert fast["recalled_share"] > 0 and fast["identical"] == 1.0  # practised answers committed, no layer run
     assert result["early_exit_sweep"]["best"] in (1, 2)
     png = (practice_run / "practice_curve.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -81,7 +81,7 @@ def test_transfer_set_and_memory_only_ablation(practice_run):
     for test_set in ("exact repeats", "near-duplicates", "transfer", "novel"):
         full, memory = rows[(test_set, "shortcut lossless")], rows[(test_set, "shortcut lossless memory only")]
         for row in (full, memory):
-            assert {"prompts", "tokens", "speed_ratio", "flops_rel", "bytes_rel", "identical", "replayed_share",
+            assert {"prompts", "tokens", "speed_ratio", "flops_rel", "bytes_rel", "identical", "recalled_share",
                     "acceptance"} <= set(row), row
         assert memory["identical"] == 1.0 and memory["prompts"] == full["prompts"] == 2
         plain_ids = [r["output_ids"] for r in result["raw"]["tests"][test_set]["plain"]]

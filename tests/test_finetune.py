@@ -21,14 +21,14 @@ from shortcut.skills.folder import SkillsMismatchError
 from .conftest import make_tiny
 from .test_practice import PROMPTS, _observer
 
-FAST = {"steps": 40, "batch_size": 16, "eval_every": 10, "patience": 2, "max_new_tokens": 12, "lr": 3e-3,
-        "checkpoint_every": 0}
-LORA = {"level": "layerskip", "lora_steps": 12, "lora_lr": 5e-3, "lora_batch_size": 2, "lora_rank": 4, "lora_alpha": 8,
-        "layer_dropout": 0.2}
+FAST = {"max_new_tokens": 12, "checkpoint_every": 0}
+HEADS = {"steps": 40, "batch_size": 16, "eval_every": 10, "patience": 2, "lr": 3e-3}
+LORA = {"level": "layerskip",
+        "layerskip": ft.LayerSkipConfig(steps=12, lr=5e-3, batch_size=2, rank=4, alpha=8, layer_dropout=0.2)}
 
 
-def _config(**kw) -> ft.FinetuneConfig:
-    return ft.FinetuneConfig(**{**FAST, **kw})
+def _config(heads=None, **kw) -> ft.FinetuneConfig:
+    return ft.FinetuneConfig(**{**FAST, **kw}, heads=ft.HeadsFitConfig(**{**HEADS, **(heads or {})}))
 
 
 def _tokenizer():
@@ -46,8 +46,9 @@ def _tokenizer():
 def skills_dir(tmp_path_factory):
     """A tiny llama practised on three prompts, saved as a skills folder."""
     model = make_tiny("llama")
-    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2], draft_confidence=0.0,
-                                     policy_threshold=0.3, fit_steps=30)
+    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2],
+                                     lossless=shortcut.LosslessConfig(draft_confidence=0.0),
+                                     learning=shortcut.LearningConfig(policy_threshold=0.3, fit_steps=30))
     handle = shortcut.wrap(model, config)
     handle.attach_observer(_observer(model))
     handle.practice(PROMPTS, rounds=2, max_new_tokens=12, progress=False)
@@ -86,7 +87,7 @@ def test_heads_level_trains_keeps_base_and_stays_lossless(skills_dir, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     summary = ft.finetune(model, skills_dir, tmp_path / "out", config=_config(), progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # base model bit-identical
-    assert summary["replayed_prompts"] == len(PROMPTS)  # the log's repeats are replayed once
+    assert summary["regenerated_prompts"] == len(PROMPTS)  # the log's repeats are re-generated once
     fit = summary["heads"]["fit"]
     assert fit["loss_last"] < fit["loss_first"]
     assert fit["heldout_positions"] > 0 and fit["select_steps_run"] >= fit["best_step"] >= 1
@@ -95,10 +96,10 @@ def test_heads_level_trains_keeps_base_and_stays_lossless(skills_dir, tmp_path):
     assert manifest["contents"]["consolidation"]["level"] == "heads" and "adapter" not in manifest["contents"]
     log, source = (json.loads((folder / "replay_log.json").read_text()) for folder in (out, skills_dir))
     assert log["prompts"] == source["prompts"]
-    # Practised sequences: the practised ones plus each replayed prompt with the greedy
+    # Practised sequences: the practised ones plus each re-generated prompt with the greedy
     # continuation it got here (the same, for greedy practice of the same length).
-    replayed = [_greedy(model, prompt, FAST["max_new_tokens"]) for prompt in PROMPTS]
-    assert {tuple(x) for x in log["sequences"]} == {tuple(x) for x in source["sequences"] + replayed}
+    regenerated = [_greedy(model, prompt, FAST["max_new_tokens"]) for prompt in PROMPTS]
+    assert {tuple(x) for x in log["sequences"]} == {tuple(x) for x in source["sequences"] + regenerated}
     assert json.loads((out / ft.SUMMARY_FILE).read_text())["run"] == summary["run"]
     assert not (out / "checkpoints").exists()
     assert not torch.equal(load_file(str(out / "heads.safetensors"))["translators.1.weight"],
@@ -170,9 +171,9 @@ def test_resume_after_interruption_gives_the_same_result(skills_dir, tmp_path, m
     assert Checkpoints(run / "checkpoints", {}, 1, 1, None).latest(saves[-1]) is not None
     with pytest.raises(FileExistsError, match="--resume"):
         ft.finetune(make_tiny("llama"), skills_dir, run, config=cfg, progress=False)
-    with pytest.raises(ValueError, match="another configuration"):
-        ft.finetune(make_tiny("llama"), skills_dir, run, config=_config(checkpoint_every=4, steps=41, **extra),
-                    resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"another configuration \(differs in: config.heads.steps\)"):
+        other = _config(checkpoint_every=4, heads={"steps": 41}, **extra)
+        ft.finetune(make_tiny("llama"), skills_dir, run, config=other, resume=True, progress=False)
 
     ft.finetune(make_tiny("llama"), skills_dir, run, config=cfg, resume=True, progress=False)
     for name in ("heads.safetensors", "policy.safetensors") + (("adapter/adapter_model.safetensors",) if extra else ()):
@@ -199,12 +200,12 @@ def test_cli_runs_and_bad_inputs_exit_2(skills_dir, model_dir, tmp_path, capsys)
         assert _cli(skills, target, model_dir, *more) == 2
         assert match in capsys.readouterr().err
 
-    # No replay log.
+    # No prompt log.
     no_log = tmp_path / "no_log"
     shutil.copytree(skills_dir, no_log)
     (no_log / "replay_log.json").unlink()
-    fails(no_log, tmp_path / "x1", match="no replay log")
-    # Empty dataset: the replay log lists nothing and there is no extra text.
+    fails(no_log, tmp_path / "x1", match="no prompt log")
+    # Empty dataset: the prompt log lists nothing and there is no extra text.
     empty = tmp_path / "empty"
     shutil.copytree(skills_dir, empty)
     (empty / "replay_log.json").write_text('{"prompts": []}\n')
@@ -258,7 +259,7 @@ def test_layerskip_schedule_helpers():
 
 
 def test_layerskip_final_layer_anchored_to_the_base_distribution():
-    """With ``lora_final_target="base"`` the final layer's term is the KL divergence from
+    """With ``LayerSkipConfig(final_target="base")`` the final layer's term is the KL divergence from
     the base model's logits: zero while the adapter is still the identity (LoRA's B
     starts at zero), and positive once the adapter moves the final distribution."""
     from peft import LoraConfig, get_peft_model
@@ -266,7 +267,7 @@ def test_layerskip_final_layer_anchored_to_the_base_distribution():
     from shortcut.arch import resolve
     from shortcut.capture import StateCapture
     from shortcut.finetune.layerskip import base_logits, exit_weights, make_batch, objective
-    from shortcut.finetune.replay import Example
+    from shortcut.finetune.regenerate import Example
 
     model = make_tiny("llama")
     parts = resolve(model)

@@ -49,8 +49,10 @@ def fuzz_handle(arch: str):
     """A tiny model of ``arch`` with practised skills that draft (low bars: a random
     tiny model is never confident): ``(model, handle)``."""
     model = make_tiny(arch)
-    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2], draft_confidence=0.0,
-                                     policy_threshold=0.3, fit_steps=30, fast_confidence=0.2)
+    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2],
+                                     lossless=shortcut.LosslessConfig(draft_confidence=0.0),
+                                     fast=shortcut.FastConfig(confidence=0.2),
+                                     learning=shortcut.LearningConfig(policy_threshold=0.3, fit_steps=30))
     handle = shortcut.wrap(model, config)
     handle.attach_observer(_observer(model))
     handle.practice(PROMPTS, rounds=2, max_new_tokens=16, progress=False)

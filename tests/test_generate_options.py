@@ -55,12 +55,12 @@ def _delta(handle, before):
 
 @pytest.mark.parametrize("arch", FUZZ_ARCHS)
 def test_left_padded_batch_of_one_decodes_like_plain(handles, arch):
-    """Prefill with a replayed draft, shallow draft forwards and verifications all carry
+    """Prefill with a recalled draft, shallow draft forwards and verifications all carry
     the padding mask and the positions generate derives from it (gemma3's sliding window
     is 6: the padded prompts outgrow it)."""
     model, handle = _get(handles, arch)
     for replay in (True, False):  # practised sequences draft, or the shallow path does
-        handle.config.replay_sequences = replay
+        handle.config.lossless.recall_sequences = replay
         before = handle.decode_stats.copy()
         try:
             for prompt in PROMPTS + [torch.tensor([[40, 41, 42, 43, 44, 45, 46]])]:
@@ -74,7 +74,7 @@ def test_left_padded_batch_of_one_decodes_like_plain(handles, arch):
                         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=14, **kw)
                         assert torch.equal(out, ref), (arch, replay, prompt.tolist(), pad, kw)
         finally:
-            handle.config.replay_sequences = True
+            handle.config.lossless.recall_sequences = True
         delta = _delta(handle, before)
         assert delta["verify_forwards"] > 0 and delta["accepted"] > 0, (arch, replay, delta)
         if not replay:
@@ -86,8 +86,10 @@ def test_padded_fast_mode_full_path_tokens_see_the_full_models_cache():
     every token that did not come from a shallow path (catch-ups included) is the full
     model's greedy choice after the padded text so far."""
     model = make_tiny("llama")
-    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2], draft_confidence=0.0,
-                                     fast_confidence=0.15, policy_threshold=0.3, fit_steps=30, audit_fraction=1.0)
+    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2],
+                                     lossless=shortcut.LosslessConfig(draft_confidence=0.0),
+                                     fast=shortcut.FastConfig(confidence=0.15, audit_fraction=1.0),
+                                     learning=shortcut.LearningConfig(policy_threshold=0.3, fit_steps=30))
     handle = shortcut.wrap(model, config)
     handle.attach_observer(_observer(model))
     handle.practice(PROMPTS, rounds=2, max_new_tokens=16, progress=False)

@@ -17,8 +17,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_practise_lossless_save_load_on_cuda(dtype, tmp_path):
     model = make_tiny("llama").to("cuda", dtype)
-    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2], draft_confidence=0.0,
-                                     policy_threshold=0.3, fit_steps=10)
+    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2],
+                                     lossless=shortcut.LosslessConfig(draft_confidence=0.0),
+                                     learning=shortcut.LearningConfig(policy_threshold=0.3, fit_steps=10))
     handle = shortcut.wrap(model, config)
     handle.attach_observer(_observer(make_tiny("llama")))  # trained on the CPU copy
     handle.observer.sae.to("cuda")

@@ -65,8 +65,9 @@ def test_inference_mode_generate_learns_and_later_calls_work():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_reduced_precision_practises_consolidates_saves_and_loads(dtype, tmp_path):
     model = make_tiny("llama").to(dtype)
-    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2], draft_confidence=0.0,
-                                     policy_threshold=0.3, fit_steps=10)
+    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2],
+                                     lossless=shortcut.LosslessConfig(draft_confidence=0.0),
+                                     learning=shortcut.LearningConfig(policy_threshold=0.3, fit_steps=10))
     handle = shortcut.wrap(model, config)
     handle.attach_observer(_observer(model))
     rows = handle.practice(PROMPTS, rounds=2, max_new_tokens=8, progress=False)
@@ -83,7 +84,7 @@ def test_reduced_precision_practises_consolidates_saves_and_loads(dtype, tmp_pat
 
 
 def test_handle_memory_stays_bounded_over_ten_thousand_calls():
-    """The replay log keeps the latest ``log_capacity`` prompts (10,000 logged here, as
+    """The prompt log keeps the latest ``log_capacity`` prompts (10,000 logged here, as
     10,000 generate calls would), and recent prompts still count as practised after a
     re-fit; generate calls keep every other structure at its bound."""
     model, handle, _ = _practised(rounds=1)
@@ -98,6 +99,6 @@ def test_handle_memory_stays_bounded_over_ten_thousand_calls():
     for _ in range(20):
         model.generate(input_ids=PROMPTS[0], max_new_tokens=4, do_sample=False)
     assert len(learner.practised) == 500
-    assert len(learner.replay) <= learner.replay.capacity + 64
+    assert len(learner.positions) <= learner.positions.capacity + 64
     assert learner.policy.memory_len <= learner.policy.memory_size
     assert len(handle._warned) <= 256

@@ -28,8 +28,9 @@ def skills_dir(tiny_model_dir, tmp_path_factory):
     """Skills practised on the trivia task's own prompts, so that lossless generation
     in the evaluation really drafts (low bars: a random model is never confident)."""
     model, tokenizer = shortcut.load_model(tiny_model_dir)
-    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2], draft_confidence=0.0,
-                                     policy_threshold=0.3, fit_steps=30)
+    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2],
+                                     lossless=shortcut.LosslessConfig(draft_confidence=0.0),
+                                     learning=shortcut.LearningConfig(policy_threshold=0.3, fit_steps=30))
     handle = shortcut.wrap(model, config)
     passages = load_jsonl("tiny/passages.jsonl")["test"]["text"]
     handle.train_observer(passages, tokenizer, steps=40, d_sae=128, k=8, batch_size=64, progress=False)
@@ -85,7 +86,7 @@ def test_lossless_scores_equal_hf(hf_run, tiny_model_dir, skills_dir):
     info = sc["config"]["shortcut"]
     assert info["mode"] == "lossless" and info["skills"] == str(skills_dir) and info["learn"] is False
     # The generations compared above went through drafting (shallow-path drafts or
-    # replayed practised sequences), not only the full path.
+    # recalled practised sequences), not only the full path.
     assert info["draft"]["drafted"] > 0 and info["draft"]["accepted"] > 0
     lm.handle.remove()
 

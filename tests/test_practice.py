@@ -28,8 +28,9 @@ def _observer(model, layer: int = 0) -> Observer:
 def _practised(arch: str = "llama", rounds: int = 3):
     model = make_tiny(arch)
     # Low thresholds: a random tiny model is never confident, but drafting must be exercised.
-    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2], draft_confidence=0.0,
-                                     policy_threshold=0.3, fit_steps=30)
+    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2],
+                                     lossless=shortcut.LosslessConfig(draft_confidence=0.0),
+                                     learning=shortcut.LearningConfig(policy_threshold=0.3, fit_steps=30))
     handle = shortcut.wrap(model, config)
     handle.attach_observer(_observer(model))
     rows = handle.practice(PROMPTS, rounds=rounds, max_new_tokens=16, progress=False)
@@ -78,11 +79,11 @@ def test_drafted_tokens_skip_real_compute(practised):
     model, handle, _ = practised
     handle.stats.reset()
     before = handle.decode_stats.copy()
-    handle.config.replay_sequences = handle.config.copy_drafts = False  # the shallow path drafts
+    handle.config.lossless.recall_sequences = handle.config.lossless.copy_drafts = False  # the shallow path drafts
     try:
         model.generate(input_ids=PROMPTS[0], max_new_tokens=20, do_sample=False)
     finally:
-        handle.config.replay_sequences = handle.config.copy_drafts = True
+        handle.config.lossless.recall_sequences = handle.config.lossless.copy_drafts = True
     drafted = handle.decode_stats.draft_forwards - before.draft_forwards
     assert drafted > 0
     runs = handle.stats.total.per_layer_runs
@@ -98,13 +99,13 @@ def test_an_unsure_first_draft_token_runs_each_layer_once(practised):
         ref = model.generate(input_ids=PROMPTS[1], max_new_tokens=10, do_sample=False)
     before = handle.decode_stats.copy()
     handle.stats.reset()
-    handle.config.replay_sequences, handle.config.draft_confidence = False, 1.01  # never sure
-    handle.config.copy_drafts = False
+    handle.config.lossless.recall_sequences, handle.config.lossless.draft_confidence = False, 1.01  # never sure
+    handle.config.lossless.copy_drafts = False
     try:
         out = model.generate(input_ids=PROMPTS[1], max_new_tokens=10, do_sample=False)
     finally:
-        handle.config.replay_sequences, handle.config.draft_confidence = True, 0.0
-        handle.config.copy_drafts = True
+        handle.config.lossless.recall_sequences, handle.config.lossless.draft_confidence = True, 0.0
+        handle.config.lossless.copy_drafts = True
     assert torch.equal(out, ref)
     assert handle.decode_stats.draft_unsure - before.draft_unsure > 0
     assert handle.decode_stats.drafted == before.drafted
@@ -112,7 +113,7 @@ def test_an_unsure_first_draft_token_runs_each_layer_once(practised):
     assert runs == [runs[0]] * len(runs)  # every token through every layer, once
 
 
-def test_practised_sequences_are_replayed_as_drafts_without_running_layers(practised):
+def test_practised_sequences_are_recalled_as_drafts_without_running_layers(practised):
     """A practised prompt's answer is in the sequence memory (lossless output, learning
     on): the next call drafts it from there, runs no draft forward, verifies in few
     forwards, and returns the unwrapped model's tokens."""
@@ -129,7 +130,7 @@ def test_practised_sequences_are_replayed_as_drafts_without_running_layers(pract
     # Each of the 15 tokens after the prefill's came from the memory or was a
     # verification's own next token: two-token probes while fewer than 12 tokens agree
     # (this prompt has 5), then one long draft.
-    assert delta.replay_accepted + delta.verify_forwards == 15 and delta.verify_forwards <= 4
+    assert delta.recall_accepted + delta.verify_forwards == 15 and delta.verify_forwards <= 4
     assert delta.draft_forwards == 0
     runs = handle.stats.total.per_layer_runs
     assert runs[0] == runs[3]  # no layer ran for a draft: every layer saw the same tokens
@@ -145,10 +146,10 @@ def test_practised_sequences_are_replayed_as_drafts_without_running_layers(pract
 
 def test_shallow_drafts_off_leaves_the_sequence_memory_alone(practised):
     """``shallow_drafts=False`` (the memory-only ablation): practised answers are still
-    replayed, no shallow draft forward runs, and the tokens are the unwrapped model's."""
+    recalled, no shallow draft forward runs, and the tokens are the unwrapped model's."""
     model, handle, _ = practised
     handle.set_learning(False)
-    handle.config.shallow_drafts = False
+    handle.config.lossless.shallow_drafts = False
     try:
         for prompt in PROMPTS:
             with handle.disabled():
@@ -157,18 +158,18 @@ def test_shallow_drafts_off_leaves_the_sequence_memory_alone(practised):
             out = model.generate(input_ids=prompt, max_new_tokens=20, do_sample=False)
             assert torch.equal(out, ref)
             delta = handle.decode_stats - before
-            assert delta.draft_forwards == 0 and delta.drafted == delta.replayed + delta.copied
-        assert handle.decode_stats.replay_accepted > 0
-        handle.config.replay_sequences = False  # no source: every token takes the full path
-        handle.config.copy_drafts = False
+            assert delta.draft_forwards == 0 and delta.drafted == delta.recalled + delta.copied
+        assert handle.decode_stats.recall_accepted > 0
+        handle.config.lossless.recall_sequences = False  # no source: every token takes the full path
+        handle.config.lossless.copy_drafts = False
         with handle.disabled():
             ref = model.generate(input_ids=PROMPTS[0], max_new_tokens=20, do_sample=False)
         before = handle.decode_stats.copy()
         assert torch.equal(model.generate(input_ids=PROMPTS[0], max_new_tokens=20, do_sample=False), ref)
         assert (handle.decode_stats - before).drafted == 0
     finally:
-        handle.config.shallow_drafts, handle.config.replay_sequences = True, True
-        handle.config.copy_drafts = True
+        handle.config.lossless.shallow_drafts, handle.config.lossless.recall_sequences = True, True
+        handle.config.lossless.copy_drafts = True
         handle.set_learning(True)
 
 
@@ -180,7 +181,7 @@ def test_generate_leaves_no_hook_and_carries_the_draft_length(practised):
     model.generate(input_ids=PROMPTS[0], max_new_tokens=20, do_sample=False)
     assert len(layer._forward_pre_hooks) == hooks  # the trail's capture hook is gone
     carried = handle._draft_length
-    assert carried is not None and 1 <= carried <= handle.config.max_draft
+    assert carried is not None and 1 <= carried <= handle.config.lossless.max_draft
     # The next call starts from the length the last one reached.
     drafter_lengths = []
     original = lossless.ShallowDrafter.__init__
@@ -267,7 +268,7 @@ def test_practice_rounds_report_and_learning_switch(practised):
     model, handle, rows = practised
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert rows[-1]["accepted"] > 0
-    assert rows[0]["replayed"] == 0 < rows[-1]["replayed"]  # round 3 replays what rounds 1-2 produced
+    assert rows[0]["recalled"] == 0 < rows[-1]["recalled"]  # round 3 recalls what rounds 1-2 produced
     assert all(r["learn_seconds"] >= 0 and r["consolidate_seconds"] > 0 for r in rows)
     handle.set_learning(False)
     learned = handle.learner.stats.tokens_learned
@@ -322,19 +323,21 @@ def test_lossless_on_other_architectures(arch):
         with handle.disabled():
             ref = model.generate(input_ids=PROMPTS[0], max_new_tokens=24, do_sample=False)
         assert torch.equal(model.generate(input_ids=PROMPTS[0], max_new_tokens=24, do_sample=False), ref)
-        assert handle.fast.replayed == 15 and handle.fast.catch_ups == 1
+        assert handle.fast.recalled == 15 and handle.fast.catch_ups == 1
         handle.config.mode = "lossless"
         # A practised answer in the prefill forward, longer than gemma3's sliding window (6):
         # the rejected part after a fork is cropped from those layers too.
-        _check_prefill_replay(model, handle, dict(do_sample=False))
+        _check_prefill_recall(model, handle, dict(do_sample=False))
     finally:
         handle.remove()
 
 
 def test_fast_mode_commits_exits_and_audits():
     model = make_tiny("llama")
-    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2], draft_confidence=0.0,
-                                     fast_confidence=0.0, policy_threshold=0.3, fit_steps=30, audit_fraction=1.0)
+    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2],
+                                     lossless=shortcut.LosslessConfig(draft_confidence=0.0),
+                                     fast=shortcut.FastConfig(confidence=0.0, audit_fraction=1.0),
+                                     learning=shortcut.LearningConfig(policy_threshold=0.3, fit_steps=30))
     handle = shortcut.wrap(model, config)
     handle.attach_observer(_observer(model))
     handle.practice(PROMPTS, rounds=2, max_new_tokens=16, progress=False)
@@ -362,7 +365,8 @@ def test_loaded_policy_uses_the_saved_threshold(tmp_path):
     from shortcut.skills import folder as skills
 
     model = make_tiny("llama")
-    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2], policy_threshold=0.55)
+    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2],
+                                     learning=shortcut.LearningConfig(policy_threshold=0.55))
     handle = shortcut.wrap(model, config)
     handle.attach_observer(_observer(model))
     assert handle.exit_policy.threshold == 0.55
@@ -371,7 +375,7 @@ def test_loaded_policy_uses_the_saved_threshold(tmp_path):
 
     loaded = shortcut.load(make_tiny("llama"), folder)
     try:
-        assert loaded.config.policy_threshold == 0.55
+        assert loaded.config.learning.policy_threshold == 0.55
         assert loaded.exit_policy.threshold == 0.55
     finally:
         loaded.remove()
@@ -379,7 +383,7 @@ def test_loaded_policy_uses_the_saved_threshold(tmp_path):
     parts = shortcut.arch.resolve(model)
     policy = skills.load_learned(folder, manifest, parts, manifest["base_model"]).policy
     assert policy.threshold == 0.55
-    other = shortcut.ShortcutConfig(policy_threshold=0.7)
+    other = shortcut.ShortcutConfig(learning=shortcut.LearningConfig(policy_threshold=0.7))
     policy = skills.load_learned(folder, manifest, parts, manifest["base_model"], config=other).policy
     assert policy.threshold == 0.7
 
@@ -391,12 +395,12 @@ def test_practised_answer_is_verified_by_the_prefill(practised, kw):
     other forward, a practised answer that forks costs only the forwards after the fork,
     and the output (greedy or seeded sampling) is the unwrapped model's."""
     model, handle, _ = practised
-    _check_prefill_replay(model, handle, kw)
+    _check_prefill_recall(model, handle, kw)
 
 
-def test_prefill_replay_with_a_left_padded_prompt(practised):
+def test_prefill_recall_with_a_left_padded_prompt(practised):
     """A single prompt with left padding: the prefill still carries and verifies the
-    replayed answer (mask and positions extended) and the output is the unwrapped model's."""
+    recalled answer (mask and positions extended) and the output is the unwrapped model's."""
     from shortcut.learn.sequences import SHORT_MATCH, SequenceMemory
 
     model, handle, _ = practised
@@ -417,10 +421,10 @@ def test_prefill_replay_with_a_left_padded_prompt(practised):
         handle.learner.sequences = memory
         handle.set_learning(True)
     assert torch.equal(out, ref)
-    assert delta.replay_accepted == 15 and delta.verify_forwards == 0
+    assert delta.recall_accepted == 15 and delta.verify_forwards == 0
 
 
-def _check_prefill_replay(model, handle, kw):
+def _check_prefill_recall(model, handle, kw):
     from shortcut.learn.sequences import SHORT_MATCH, SequenceMemory
 
     prompt = torch.arange(20, 20 + SHORT_MATCH + 2).view(1, -1)
@@ -444,7 +448,7 @@ def _check_prefill_replay(model, handle, kw):
             assert torch.equal(out, ref)
             if not kw["do_sample"]:  # sampling may leave the practised answer anywhere
                 assert delta.verify_forwards + delta.full_path_steps <= most_verifies
-                assert delta.replay_accepted >= min(15, fork - prompt.shape[1])
+                assert delta.recall_accepted >= min(15, fork - prompt.shape[1])
             runs = handle.stats.total.per_layer_runs
             assert runs[0] == runs[-1]  # no draft ran a layer: the memory made them
     finally:
@@ -484,8 +488,10 @@ def test_fast_mode_full_path_tokens_see_the_full_models_cache():
     up first, so every token that did not come from a shallow path is exactly the full
     model's greedy choice after the text so far."""
     model = make_tiny("llama")
-    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2], draft_confidence=0.0,
-                                     fast_confidence=0.15, policy_threshold=0.3, fit_steps=30, audit_fraction=1.0)
+    config = shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2],
+                                     lossless=shortcut.LosslessConfig(draft_confidence=0.0),
+                                     fast=shortcut.FastConfig(confidence=0.15, audit_fraction=1.0),
+                                     learning=shortcut.LearningConfig(policy_threshold=0.3, fit_steps=30))
     handle = shortcut.wrap(model, config)  # a random tiny model's heads are never very confident
     handle.attach_observer(_observer(model))
     handle.practice(PROMPTS, rounds=2, max_new_tokens=16, progress=False)
@@ -528,7 +534,7 @@ def test_fast_calibration_settles_at_the_target_error_rate():
 
 
 def test_fast_bars_restart_from_their_floors_after_a_refit():
-    model, handle, _ = _practised(rounds=1)  # a replay buffer in memory to re-fit from
+    model, handle, _ = _practised(rounds=1)  # a position buffer in memory to re-fit from
     controller = handle.fast
     for _ in range(10):  # errors of earlier heads pushed both bars up
         controller.record_audit(False)
@@ -562,7 +568,7 @@ def test_fast_mode_does_not_commit_where_a_practised_sequence_goes_on_otherwise(
         for k in range(max(SHORT_MATCH, len(prompt) + 1), len(seq)):
             # A practised sequence that forks from the model's answer at position k. It
             # begins with another token: one that begins with the prompt itself is taken
-            # for the prompt's practised answer and replayed outright.
+            # for the prompt's practised answer and recalled outright.
             handle.learner.sequences = SequenceMemory()
             handle.learner.sequences.add([(seq[0] + 1) % 96] + seq[1:k] + [(seq[k] + 1) % 96] + seq[k + 1:])
             before = controller.vetoes
@@ -578,7 +584,7 @@ def test_fast_mode_does_not_commit_where_a_practised_sequence_goes_on_otherwise(
 
 
 def test_fast_mode_commits_only_on_prompts_practised_verbatim(practised):
-    """A prompt not in the replay log (or logged after the heads' latest re-fit) decodes
+    """A prompt not in the prompt log (or logged after the heads' latest re-fit) decodes
     losslessly in fast mode (the model's own tokens, nothing committed); with the option
     off the bars alone decide."""
     model, handle, _ = practised
@@ -598,12 +604,12 @@ def test_fast_mode_commits_only_on_prompts_practised_verbatim(practised):
         assert controller.lossless_calls == calls + 1 and controller.exits == exits and controller.committed == []
         model.generate(input_ids=PROMPTS[0], max_new_tokens=16, do_sample=False)
         assert controller.lossless_calls == calls + 1 and controller.committed  # practised: commits
-        handle.config.fast_practised_prompts_only = False
+        handle.config.fast.practised_prompts_only = False
         controller.recalibrate(controller.calibrated_for)  # audits of the call above moved the bars
         model.generate(input_ids=reworded, max_new_tokens=16, do_sample=False)
         assert controller.lossless_calls == calls + 1 and controller.committed
     finally:
-        handle.config.mode, handle.config.fast_practised_prompts_only = "lossless", True
+        handle.config.mode, handle.config.fast.practised_prompts_only = "lossless", True
         controller.min_confidence = controller.base_confidence = saved
         handle.set_learning(True)
     # A prompt counts once the heads have been re-fitted after it was logged.
@@ -616,7 +622,7 @@ def test_fast_mode_commits_only_on_prompts_practised_verbatim(practised):
 def test_fast_mode_commits_the_practised_answer_with_no_layer(practised):
     """A plain greedy call whose prompt was practised commits its practised answer (the
     full model's own greedy tokens) without running any layer after the prefill; where
-    the call goes on past that answer, the next token catches the replayed ones up and
+    the call goes on past that answer, the next token catches the recalled ones up and
     audits them, and the output stays the full model's."""
     from shortcut.learn.sequences import SequenceMemory
 
@@ -629,31 +635,31 @@ def test_fast_mode_commits_the_practised_answer_with_no_layer(practised):
     memory = handle.learner.sequences
     handle.learner.sequences = SequenceMemory()  # as if practised once, for 16 tokens
     handle.learner.sequences.add(ref[0, :prompt.shape[1] + 16].tolist())
-    # Heads that never commit: every token not replayed is the full path's.
+    # Heads that never commit: every token not recalled is the full path's.
     controller.min_confidence = controller.base_confidence = 1.01
     handle.config.mode = "fast"
     handle.set_learning(False)
     try:
         controller.audit_fraction = 0.0
         handle.stats.reset()
-        replayed, audits = controller.replayed, controller.audits
-        counted = handle.decode_stats.replay_committed
+        recalled, audits = controller.recalled, controller.audits
+        counted = handle.decode_stats.recall_committed
         out = model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False)  # as practised
         assert torch.equal(out, ref[:, :out.shape[1]])
-        assert controller.replayed - replayed == 15  # all but the prefill's token
-        assert handle.decode_stats.replay_committed - counted == 15
+        assert controller.recalled - recalled == 15  # all but the prefill's token
+        assert handle.decode_stats.recall_committed - counted == 15
         assert handle.stats.total.per_layer_runs == [prompt.shape[1]] * 4  # the prefill alone
         assert controller.audits == audits
 
         controller.audit_fraction = 1.0
-        errors, replayed = controller.errors, controller.replayed
+        errors, recalled = controller.errors, controller.recalled
         out = model.generate(input_ids=prompt, max_new_tokens=24, do_sample=False)  # longer than practised
         assert torch.equal(out, ref)
-        assert controller.replayed - replayed == 15
+        assert controller.recalled - recalled == 15
         assert controller.audits - audits >= 15 and controller.errors == errors
 
         # Even where the heads would commit, the token after the answer takes the full
-        # path first: the replayed tokens hold keys/values in no layer.
+        # path first: the recalled tokens hold keys/values in no layer.
         controller.min_confidence = controller.base_confidence = 0.0
         controller.audit_fraction, catch_ups = 0.0, controller.catch_ups
         out = model.generate(input_ids=prompt, max_new_tokens=24, do_sample=False)
@@ -662,11 +668,11 @@ def test_fast_mode_commits_the_practised_answer_with_no_layer(practised):
         assert torch.equal(out[:, :end + 1], ref[:, :end + 1])
 
         # Sampling or a logits processor: the practised answer is not this call's answer.
-        replayed = controller.replayed
+        recalled = controller.recalled
         torch.manual_seed(0)
         model.generate(input_ids=prompt, max_new_tokens=16, do_sample=True)
         model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False, repetition_penalty=1.5)
-        assert controller.replayed == replayed
+        assert controller.recalled == recalled
     finally:
         handle.learner.sequences = memory
         handle.config.mode = "lossless"

@@ -125,7 +125,8 @@ def practised_smollm2(smollm2, tmp_path_factory):
     data = Path(__file__).resolve().parent.parent / "shortcut_eval" / "data"
     texts = [r["text"] for r in read_jsonl(DEFAULT_PASSAGES) if r.get("split") == "train"][:40]
     prompts = [r["prompt"] for r in read_prompts(data / "prompts.jsonl", split="practice")[:3]]
-    handle = shortcut.wrap(model, shortcut.ShortcutConfig(consolidate_every=0, fit_steps=100))
+    learning = shortcut.LearningConfig(consolidate_every=0, fit_steps=100)
+    handle = shortcut.wrap(model, shortcut.ShortcutConfig(learning=learning))
     try:
         # A small observer is enough here: the tests are about the path shrinking.
         handle.train_observer(texts, tokenizer, max_tokens=4000, steps=100, d_sae=512, progress=False)
@@ -172,7 +173,7 @@ def test_consolidation_on_real_model(smollm2, practised_smollm2, tmp_path):
     model, tokenizer = smollm2
     _, folder, prompts = practised_smollm2
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = ft.FinetuneConfig(max_new_tokens=16, steps=300, heldout=0.0, checkpoint_every=0)
+    cfg = ft.FinetuneConfig(max_new_tokens=16, checkpoint_every=0, heads=ft.HeadsFitConfig(steps=300, heldout=0.0))
     summary = ft.finetune(model, folder, tmp_path / "out", tokenizer=tokenizer, config=cfg, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     heads = summary["heads"]

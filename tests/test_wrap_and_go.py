@@ -1,5 +1,5 @@
 """A freshly wrapped model, no observer: it practises from the first call (practised
-sequences replayed as drafts, verified by the full model), and what it practised
+sequences recalled as drafts, verified by the full model), and what it practised
 persists."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def test_fresh_handle_replays_its_own_answers_without_an_observer(fresh):
         before = handle.decode_stats.copy()
         assert torch.equal(model.generate(input_ids=prompt, max_new_tokens=NEW, do_sample=False),
                            _reference(model, handle, prompt, do_sample=False))
-        assert _delta(handle, before).replay_accepted == 0
+        assert _delta(handle, before).recall_accepted == 0
     assert len(handle.experience.sequences) == len(PROMPTS)
     assert handle.experience.practised == [p[0].tolist() for p in PROMPTS]
 
@@ -60,7 +60,7 @@ def test_fresh_handle_replays_its_own_answers_without_an_observer(fresh):
     new = ref.shape[1] - prompt.shape[1]
     # Every token after the prefill's came from the memory or was a verification's own
     # next token, and no layer ran to draft: every layer saw the same tokens.
-    assert delta.replay_accepted + delta.verify_forwards == new - 1
+    assert delta.recall_accepted + delta.verify_forwards == new - 1
     assert delta.verify_forwards <= 4
     runs = handle.stats.total.per_layer_runs
     assert runs == [runs[0]] * len(runs)
@@ -79,7 +79,7 @@ def test_memory_only_output_is_the_unwrapped_models(kw, mode):
                 torch.manual_seed(3)
                 out = model.generate(input_ids=prompt, max_new_tokens=NEW, **kw)
                 assert torch.equal(out, _reference(model, handle, prompt, **kw)), (mode, kw, prompt)
-        assert handle.decode_stats.replay_accepted > 0 or kw["do_sample"]
+        assert handle.decode_stats.recall_accepted > 0 or kw["do_sample"]
     finally:
         handle.remove()
 
@@ -94,7 +94,7 @@ def test_learning_off_adds_nothing(fresh):
 def test_practice_without_an_observer_fills_the_memory(fresh):
     _, handle = fresh
     rows = handle.practice(PROMPTS, rounds=2, max_new_tokens=NEW, progress=False)
-    assert rows[0]["replayed"] == 0 < rows[1]["replayed"]
+    assert rows[0]["recalled"] == 0 < rows[1]["recalled"]
     assert rows[1]["consolidate_seconds"] == 0.0 and rows[1]["head_agreement"] == {}
 
 
@@ -121,7 +121,7 @@ def test_attach_observer_keeps_what_was_practised():
         before = handle.decode_stats.copy()
         out = model.generate(input_ids=PROMPTS[0], max_new_tokens=NEW, do_sample=False)
         assert torch.equal(out, _reference(model, handle, PROMPTS[0], do_sample=False))
-        assert _delta(handle, before).replay_accepted > 0
+        assert _delta(handle, before).recall_accepted > 0
         assert handle.fast.lossless_calls == 1
     finally:
         handle.remove()
@@ -146,7 +146,7 @@ def test_memory_only_save_load_round_trip_replays_on_the_first_call(fresh, tmp_p
         ref = _reference(other, loaded, PROMPTS[1], do_sample=False)
         out = other.generate(input_ids=PROMPTS[1], max_new_tokens=NEW, do_sample=False)
         assert torch.equal(out, ref)
-        assert loaded.decode_stats.replay_accepted > 0
+        assert loaded.decode_stats.recall_accepted > 0
     finally:
         loaded.remove()
 
@@ -157,7 +157,7 @@ def test_bad_replay_log_of_a_memory_only_folder_is_refused(fresh, tmp_path):
     folder = handle.save_pretrained(tmp_path / "skills")
     other = make_tiny("llama")
     (folder / "replay_log.json").write_text("[1, 2")
-    with pytest.raises(shortcut.SkillsFileError, match="replay_log.json: the replay log is not valid json"):
+    with pytest.raises(shortcut.SkillsFileError, match="replay_log.json: the prompt log is not valid json"):
         shortcut.load(other, folder)
     (folder / "replay_log.json").write_text(json.dumps({"prompts": [[5, 6, 7]], "sequences": [[5, 6, 7, 96]]}))
     with pytest.raises(shortcut.SkillsFileError, match="field 'sequences'"):

@@ -43,8 +43,8 @@ those), so it is committed token by token with no layer at all: the top rung of 
 skill ladder. Those tokens are pending in every layer; where the answer ends before the
 call does, the next token catches up (one batched full forward, which audits them).
 
-Which calls commit at all: only those whose prompt was practised verbatim (in the replay
-log before the heads' latest re-fit; ``ShortcutConfig.fast_practised_prompts_only``).
+Which calls commit at all: only those whose prompt was practised verbatim (in the prompt
+log before the heads' latest re-fit; ``FastConfig.practised_prompts_only``).
 Every deep layer reads every prompt token, so a reworded prompt (another opening, one
 changed detail) moves the answer in ways the shallow path cannot see, and no bar on the
 early-layer signals separates those tokens (measured in ``docs/findings.md``). Other
@@ -100,7 +100,7 @@ class FastController:
         self.catch_ups = 0
         self.lossless_calls = 0  # calls decoded losslessly (prompt not practised verbatim)
         self.vetoes = 0  # confident heads overruled by a practised sequence that goes on otherwise
-        self.replayed = 0  # tokens committed from the prompt's practised answer (no layer ran)
+        self.recalled = 0  # tokens committed from the prompt's practised answer (no layer ran)
         self.committed: list[int] = []  # positions (in the returned ids) of the latest call's committed tokens
         self.calibrated_for = 0  # the skills' consolidation count the bars were measured on
 
@@ -138,7 +138,7 @@ class FastController:
 
     def report(self) -> dict[str, float]:
         """The counters and current bars, by name."""
-        return {"exits": self.exits, "replayed": self.replayed, "unsure": self.unsure, "vetoes": self.vetoes,
+        return {"exits": self.exits, "recalled": self.recalled, "unsure": self.unsure, "vetoes": self.vetoes,
                 "full_steps": self.full_steps,
                 "catch_ups": self.catch_ups, "lossless_calls": self.lossless_calls, "audits": self.audits,
                 "audit_errors": self.errors, "measured_error_rate": self.error_rate,
@@ -197,33 +197,53 @@ class FastStep(DraftStep):
                 self.expected = tokens[0]
 
 
-def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController, stats: DecodeStats, *,
-                      streamer: Any = None, on_fallback: Callable[[str], None] | None = None
-                      ) -> Callable[..., torch.Tensor]:
-    """The fast-mode decoding loop for ``generate(custom_generate=...)``. Every forward
-    carries the mask and positions plain decoding gives those positions
-    (``SequenceInputs``); ``streamer`` and ``on_fallback`` as in ``lossless.make_decoder``."""
-    heads = step.heads
+class FastDecoder:
+    """The fast-mode decoding loop, passed to ``generate(custom_generate=...)``: each call
+    decodes one batch-1 sequence, committing shallow tokens (pending until a catch-up)
+    and taking the full path where the step does not commit. Every forward carries the
+    mask and positions plain decoding gives those positions (``SequenceInputs``);
+    ``streamer`` and ``on_fallback`` as in ``lossless.make_decoder``.
+
+    State of the call under way: ``exact`` (every layer's cache is the full model's up
+    to this position), ``pending`` (the shallow path's token after each pending
+    position, in order: what a catch-up audits), ``unfed`` (pending tokens from the
+    practised answer have keys/values in no layer) and ``off_track`` (a committed token
+    differed from the full model's: the rest of the call takes the full path)."""
+
+    def __init__(self, runtime: Any, step: FastStep, controller: FastController, stats: DecodeStats, *,
+                 streamer: Any = None, on_fallback: Callable[[str], None] | None = None) -> None:
+        self.runtime, self.step, self.controller, self.stats = runtime, step, controller, stats
+        self.heads = step.heads
+        self.streamer, self.on_fallback = streamer, on_fallback
+        self.model: Any = None
+        self.base: Any = None  # the model's decoder stack, which the step's layer policy steers
+        self.cache: Any = None
+        self.vocab = 0
+        self.inputs: SequenceInputs | None = None
+        self.exact = 0
+        self.pending: list[int] = []
+        self.unfed = False
+        self.off_track = False
 
     @torch.no_grad()
-    def fast_decode(model: Any, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
-                    generation_config: Any, synced_gpus: bool = False, **model_kwargs: Any) -> torch.Tensor:
+    def __call__(self, model: Any, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
+                 generation_config: Any, synced_gpus: bool = False, **model_kwargs: Any) -> torch.Tensor:
+        """Decode like ``model.generate``'s loop; returns the ids, prompt included."""
+        controller, step = self.controller, self.step
         controller.committed = []
         reason = cannot_decode(model, input_ids, generation_config, model_kwargs, synced_gpus)
         if reason is not None:
-            if on_fallback is not None:
-                on_fallback(reason)
+            if self.on_fallback is not None:
+                self.on_fallback(reason)
             return plain_decode(model, input_ids, logits_processor, stopping_criteria, generation_config,
-                                synced_gpus, streamer, model_kwargs)
-        base = getattr(model, model.base_model_prefix)
-        inputs = SequenceInputs(model_kwargs)
-        cache = model_kwargs["cache"]
-        cache.activate_past_recording()  # catching up crops pending tokens
+                                synced_gpus, self.streamer, model_kwargs)
+        self.model, self.base = model, getattr(model, model.base_model_prefix)
+        self.inputs, self.cache = SequenceInputs(model_kwargs), model_kwargs["cache"]
+        self.cache.activate_past_recording()  # catching up crops pending tokens
         step.trail.expect(0)
-        outputs = model._prefill(input_ids, generation_config, model_kwargs)
-        logits = outputs.logits[:, -1]
-        vocab = logits.shape[-1]
-        exact = input_ids.shape[1]  # every layer's cache is the full model's up to here
+        logits = model._prefill(input_ids, generation_config, model_kwargs).logits[:, -1]
+        self.vocab = logits.shape[-1]
+        self.exact, self.pending, self.unfed, self.off_track = input_ids.shape[1], [], False, False
         prompt_length = input_ids.shape[1]
         # The practised answer to exactly this prompt (the full model's own greedy tokens,
         # see sequences.py) is committed with no layer at all while the text follows it.
@@ -231,95 +251,117 @@ def make_fast_decoder(runtime: Any, step: FastStep, controller: FastController, 
         if step.sequences is not None and plain_greedy(generation_config, logits_processor, model_kwargs):
             answer = step.sequences.answer(input_ids[0].tolist(), generation_config.max_length - prompt_length)
         following = bool(answer)
-        unfed = False  # pending replayed tokens have keys/values in no layer
-        shallow_top: list[int] = []  # the head's greedy token after each pending position
-        # A committed token the full model would not have picked moved the text off the
-        # practised trajectory: the rest of the call takes the full path.
-        off_track = False
-
-        def catch_up(ids: torch.Tensor) -> torch.Tensor:
-            """Full forward over the pending tokens and the newest one; audits the pending
-            ones; returns the logits after the newest token."""
-            nonlocal off_track
-            controller.catch_ups += 1
-            crop_all(cache, exact)
-            step.trail.expect(exact)
-            out = model(input_ids=ids[:, exact:], cache=cache, use_cache=True,
-                        **inputs(exact, ids.shape[1], ids.device)).logits
-            for i, top in enumerate(shallow_top):
-                agreed = top == int(out[0, i].argmax())
-                controller.record_audit(agreed)
-                if not agreed:  # later pending tokens followed the error: not independent samples
-                    off_track = True
-                    break
-            shallow_top.clear()
-            return out[:, -1]
-
         while True:
             input_ids, token, finished = choose_next(input_ids, logits, logits_processor, stopping_criteria,
-                                                     bool(generation_config.do_sample), streamer)
+                                                     bool(generation_config.do_sample), self.streamer)
             if finished:
                 break
-            newest = input_ids.shape[1] - 1
-            if off_track:
-                controller.full_steps += 1
-                logits = model(input_ids=token, cache=cache, use_cache=True,
-                               **inputs(newest, newest + 1, token.device)).logits[:, -1]
-                exact = input_ids.shape[1]
+            if self.off_track:
+                logits = self._full_step(input_ids, token)
                 continue
             generated = input_ids.shape[1] - prompt_length
             following = following and generated <= len(answer) and int(token) == answer[generated - 1]
             if following and generated < len(answer):  # pending: the answer names the next token
-                controller.replayed += 1
-                stats.replay_committed += 1
-                shallow_top.append(answer[generated])
-                controller.committed.append(input_ids.shape[1])
-                logits = torch.full((1, vocab), float("-inf"), device=input_ids.device)
-                logits[0, answer[generated]] = 0.0
-                unfed = True
+                logits = self._commit_answer(input_ids, answer[generated])
                 continue
-            if unfed:  # no layer holds the replayed tokens' keys/values: catch up first
+            if self.unfed:  # no layer holds the recalled tokens' keys/values: catch up first
                 controller.full_steps += 1
-                logits = catch_up(input_ids)
-                exact, unfed = input_ids.shape[1], False
+                logits = self._catch_up(input_ids)
                 continue
-            if not shallow_top:  # nothing pending: any exit is fine, the full path goes on
-                step.ceiling = None
-            step.unfamiliar_runs_full = not shallow_top
-            step.position = newest
-            step.expect(input_ids)
-            previous, runtime.policy = runtime.policy, step
-            try:
-                hidden = base(input_ids=token, cache=cache, use_cache=True,
-                              **inputs(newest, newest + 1, token.device)).last_hidden_state
-            finally:
-                runtime.policy = previous
-            stats.observer_encodes += 1
-            if step.checked_layer is not None:
-                stats.head_params += heads.head_cost(step.checked_layer)["shortlist"]
-            if step.exit_layer is not None:  # committed: pending until something catches up
-                committed = step.shortlist_logits
-                assert committed is not None  # a committed exit keeps its head's shortlist logits
-                controller.exits += 1
-                stats.exited(step.exit_layer)
-                if step.ceiling is None:  # later exits must not need layers this one skipped
-                    step.ceiling = step.exit_layer
-                shallow_top.append(int(heads.shortlist[committed.argmax(-1)]))
-                controller.committed.append(input_ids.shape[1])  # where the next token lands
-                logits = torch.full((1, vocab), float("-inf"), device=input_ids.device)
-                logits[:, heads.shortlist] = committed.float()
-                continue
-            controller.full_steps += 1
-            controller.unsure += int(step.checked_layer is not None)
-            if shallow_top:
-                logits = catch_up(input_ids)
-            else:  # nothing pending: the forward already ran every layer
-                logits = full_logits(model, hidden[:, -1])
-            exact = input_ids.shape[1]
-        if shallow_top and controller.audit_now():
-            catch_up(input_ids[:, :-1])  # the last token was never fed
-        if streamer is not None:
-            streamer.end()
+            logits = self._shallow_step(input_ids, token)
+        if self.pending and controller.audit_now():
+            self._catch_up(input_ids[:, :-1])  # the last token was never fed
+        if self.streamer is not None:
+            self.streamer.end()
         return input_ids
 
-    return fast_decode
+    def _forward_inputs(self, start: int, end: int, device: torch.device) -> dict[str, Any]:
+        assert self.inputs is not None  # set when a call starts
+        return self.inputs(start, end, device)
+
+    def _full_step(self, input_ids: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """Off the practised trajectory: the newest token through every layer."""
+        self.controller.full_steps += 1
+        newest = input_ids.shape[1] - 1
+        logits = self.model(input_ids=token, cache=self.cache, use_cache=True,
+                            **self._forward_inputs(newest, newest + 1, token.device)).logits[:, -1]
+        self.exact = input_ids.shape[1]
+        return logits
+
+    def _pend(self, input_ids: torch.Tensor, shallow_token: int) -> None:
+        """Commit the shallow path's ``shallow_token`` as the next token: pending until a
+        catch-up audits it."""
+        self.pending.append(shallow_token)
+        self.controller.committed.append(input_ids.shape[1])  # where the next token lands
+
+    def _commit_answer(self, input_ids: torch.Tensor, next_token: int) -> torch.Tensor:
+        """Commit the practised answer's ``next_token`` (no layer runs); returns logits
+        that choose it."""
+        self.controller.recalled += 1
+        self.stats.recall_committed += 1
+        self._pend(input_ids, next_token)
+        logits = torch.full((1, self.vocab), float("-inf"), device=input_ids.device)
+        logits[0, next_token] = 0.0
+        self.unfed = True
+        return logits
+
+    def _shallow_step(self, input_ids: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """Feed the newest token through the layers the step runs; commit its exit, or
+        finish it on the full path (catching up first when something is pending)."""
+        step, controller, stats = self.step, self.controller, self.stats
+        if not self.pending:  # nothing pending: any exit is fine, the full path goes on
+            step.ceiling = None
+        step.unfamiliar_runs_full = not self.pending
+        newest = input_ids.shape[1] - 1
+        step.position = newest
+        step.expect(input_ids)
+        previous, self.runtime.policy = self.runtime.policy, step
+        try:
+            hidden = self.base(input_ids=token, cache=self.cache, use_cache=True,
+                          **self._forward_inputs(newest, newest + 1, token.device)).last_hidden_state
+        finally:
+            self.runtime.policy = previous
+        stats.observer_encodes += 1
+        if step.checked_layer is not None:
+            stats.head_params += self.heads.head_cost(step.checked_layer)["shortlist"]
+        if step.exit_layer is not None:  # committed: pending until something catches up
+            committed = step.shortlist_logits
+            assert committed is not None  # a committed exit keeps its head's shortlist logits
+            controller.exits += 1
+            stats.exited(step.exit_layer)
+            if step.ceiling is None:  # later exits must not need layers this one skipped
+                step.ceiling = step.exit_layer
+            self._pend(input_ids, int(self.heads.shortlist[committed.argmax(-1)]))
+            logits = torch.full((1, self.vocab), float("-inf"), device=input_ids.device)
+            logits[:, self.heads.shortlist] = committed.float()
+            return logits
+        controller.full_steps += 1
+        controller.unsure += int(step.checked_layer is not None)
+        if self.pending:
+            return self._catch_up(input_ids)
+        self.exact = input_ids.shape[1]  # nothing pending: the forward already ran every layer
+        return full_logits(self.model, hidden[:, -1])
+
+    def _catch_up(self, ids: torch.Tensor) -> torch.Tensor:
+        """Full forward over the pending tokens and the newest one of ``ids``; audits the
+        pending ones; returns the logits after the newest token."""
+        self.controller.catch_ups += 1
+        crop_all(self.cache, self.exact)
+        self.step.trail.expect(self.exact)
+        out = self.model(input_ids=ids[:, self.exact:], cache=self.cache, use_cache=True,
+                         **self._forward_inputs(self.exact, ids.shape[1], ids.device)).logits
+        self._audit(out)
+        self.exact, self.unfed = ids.shape[1], False
+        return out[:, -1]
+
+    def _audit(self, logits: torch.Tensor) -> None:
+        """Compare each pending token with the full model's choice in ``logits`` [1, P, V]
+        (the catch-up's, position by position) and clear them; the first disagreement
+        sets ``off_track``."""
+        for i, top in enumerate(self.pending):
+            agreed = top == int(logits[0, i].argmax())
+            self.controller.record_audit(agreed)
+            if not agreed:  # later pending tokens followed the error: not independent samples
+                self.off_track = True
+                break
+        self.pending.clear()

@@ -261,11 +261,11 @@ class DraftStep:
 
 
 class ShallowDrafter:
-    """Drafts tokens with the shallow path of the model itself, and replays practised
+    """Drafts tokens with the shallow path of the model itself, and recalls practised
     sequences.
 
     Without an observer (``observer``, ``heads``, ``policy`` and ``trail`` all ``None``)
-    it drafts from the practised ``sequences`` only: a wrapped model replays what it
+    it drafts from the practised ``sequences`` only: a wrapped model recalls what it
     practised before any observer was trained.
     """
 
@@ -294,7 +294,7 @@ class ShallowDrafter:
         self.shallow = shallow  # whether the shallow path drafts where the sequences do not
         self.lengths = lengths  # learned lookup-draft lengths; None: the memory's fixed rule
         self.text = TextIndex() if copy_text else None  # this call's own text, to copy from
-        self.replayed = False  # whether the latest draft came from the practised sequences
+        self.recalled = False  # whether the latest draft came from the practised sequences
         self.copied = False  # whether it came from the text itself
         self._situation: tuple[str, bool, int] | None = None  # the latest lookup draft's, for record()
         # Back-off: after a draft attempt that produced nothing accepted, skip the next
@@ -317,7 +317,7 @@ class ShallowDrafter:
         sequence) is the last. ``inputs`` gives each draft forward its mask and positions
         (default: no padding). Returns [1, k] (k may be 0); the cache is left as it was."""
         inputs = inputs or SequenceInputs({})
-        self.attempted, self.replayed, self.copied = False, False, False
+        self.attempted, self.recalled, self.copied = False, False, False
         self._situation = None
         self.full_logits = None
         if limit <= 0:
@@ -391,10 +391,10 @@ class ShallowDrafter:
                      sampled: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The draft the prefill forward carries after the prompt [1, T] (``mask``: its
         attention mask, if any). A greedy call whose prompt (without its padding) was
-        practised verbatim replays the whole practised answer (the full model's own
+        practised verbatim recalls the whole practised answer (the full model's own
         greedy answer to it; no layer runs to make it); any other prompt gets a lookup
         draft (:meth:`lookup`) of at most ``max_draft`` tokens."""
-        self.replayed, self.copied, self._situation = False, False, None
+        self.recalled, self.copied, self._situation = False, False, None
         if not sampled and self.sequences is not None:
             prompt = input_ids[0].tolist()
             if mask is not None:
@@ -452,8 +452,8 @@ class ShallowDrafter:
         self.attempted = True
         self.stats.drafted += len(tokens)
         if source == "memory":
-            self.replayed = True
-            self.stats.replayed += len(tokens)
+            self.recalled = True
+            self.stats.recalled += len(tokens)
         else:
             self.copied = True
             self.stats.copied += len(tokens)
@@ -474,9 +474,9 @@ class ShallowDrafter:
         if drafted == 0:
             return
         self.stats.accepted += accepted
-        if self.replayed or self.copied:  # the shallow path's draft length adapts to its own drafts only
-            if self.replayed:
-                self.stats.replay_accepted += accepted
+        if self.recalled or self.copied:  # the shallow path's draft length adapts to its own drafts only
+            if self.recalled:
+                self.stats.recall_accepted += accepted
             else:
                 self.stats.copy_accepted += accepted
             if self.lengths is not None and self._situation is not None:
@@ -598,7 +598,7 @@ def plain_decode(model: Any, input_ids: torch.Tensor, logits_processor: Any, sto
 def prefill(model: Any, input_ids: torch.Tensor, drafts: torch.Tensor, generation_config: Any,
             model_kwargs: dict[str, Any], inputs: SequenceInputs | None = None) -> torch.Tensor:
     """Run the prompt [1, T] through the full model as plain decoding's prefill does,
-    with ``drafts`` [1, k] after it in the same forward (the prompt's replayed
+    with ``drafts`` [1, k] after it in the same forward (the prompt's recalled
     continuation: an exact repeat verifies its answer with the forward that reads the
     prompt), their mask and positions extended as ``inputs`` extends them. Returns the
     logits [1, k + 1, V] that pick the first k + 1 new tokens."""

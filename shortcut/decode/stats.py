@@ -18,12 +18,12 @@ class DecodeStats:
             sequences together).
         accepted: drafted tokens that verification accepted (a drafted end of sequence
             that matched included).
-        replayed: drafted tokens taken from practised sequences (no layer ran for them).
-        replay_accepted: of those, the accepted ones.
+        recalled: drafted tokens taken from practised sequences (no layer ran for them).
+        recall_accepted: of those, the accepted ones.
         copied: drafted tokens copied from the call's own text (prompt and output so
             far; no layer ran for them).
         copy_accepted: of those, the accepted ones.
-        replay_committed: fast mode's tokens committed from a practised answer with no
+        recall_committed: fast mode's tokens committed from a practised answer with no
             layer run.
         draft_forwards: shallow forwards run to draft a token.
         verify_forwards: full forwards that verified a draft (the prefill not counted).
@@ -41,11 +41,11 @@ class DecodeStats:
 
     drafted: int = 0
     accepted: int = 0
-    replayed: int = 0
-    replay_accepted: int = 0
+    recalled: int = 0
+    recall_accepted: int = 0
     copied: int = 0
     copy_accepted: int = 0
-    replay_committed: int = 0
+    recall_committed: int = 0
     draft_forwards: int = 0
     verify_forwards: int = 0
     full_path_steps: int = 0

@@ -1,7 +1,7 @@
 """Offline consolidation of practised skills ("sleep"): the ``shortcut-finetune`` command.
 
-Practice re-fits the exit heads for a few hundred steps on whatever the replay buffer
-holds at that moment. Consolidation starts again from the replay log of a skills folder
+Practice re-fits the exit heads for a few hundred steps on whatever the position buffer
+holds at that moment. Consolidation starts again from the prompt log of a skills folder
 (the token ids of every practised prompt), rebuilds the experience by re-running the
 full model on each prompt (greedy, the same number of new tokens as practice), and
 trains much longer and more carefully. Two levels:
@@ -10,8 +10,8 @@ trains much longer and more carefully. Two levels:
     The base model is not touched. Hidden states at the exit layers and the final layer
     are collected for every practised position (and for any extra text, teacher-forced);
     the exit heads are re-fitted from the logit lens with a warm-up + cosine schedule,
-    first on a training split with early stopping on a held-out split of the replayed
-    positions, then on all positions for the number of steps that worked best; the policy statistics are then
+    first on a training split with early stopping on a held-out split of the positions,
+    then on all positions for the number of steps that worked best; the policy statistics are then
     re-learned from the new heads' outcomes (as ``Learner.consolidate`` does). Lossless
     decoding stays exactly lossless: only the drafts change.
 
@@ -27,8 +27,8 @@ trains much longer and more carefully. Two levels:
     the wrapped model is the adapted one. The summary reports what the adapter costs:
     teacher-forced perplexity of base vs adapted model on held-out passages.
 
-At both levels every replayed prompt, with the continuation it was given here, joins
-the practised sequences that lossless drafts replay (:mod:`shortcut.sequences`), and
+At both levels every re-generated prompt, with the continuation it was given here, joins
+the practised sequences that lossless drafts recall (:mod:`shortcut.learn.sequences`), and
 extra prompts join the practised prompts. After a LayerSkip adapter the practised
 sequences are only these: the base model's outputs are no longer the wrapped model's.
 
@@ -38,7 +38,7 @@ Usage::
     shortcut-finetune skills/ -o adapted/ --level layerskip --extra more.jsonl
     shortcut-finetune skills/ -o consolidated/ --resume                 # after an interruption
 
-The same command runs unchanged on several GPUs (replay generation and every training
+The same command runs unchanged on several GPUs (re-generation and every training
 batch are split across processes; checkpoints are written once)::
 
     accelerate launch --multi_gpu --num_processes 4 -m shortcut.finetune skills/ -o out/ --model <model>
@@ -50,8 +50,8 @@ built in a temporary folder next to ``<output>`` and renamed into place, so a fa
 run leaves at most its checkpoints behind. The summary is printed and written to
 ``<output>/finetune_summary.json``.
 
-Where things live: the replay (reading the skills folder, greedy re-generation) is in
-:mod:`shortcut.replay`, the generic training plumbing (accelerate, checkpoints, the
+Where things live: reading the skills folder and the greedy re-generation are in
+:mod:`shortcut.finetune.regenerate`, the generic training plumbing (accelerate, checkpoints, the
 training loop) in :mod:`shortcut.training`, the LoRA stage in :mod:`shortcut.layerskip`;
 this module holds the run, the exit-head consolidation and the command line.
 """
@@ -80,7 +80,7 @@ from ..data import DEFAULT_PASSAGES, DataFileError, prompt_input_ids
 from ..policy.fit import TranslatorFit, adam
 from ..policy.heads import ExitHeads, collect_states
 from ..skills import folder as skills
-from .replay import Example, build_examples, read_extra, read_skills
+from .regenerate import Example, build_examples, read_extra, read_skills
 from .training import Checkpoints, batch_indices, make_accelerator, train_loop
 
 LEVELS = ("heads", "layerskip")
@@ -90,93 +90,124 @@ DEFAULT_QUALITY = DEFAULT_PASSAGES
 
 
 @dataclass
+class HeadsFitConfig:
+    """The exit heads' re-fit (both levels).
+
+    Attributes:
+        steps: most optimiser steps (early stopping may end sooner).
+        batch_size: re-generated positions per step (over all processes).
+        lr: peak learning rate (relative step, see ``ExitHeads.fit``).
+        warm_start: continue from the practised heads instead of refitting from the
+            logit lens (then the held-out positions were seen in practice already, and
+            the held-out figures are not independent).
+        hard_weight: weight of the cross-entropy on the full model's token (0: pure KL).
+        heldout: fraction of re-generated positions held out for early stopping (0: none).
+        eval_every: steps between held-out evaluations.
+        patience: evaluations without improvement before stopping.
+    """
+
+    steps: int = 3000
+    batch_size: int = 256
+    lr: float = 1e-2
+    warm_start: bool = False
+    hard_weight: float = 1.0
+    heldout: float = 0.1
+    eval_every: int = 100
+    patience: int = 5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.heldout < 0.5:
+            raise ValueError(f"heads.heldout={self.heldout} must be in [0, 0.5)")
+        _at_least_one(self, "heads.", ("steps", "batch_size", "eval_every"))
+
+
+@dataclass
+class LayerSkipConfig:
+    """The LoRA adapter that level ``layerskip`` trains, and LayerSkip's recipe for it.
+
+    Attributes:
+        steps, lr, batch_size, rank, alpha: the adapter's optimiser steps, learning
+            rate, sequences per step, LoRA rank and LoRA alpha.
+        targets: ``"attention"`` (q/k/v/o projections) or ``"mlp"``.
+        final_target: what the final layer learns while the adapter trains: ``"base"``,
+            the base model's own distribution (KL; the adapter then changes what the
+            early exits read, not what the model says), or ``"tokens"``, the re-generated
+            greedy tokens and extra text (cross-entropy, LayerSkip's recipe).
+        exit_scale: LayerSkip's ``e_scale``, the weight of early-exit losses.
+        curriculum: ``"rotational"`` (one early exit per step, in turn) or
+            ``"gradual"`` (exits enabled from the deepest to the shallowest).
+        layer_dropout: dropout rate of the last layer; shallower layers get less.
+    """
+
+    steps: int = 100
+    lr: float = 2e-4
+    batch_size: int = 4
+    rank: int = 8
+    alpha: int = 16
+    targets: str = "attention"
+    final_target: str = "base"
+    exit_scale: float = 1.0
+    curriculum: str = "rotational"
+    layer_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.curriculum not in ("rotational", "gradual"):
+            raise ValueError(f"layerskip.curriculum={self.curriculum!r} must be 'rotational' or 'gradual'")
+        if self.targets not in ("attention", "mlp"):
+            raise ValueError(f"layerskip.targets={self.targets!r} must be 'attention' or 'mlp'")
+        if self.final_target not in ("base", "tokens"):
+            raise ValueError(f"layerskip.final_target={self.final_target!r} must be 'base' or 'tokens'")
+        _at_least_one(self, "layerskip.", ("steps", "batch_size", "rank"))
+
+
+@dataclass
 class FinetuneConfig:
     """Settings of one consolidation run (everything but ``checkpoint_every`` and
     ``keep_checkpoints`` defines the run: resuming needs the same values).
 
     Attributes:
         level: ``"heads"`` or ``"layerskip"`` (see the module doc).
-        max_new_tokens: greedy continuation length per replayed prompt (practice's).
+        max_new_tokens: greedy continuation length per re-generated prompt (practice's).
         max_length: extra texts are cut to this many tokens.
-        steps: most exit-head optimiser steps (early stopping may end sooner).
-        batch_size: replayed positions per exit-head step (over all processes).
-        lr: peak learning rate of the exit heads (relative step, see ``ExitHeads.fit``).
-        warm_start: continue from the practised heads instead of refitting from the
-            logit lens (then the held-out positions were seen in practice already, and
-            the held-out figures are not independent).
-        warmup: fraction of the steps with a linear warm-up; cosine decay after it.
-        hard_weight: weight of the cross-entropy on the full model's token (0: pure KL).
-        heldout: fraction of replayed positions held out for early stopping (0: none).
-        eval_every: steps between held-out evaluations.
-        patience: evaluations without improvement before stopping.
-        lora_steps, lora_lr, lora_batch_size, lora_rank, lora_alpha: the LoRA adapter
-            (level ``layerskip``); the batch counts sequences.
-        lora_targets: ``"attention"`` (q/k/v/o projections) or ``"mlp"``.
-        lora_final_target: what the final layer learns while the adapter trains:
-            ``"base"``, the base model's own distribution (KL; the adapter then changes
-            what the early exits read, not what the model says), or ``"tokens"``, the
-            replayed greedy tokens and extra text (cross-entropy, LayerSkip's recipe).
-        exit_scale: LayerSkip's ``e_scale``, the weight of early-exit losses.
-        curriculum: ``"rotational"`` (one early exit per step, in turn) or
-            ``"gradual"`` (exits enabled from the deepest to the shallowest).
-        layer_dropout: dropout rate of the last layer; shallower layers get less.
+        warmup: fraction of each training stage's steps with a linear warm-up; cosine
+            decay after it (the heads' fit and the adapter's alike).
         seed: seeds splits, batch order and layer dropout.
         checkpoint_every: steps between checkpoints (0: none).
         keep_checkpoints: checkpoints kept per stage.
+        heads: the exit heads' re-fit (:class:`HeadsFitConfig`).
+        layerskip: the adapter of level ``layerskip`` (:class:`LayerSkipConfig`).
     """
 
     level: str = "heads"
     max_new_tokens: int = 64
     max_length: int = 512
-    steps: int = 3000
-    batch_size: int = 256
-    lr: float = 1e-2
-    warm_start: bool = False
     warmup: float = 0.05
-    hard_weight: float = 1.0
-    heldout: float = 0.1
-    eval_every: int = 100
-    patience: int = 5
-    lora_steps: int = 100
-    lora_lr: float = 2e-4
-    lora_batch_size: int = 4
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_targets: str = "attention"
-    lora_final_target: str = "base"
-    exit_scale: float = 1.0
-    curriculum: str = "rotational"
-    layer_dropout: float = 0.1
     seed: int = 0
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
+    heads: HeadsFitConfig = dataclasses.field(default_factory=HeadsFitConfig)
+    layerskip: LayerSkipConfig = dataclasses.field(default_factory=LayerSkipConfig)
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
             raise ValueError(f"level={self.level!r} is not one of {LEVELS}")
-        if self.curriculum not in ("rotational", "gradual"):
-            raise ValueError(f"curriculum={self.curriculum!r} must be 'rotational' or 'gradual'")
-        if self.lora_targets not in ("attention", "mlp"):
-            raise ValueError(f"lora_targets={self.lora_targets!r} must be 'attention' or 'mlp'")
-        if self.lora_final_target not in ("base", "tokens"):
-            raise ValueError(f"lora_final_target={self.lora_final_target!r} must be 'base' or 'tokens'")
-        if not 0.0 <= self.heldout < 0.5:
-            raise ValueError(f"heldout={self.heldout} must be in [0, 0.5)")
-        positive = ("max_new_tokens", "max_length", "steps", "batch_size", "eval_every",
-                    "lora_steps", "lora_batch_size", "lora_rank")
-        bad = [name for name in positive if getattr(self, name) < 1]
-        if bad:
-            raise ValueError(f"{', '.join(bad)} must be at least 1")
+        _at_least_one(self, "", ("max_new_tokens", "max_length"))
 
     def run_key(self) -> dict[str, Any]:
-        """The settings that define the result (checkpoint frequency does not)."""
+        """The settings that define the result (checkpoint frequency does not; nor do
+        the adapter's at level ``heads``)."""
         key = dataclasses.asdict(self)
         for name in ("checkpoint_every", "keep_checkpoints"):
             key.pop(name)
         if self.level == "heads":
-            adapter_only = ("exit_scale", "curriculum", "layer_dropout")
-            key = {k: v for k, v in key.items() if not k.startswith("lora_") and k not in adapter_only}
+            key.pop("layerskip")
         return key
+
+
+def _at_least_one(config: Any, prefix: str, names: Sequence[str]) -> None:
+    bad = [prefix + name for name in names if getattr(config, name) < 1]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} must be at least 1")
 
 
 # -- the output folder ------------------------------------------------------------------
@@ -192,9 +223,15 @@ def _files_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _flatten(run: dict[str, Any]) -> dict[str, Any]:
-    return {f"{k}.{sub}" if isinstance(v, dict) else k: (v[sub] if isinstance(v, dict) else v)
-            for k, v in run.items() for sub in (v if isinstance(v, dict) else [None])}
+def _flatten(run: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"config": {"heads": {"lr": 1}}}`` as ``{"config.heads.lr": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in run.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def check_output(output: Path, run: dict[str, Any], *, resume: bool, overwrite: bool) -> str:
@@ -268,9 +305,10 @@ def fit_heads(heads: ExitHeads, states: dict[int, torch.Tensor], final: torch.Te
     """Re-fit ``heads`` on all positions: a select phase on a training split with early
     stopping on the held-out split, then a final phase on everything for the best
     number of steps. Returns what happened in both phases."""
+    settings = cfg.heads
     n = int(tokens.shape[0])
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
-    n_held = int(n * cfg.heldout) if n >= 20 else 0
+    n_held = int(n * settings.heldout) if n >= 20 else 0
     held, train = order[:n_held], order[n_held:]
     rows, bias = heads._shortlist_weights()
 
@@ -284,12 +322,13 @@ def fit_heads(heads: ExitHeads, states: dict[int, torch.Tensor], final: torch.Te
     def run(stage: str, index: torch.Tensor, steps: int, evaluate: bool) -> tuple[dict[str, Any], TranslatorFit]:
         accelerator = make_accelerator()
         module = TranslatorFit(heads, states).to(accelerator.device)
-        optimizer = adam(list(module.parameters()), lr=cfg.lr)
+        optimizer = adam(list(module.parameters()), lr=settings.lr)
         module, optimizer = accelerator.prepare(module, optimizer)
 
         def loss_fn(step: int) -> torch.Tensor:
-            idx = index[batch_indices(len(index), step, cfg.batch_size, cfg.seed, accelerator)].to(targets.device)
-            total, _ = module({layer: states[layer][idx] for layer in states}, targets[idx], score, cfg.hard_weight)
+            idx = index[batch_indices(len(index), step, settings.batch_size, cfg.seed, accelerator)].to(targets.device)
+            batch = {layer: states[layer][idx] for layer in states}
+            total, _ = module(batch, targets[idx], score, settings.hard_weight)
             return total
 
         def eval_fn() -> dict[str, Any]:
@@ -299,7 +338,7 @@ def fit_heads(heads: ExitHeads, states: dict[int, torch.Tensor], final: torch.Te
             with torch.no_grad():
                 for idx in mine.split(1024):
                     batch = {layer: states[layer][idx] for layer in states}
-                    _, losses = inner(batch, targets[idx], score, cfg.hard_weight)
+                    _, losses = inner(batch, targets[idx], score, settings.hard_weight)
                     for j, layer in enumerate(inner.layers):
                         pred = heads.shortlist[inner.logits(layer, states[layer][idx], score).argmax(-1)]
                         sums[j] += losses[layer] * len(idx)
@@ -312,9 +351,9 @@ def fit_heads(heads: ExitHeads, states: dict[int, torch.Tensor], final: torch.Te
                     "agreement": {str(layer): float(sums[len(inner.layers) + j]) / count
                                   for j, layer in enumerate(inner.layers)}}
 
-        state = train_loop(stage, accelerator, optimizer, loss_fn, steps=steps, lr=cfg.lr, warmup=cfg.warmup, ckpt=ckpt,
-                           eval_fn=eval_fn if evaluate else None, eval_every=cfg.eval_every, patience=cfg.patience,
-                           progress=progress)
+        state = train_loop(stage, accelerator, optimizer, loss_fn, steps=steps, lr=settings.lr, warmup=cfg.warmup,
+                           ckpt=ckpt, eval_fn=eval_fn if evaluate else None, eval_every=settings.eval_every,
+                           patience=settings.patience, progress=progress)
         return state, accelerator.unwrap_model(module)
 
     model_params = [p for m in (heads.final_norm, heads.unembed) for p in m.parameters()]
@@ -325,10 +364,10 @@ def fit_heads(heads: ExitHeads, states: dict[int, torch.Tensor], final: torch.Te
             p.requires_grad_(False)
         select = ckpt.result("heads-select")
         if select is None and n_held:
-            state, _ = run("heads-select", train, cfg.steps, evaluate=True)
+            state, _ = run("heads-select", train, settings.steps, evaluate=True)
             select = {"best_step": state["best_step"], "steps_run": state["step"], "evals": state["evals"]}
             ckpt.finish("heads-select", select)
-        final_steps = max(1, select["best_step"]) if select else cfg.steps
+        final_steps = max(1, select["best_step"]) if select else settings.steps
         state, module = run("heads-final", order, final_steps, evaluate=False)
         module.write_to(heads)
     finally:
@@ -348,7 +387,7 @@ def fit_heads(heads: ExitHeads, states: dict[int, torch.Tensor], final: torch.Te
 
 def relearn_policy(observer: Any, policy: Any, sig_states: torch.Tensor, agrees: torch.Tensor) -> None:
     """Forget the policy's statistics and learn them again from the new heads' outcomes
-    on every replayed position (delta rule + familiarity memory), as practice does."""
+    on every re-generated position (delta rule + familiarity memory), as practice does."""
     from ..observe import Signature
 
     parts = [observer.encode(chunk) for chunk in sig_states.split(1024)]
@@ -366,10 +405,10 @@ def consolidate_heads(model: nn.Module, parts: ModelParts, learned: skills.Skill
     layers = sorted(set(heads.layers) | {sig_layer})
     states, final, tokens = collect(model, parts, examples, layers, progress)
     if tokens.numel() == 0:
-        raise ValueError("the replay gives no position to learn from (empty dataset)")
+        raise ValueError("the re-generation gives no position to learn from (empty dataset)")
     before = agreement(heads, states, tokens)
     heads.grow_shortlist(tokens)
-    if not cfg.warm_start:  # refit from the logit lens: the held-out split stays unseen
+    if not cfg.heads.warm_start:  # refit from the logit lens: the held-out split stays unseen
         with torch.no_grad():
             for lin in heads.translators.values():
                 lin.weight.zero_()
@@ -401,7 +440,7 @@ def finetune(model: nn.Module, skills_folder: str | Path, output: str | Path, *,
     Args:
         model: the base causal LM the skills were learned on (moved to the
             accelerator's device; its weights are never changed).
-        skills_folder: a skills folder with a replay log (``Shortcut.save_pretrained``).
+        skills_folder: a skills folder with a prompt log (``Shortcut.save_pretrained``).
         output: the new skills folder; ``output/checkpoints/`` holds checkpoints while
             the run is under way.
         tokenizer: needed for text in ``extra`` and for ``quality_texts``.
@@ -416,7 +455,7 @@ def finetune(model: nn.Module, skills_folder: str | Path, output: str | Path, *,
         The summary (also written to ``output/finetune_summary.json``).
 
     Raises:
-        FileNotFoundError: not a skills folder, or no replay log.
+        FileNotFoundError: not a skills folder, or no prompt log.
         skills.SkillsMismatchError: skills of another base model.
         ValueError: nothing to learn from, checkpoints of another configuration, bad settings.
         FileExistsError: ``output`` holds another run (without ``overwrite``).
@@ -436,7 +475,7 @@ def finetune(model: nn.Module, skills_folder: str | Path, output: str | Path, *,
     texts = [ids for ids in (tokenizer(r["text"])["input_ids"][:limit] for r in records if "text" in r) if len(ids) > 1]
     if not prompts and not extra_prompts and not texts:
         raise ValueError(
-            f"empty dataset: the replay log of {skills_folder} lists no prompts and there is no extra text"
+            f"empty dataset: the prompt log of {skills_folder} lists no prompts and there is no extra text"
         )
     learned = skills.load_learned(skills_folder, manifest, parts, fingerprint)  # every file checked before any work
     assert learned is not None  # read_skills refused a folder without learned skills
@@ -452,16 +491,17 @@ def finetune(model: nn.Module, skills_folder: str | Path, output: str | Path, *,
     accelerator.wait_for_everyone()
     ckpt = Checkpoints(output / CHECKPOINTS, run, cfg.checkpoint_every, cfg.keep_checkpoints, accelerator)
     model.to(accelerator.device)
-    # The log holds one entry per practised generate call; greedy replay of a repeat adds nothing.
+    # The log holds one entry per practised generate call; greedy re-generation of a repeat adds nothing.
     unique = [list(p) for p in dict.fromkeys(tuple(p) for p in prompts)]
-    replay = unique + extra_prompts
+    to_regenerate = unique + extra_prompts
     summary: dict[str, Any] = {"level": cfg.level, "skills": str(skills_folder), "output": str(output),
-                               "replay_log_entries": len(prompts), "replayed_prompts": len(unique),
+                               "prompt_log_entries": len(prompts), "regenerated_prompts": len(unique),
                                "extra_prompts": len(extra_prompts),
                                "extra_texts": len(texts), "config": dataclasses.asdict(cfg), "run": run}
     t = time.perf_counter()
-    examples = build_examples(model, replay, texts, cfg.max_new_tokens, accelerator, ckpt, "replay", progress)
-    summary["replay_seconds"] = time.perf_counter() - t
+    examples = build_examples(model, to_regenerate, texts, cfg.max_new_tokens, accelerator, ckpt, "regenerate",
+                              progress)
+    summary["regenerate_seconds"] = time.perf_counter() - t
     peft_model = None
     try:
         if cfg.level == "layerskip":
@@ -470,10 +510,10 @@ def finetune(model: nn.Module, skills_folder: str | Path, output: str | Path, *,
             peft_model, summary["layerskip"] = train_adapter(model, parts, learned.heads.layers, examples, cfg, ckpt,
                                                              tokenizer=tokenizer, quality_texts=quality_texts,
                                                              progress=progress)
-            examples = build_examples(model, replay, texts, cfg.max_new_tokens, accelerator, ckpt, "replay-adapted",
-                                      progress)
+            examples = build_examples(model, to_regenerate, texts, cfg.max_new_tokens, accelerator, ckpt,
+                                      "regenerate-adapted", progress)
         summary["heads"] = consolidate_heads(model, parts, learned, examples, cfg, ckpt, progress)
-        log = practised_log(learned, replay, examples, extra_prompts, adapted=peft_model is not None)
+        log = practised_log(learned, to_regenerate, examples, extra_prompts, adapted=peft_model is not None)
         summary["practised_sequences"] = len(log["sequences"])
         summary["seconds"] = time.perf_counter() - start
         accelerator.wait_for_everyone()
@@ -488,10 +528,10 @@ def finetune(model: nn.Module, skills_folder: str | Path, output: str | Path, *,
     return summary
 
 
-def practised_log(learned: skills.Skills, replay: list[list[int]], examples: list[Example],
+def practised_log(learned: skills.Skills, regenerated: list[list[int]], examples: list[Example],
                   extra_prompts: list[list[int]], adapted: bool) -> dict[str, list[list[int]]]:
-    """The consolidated folder's replay log. Its practised sequences (what lossless
-    drafts replay, :mod:`shortcut.sequences`) gain every replayed prompt with the
+    """The consolidated folder's prompt log. Its practised sequences (what lossless
+    drafts recall, :mod:`shortcut.learn.sequences`) gain every re-generated prompt with the
     continuation the model gave it here, extra prompts included; after a LayerSkip
     adapter only those: the base model's outputs are no longer the wrapped model's.
     Extra prompts count as practised prompts from now on."""
@@ -500,7 +540,7 @@ def practised_log(learned: skills.Skills, replay: list[list[int]], examples: lis
     memory = SequenceMemory()
     if not adapted:
         memory.extend(learned.sequences)
-    memory.extend(example.ids for example in examples[:len(replay)])  # prompts first, texts after
+    memory.extend(example.ids for example in examples[:len(regenerated)])  # prompts first, texts after
     return {"prompts": [list(p) for p in learned.practised] + extra_prompts, "sequences": memory.sequences}
 
 
@@ -511,7 +551,7 @@ def write_output(output: Path, source: Path, manifest: dict[str, Any], learned: 
 
     heads, policy = learned.heads, learned.policy
     contents = dict(manifest["contents"])
-    brief = {k: summary[k] for k in ("level", "replayed_prompts", "extra_prompts", "extra_texts", "seconds")}
+    brief = {k: summary[k] for k in ("level", "regenerated_prompts", "extra_prompts", "extra_texts", "seconds")}
     brief["heads"] = {k: v for k, v in summary["heads"].items() if k != "fit"}
     if "layerskip" in summary:
         brief["layerskip"] = {k: v for k, v in summary["layerskip"].items() if k != "losses"}
@@ -519,11 +559,11 @@ def write_output(output: Path, source: Path, manifest: dict[str, Any], learned: 
     def fill(tmp: Path) -> None:
         shutil.copytree(source / contents["observer"], tmp / contents["observer"])
         shutil.copy(source / "config.json", tmp / "config.json")
-        (tmp / skills.REPLAY_LOG).write_text(json.dumps(log) + "\n")
+        (tmp / skills.PROMPT_LOG).write_text(json.dumps(log) + "\n")
         heads_state = {k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}
         save_file(heads_state, str(tmp / skills.HEADS_FILE))
         save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, str(tmp / skills.POLICY_FILE))
-        contents.update(heads=skills.HEADS_FILE, policy=skills.POLICY_FILE, replay_log=skills.REPLAY_LOG,
+        contents.update(heads=skills.HEADS_FILE, policy=skills.POLICY_FILE, replay_log=skills.PROMPT_LOG,
                         consolidation=brief)
         contents.pop("adapter", None)
         if peft_model is not None:
@@ -541,34 +581,35 @@ def write_output(output: Path, source: Path, manifest: dict[str, Any], learned: 
 def build_parser() -> argparse.ArgumentParser:
     """The ``shortcut-finetune`` argument parser (defaults from :class:`FinetuneConfig`)."""
     d = FinetuneConfig()
+    h, ls = d.heads, d.layerskip
     from ..cli import Parser, integer, real
 
     p = Parser(prog="shortcut-finetune", description=__doc__.splitlines()[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("skills", help="skills folder with a replay log (shortcut practice / save_pretrained)")
+    p.add_argument("skills", help="skills folder with a prompt log (shortcut practice / save_pretrained)")
     p.add_argument("-o", "--output", required=True, help="the consolidated skills folder to write")
     p.add_argument("--model", default="smollm2", help="base model: alias, local folder, .gguf file or hub id")
     p.add_argument("--level", choices=LEVELS, default=d.level)
     p.add_argument("--extra", default=None, help="JSONL of extra {'text'} passages or {'prompt'} prompts")
-    p.add_argument("--new-tokens", type=integer(1), default=d.max_new_tokens, help="greedy tokens per replayed prompt")
-    p.add_argument("--steps", type=integer(1), default=d.steps, help="most exit-head steps")
-    p.add_argument("--batch-size", type=integer(1), default=d.batch_size)
-    p.add_argument("--lr", type=real(0, include_low=False), default=d.lr)
-    p.add_argument("--heldout", type=real(0, 0.5), default=d.heldout,
+    p.add_argument("--new-tokens", type=integer(1), default=d.max_new_tokens, help="greedy tokens per logged prompt")
+    p.add_argument("--steps", type=integer(1), default=h.steps, help="most exit-head steps")
+    p.add_argument("--batch-size", type=integer(1), default=h.batch_size)
+    p.add_argument("--lr", type=real(0, include_low=False), default=h.lr)
+    p.add_argument("--heldout", type=real(0, 0.5), default=h.heldout,
                    help="fraction of positions held out for early stopping")
-    p.add_argument("--eval-every", type=integer(1), default=d.eval_every)
-    p.add_argument("--patience", type=integer(0), default=d.patience)
-    p.add_argument("--lora-steps", type=integer(1), default=d.lora_steps)
-    p.add_argument("--lora-lr", type=real(0, include_low=False), default=d.lora_lr)
-    p.add_argument("--lora-batch-size", type=integer(1), default=d.lora_batch_size)
-    p.add_argument("--lora-rank", type=integer(1), default=d.lora_rank, help="LoRA rank (alpha = 2 x rank)")
-    p.add_argument("--lora-targets", choices=("attention", "mlp"), default=d.lora_targets)
-    p.add_argument("--lora-final-target", choices=("base", "tokens"), default=d.lora_final_target,
+    p.add_argument("--eval-every", type=integer(1), default=h.eval_every)
+    p.add_argument("--patience", type=integer(0), default=h.patience)
+    p.add_argument("--lora-steps", type=integer(1), default=ls.steps)
+    p.add_argument("--lora-lr", type=real(0, include_low=False), default=ls.lr)
+    p.add_argument("--lora-batch-size", type=integer(1), default=ls.batch_size)
+    p.add_argument("--lora-rank", type=integer(1), default=ls.rank, help="LoRA rank (alpha = 2 x rank)")
+    p.add_argument("--lora-targets", choices=("attention", "mlp"), default=ls.targets)
+    p.add_argument("--lora-final-target", choices=("base", "tokens"), default=ls.final_target,
                    help="final layer's target while the adapter trains: the base model's distribution (KL) "
-                        "or the replayed tokens (cross-entropy, LayerSkip's recipe)")
-    p.add_argument("--exit-scale", type=real(0), default=d.exit_scale)
-    p.add_argument("--curriculum", choices=("rotational", "gradual"), default=d.curriculum)
-    p.add_argument("--layer-dropout", type=real(0, 1), default=d.layer_dropout)
+                        "or the re-generated tokens (cross-entropy, LayerSkip's recipe)")
+    p.add_argument("--exit-scale", type=real(0), default=ls.exit_scale)
+    p.add_argument("--curriculum", choices=("rotational", "gradual"), default=ls.curriculum)
+    p.add_argument("--layer-dropout", type=real(0, 1), default=ls.layer_dropout)
     p.add_argument("--quality", default=str(DEFAULT_QUALITY),
                    help="JSONL of {'text'} passages for the perplexity report")
     p.add_argument("--quality-split", default="heldout", help="split of --quality to use ('' for all records)")
@@ -585,13 +626,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace) -> FinetuneConfig:
     return FinetuneConfig(
-        level=args.level, max_new_tokens=args.new_tokens, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        heldout=args.heldout, eval_every=args.eval_every, patience=args.patience, lora_steps=args.lora_steps,
-        lora_lr=args.lora_lr, lora_batch_size=args.lora_batch_size, lora_rank=args.lora_rank,
-        lora_alpha=2 * args.lora_rank, lora_targets=args.lora_targets,
-        lora_final_target=args.lora_final_target, exit_scale=args.exit_scale,
-        curriculum=args.curriculum, layer_dropout=args.layer_dropout, seed=args.seed,
-        checkpoint_every=args.checkpoint_every)
+        level=args.level, max_new_tokens=args.new_tokens, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        heads=HeadsFitConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, heldout=args.heldout,
+                             eval_every=args.eval_every, patience=args.patience),
+        layerskip=LayerSkipConfig(steps=args.lora_steps, lr=args.lora_lr, batch_size=args.lora_batch_size,
+                                  rank=args.lora_rank, alpha=2 * args.lora_rank, targets=args.lora_targets,
+                                  final_target=args.lora_final_target, exit_scale=args.exit_scale,
+                                  curriculum=args.curriculum, layer_dropout=args.layer_dropout))
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -599,10 +640,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     h = summary["heads"]
     fit = h["fit"]
     exits = [str(e) for e in h["exit_layers"]]
-    lines = [(f"level {summary['level']}: {summary['replayed_prompts']} replayed prompts "
-              f"(of {summary['replay_log_entries']} log entries), {summary['extra_prompts']} extra "
+    lines = [(f"level {summary['level']}: {summary['regenerated_prompts']} re-generated prompts "
+              f"(of {summary['prompt_log_entries']} log entries), {summary['extra_prompts']} extra "
               f"prompts, {summary['extra_texts']} extra texts; {fit['positions']} positions "
-              f"({fit['heldout_positions']} held out); replay {summary['replay_seconds']:.0f} s, "
+              f"({fit['heldout_positions']} held out); re-generation {summary['regenerate_seconds']:.0f} s, "
               f"total {summary['seconds']:.0f} s"),
              f"{'exit layer':<22}" + "".join(f"{e:>8}" for e in exits),
              f"{'agreement before':<22}" + "".join(f"{100 * h['agreement_before'][e]:>7.1f}%" for e in exits),
@@ -614,7 +655,7 @@ def format_summary(summary: dict[str, Any]) -> str:
                  f"{fit['select_steps_run']} select + {fit['final_steps']} final steps in {fit['seconds']:.0f} s; "
                  f"loss {fit['loss_first']:.4f} -> {fit['loss_last']:.4f}")
     if "practised_sequences" in summary:  # absent in summaries written before sequences were consolidated
-        lines.append(f"practised sequences (replayed by lossless drafts): {summary['practised_sequences']}")
+        lines.append(f"practised sequences (recalled by lossless drafts): {summary['practised_sequences']}")
     if "layerskip" in summary:
         ls = summary["layerskip"]
         lines.append(f"layerskip: {ls['steps']} LoRA steps, objective {ls['objective_before']:.4f} -> "
@@ -638,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         cfg = _config(args)
-        _, replayed = read_skills(args.skills)  # cheap checks before the slow model load
+        _, logged = read_skills(args.skills)  # cheap checks before the slow model load
         extra = read_extra(args.extra)
         for number, record in enumerate(extra, start=1):
             where = f"{args.extra}, record {number}"
@@ -669,11 +710,11 @@ def main(argv: list[str] | None = None) -> int:
         context = context_length(model, tokenizer)
         check_prompt_lengths(tokenizer, [r for r in extra if "text" not in r], max_new_tokens=cfg.max_new_tokens,
                              context=context, source=str(args.extra))
-        longest = max((len(p) for p in replayed), default=0)
+        longest = max((len(p) for p in logged), default=0)
         if context is not None and longest + cfg.max_new_tokens > context:
             room = (f"--new-tokens may be at most {context - longest}" if longest < context
                     else "it does not fit at all")
-            raise ValueError(f"{args.skills}: a prompt in the replay log has {longest} tokens and the model's context "
+            raise ValueError(f"{args.skills}: a prompt in the prompt log has {longest} tokens and the model's context "
                              f"is {context} tokens, so {room} (got --new-tokens {cfg.max_new_tokens})")
         summary = finetune(model, args.skills, output, tokenizer=tokenizer, extra=extra, quality_texts=quality,
                            config=cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)

@@ -14,13 +14,13 @@ every decoder layer learns it, with the recipe's three parts:
 - layer dropout whose rate rises with depth, ``p_l = p_max * (exp(l ln 2 / (L-1)) - 1)``
   (whole batches step over a dropped layer, through :class:`shortcut.decode.runtime.LayerRuntime`).
 
-One departure, by default (``lora_final_target="base"``): the final layer's term is the
+One departure, by default (``LayerSkipConfig(final_target="base")``): the final layer's term is the
 KL divergence from the base model's own distribution (adapter off, every layer) instead
-of the cross-entropy on the replayed greedy tokens, which sharpens the model on its own
+of the cross-entropy on the re-generated greedy tokens, which sharpens the model on its own
 answers, and costs general quality (``docs/findings.md``).
 
 Exit ``l`` means "after ``l`` layers" as everywhere in shortcut, i.e. LayerSkip's layer
-``l - 1``. Training data: replayed prompts with the model's greedy continuations (loss on
+``l - 1``. Training data: re-generated prompts with the model's greedy continuations (loss on
 the continuation) and extra text (loss everywhere).
 """
 
@@ -173,7 +173,7 @@ def train_adapter(model: nn.Module, parts: ModelParts, exits: Sequence[int], exa
 
     start = time.perf_counter()
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    targets = lora_target_modules(parts, cfg.lora_targets)
+    targets = lora_target_modules(parts, cfg.layerskip.targets)
     done = ckpt.result("lora")
     if done is not None:
         peft_model = PeftModel.from_pretrained(model, str(ckpt.folder / ADAPTER_CHECKPOINT))
@@ -181,42 +181,42 @@ def train_adapter(model: nn.Module, parts: ModelParts, exits: Sequence[int], exa
         return peft_model, done
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                                      target_modules=targets))
+        peft_model = get_peft_model(model, LoraConfig(r=cfg.layerskip.rank, lora_alpha=cfg.layerskip.alpha,
+                                                      lora_dropout=0.0, target_modules=targets))
     peft_model.shortcut_requires_grad = flags  # type: ignore[assignment]  # read back by remove_adapter
     accelerator = make_accelerator()
     device = accelerator.device
     probe = make_batch(examples, range(min(len(examples), 16)), device)
-    rates = dropout_rates(parts.num_layers, cfg.layer_dropout)
+    rates = dropout_rates(parts.num_layers, cfg.layerskip.layer_dropout)
     runtime = LayerRuntime(model, parts)
     capture = StateCapture(parts, exits, keep=lambda t: t)  # with gradient: the early-exit loss trains through it
     try:
         runtime.install()
-        anchored = cfg.lora_final_target == "base"
+        anchored = cfg.layerskip.final_target == "base"
         probe_base = base_logits(peft_model, probe) if anchored else None
         with torch.no_grad():
-            before = float(objective(peft_model, parts, capture, probe, exits, cfg.exit_scale, probe_base))
+            before = float(objective(peft_model, parts, capture, probe, exits, cfg.layerskip.exit_scale, probe_base))
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.lora_lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.layerskip.lr, weight_decay=0.0)
         prepared, optimizer = accelerator.prepare(peft_model, optimizer)
 
         def loss_fn(step: int) -> torch.Tensor:
-            index = batch_indices(len(examples), step, cfg.lora_batch_size, cfg.seed, accelerator).tolist()
+            index = batch_indices(len(examples), step, cfg.layerskip.batch_size, cfg.seed, accelerator).tolist()
             batch = make_batch(examples, index, device)
             base = base_logits(peft_model, batch) if anchored else None  # every layer, adapter off
             draw = torch.rand(parts.num_layers, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
             skip = frozenset(i for i, p in enumerate(rates) if float(draw[i]) < p)
             runtime.policy = FixedPlan(skip=skip, propagate_kv=False) if skip else None
             try:
-                active = active_exits(step, cfg.lora_steps, exits, cfg.curriculum)
-                return objective(prepared, parts, capture, batch, active, cfg.exit_scale, base)
+                active = active_exits(step, cfg.layerskip.steps, exits, cfg.layerskip.curriculum)
+                return objective(prepared, parts, capture, batch, active, cfg.layerskip.exit_scale, base)
             finally:
                 runtime.policy = None
 
-        state = train_loop("lora", accelerator, optimizer, loss_fn, steps=cfg.lora_steps, lr=cfg.lora_lr,
+        state = train_loop("lora", accelerator, optimizer, loss_fn, steps=cfg.layerskip.steps, lr=cfg.layerskip.lr,
                            warmup=cfg.warmup, ckpt=ckpt, progress=progress)
         with torch.no_grad():
-            after = float(objective(peft_model, parts, capture, probe, exits, cfg.exit_scale, probe_base))
+            after = float(objective(peft_model, parts, capture, probe, exits, cfg.layerskip.exit_scale, probe_base))
     except BaseException:
         remove_adapter(peft_model)
         raise
@@ -224,7 +224,7 @@ def train_adapter(model: nn.Module, parts: ModelParts, exits: Sequence[int], exa
         capture.remove()
         runtime.uninstall()
     summary: dict[str, Any] = {
-        "steps": state["step"], "targets": targets, "rank": cfg.lora_rank,
+        "steps": state["step"], "targets": targets, "rank": cfg.layerskip.rank,
         "trainable_parameters": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
         "objective_before": before, "objective_after": after, "losses": state["losses"],
         "perplexity_base": None, "perplexity_adapted": None, "quality_texts": 0,

@@ -7,10 +7,10 @@ each position. From that the learner
 1. reads the SAE signature of every position,
 2. asks each exit head what it would have said and compares with the full model,
 3. moves the exit policy by its local delta rule (see policy.py),
-4. grows the exit heads' vocabulary shortlist and fills the replay buffer.
+4. grows the exit heads' vocabulary shortlist and fills the position buffer.
 
-``consolidate()`` replays the buffer: it re-fits the exit heads on everything practised
-and re-learns the policy from the replayed outcomes of the new heads. It runs after
+``consolidate()`` re-fits the exit heads on every buffered position and re-learns the
+policy from the new heads' outcomes there. It runs after
 each practice round and whenever enough new tokens have arrived.
 
 Layer numbering follows heads.py: a state "at layer l" is the input of decoder layer
@@ -37,7 +37,7 @@ from .sequences import SequenceMemory
 logger = logging.getLogger(__name__)
 
 
-class ReplayBuffer:
+class PositionBuffer:
     """Bounded store of practised positions (oldest dropped first), float16 states."""
 
     def __init__(self, exit_layers: list[int], capacity: int = 16384) -> None:
@@ -66,7 +66,7 @@ class ReplayBuffer:
     def tensors(self) -> tuple[dict[int, torch.Tensor], torch.Tensor, Signature, torch.Tensor]:
         """Everything stored, concatenated: states (float32), final, signatures, tokens."""
         if not self._chunks:
-            raise ValueError("the replay buffer is empty: practise first")
+            raise ValueError("the position buffer is empty: practise first")
         states = {l: torch.cat([c["states"][l] for c in self._chunks]).float() for l in self.exit_layers}
         final = torch.cat([c["final"] for c in self._chunks]).float()
         sig = Signature(torch.cat([c["indices"] for c in self._chunks]),
@@ -76,10 +76,10 @@ class ReplayBuffer:
 
 
 class Experience:
-    """What a wrapped model practised, with or without an observer: the replay log
+    """What a wrapped model practised, with or without an observer: the prompt log
     (token ids of the prompt of every generate call made while learning; a prompt
     practised in 3 rounds is there 3 times) and the practised sequences (prompt and
-    output of every plain greedy lossless call, which lossless drafts replay).
+    output of every plain greedy lossless call, which lossless drafts recall).
 
     The handle owns it from ``wrap()`` on; a :class:`Learner` attached later shares it,
     so what was practised before the observer came is kept.
@@ -97,7 +97,7 @@ class Experience:
         self._keyed = 0
 
     def log_prompt(self, prompt: list[int]) -> None:
-        """Add a generate call's prompt to the replay log, forgetting the oldest entries
+        """Add a generate call's prompt to the prompt log, forgetting the oldest entries
         beyond ``log_capacity`` (the log then stays bounded however long the handle runs)."""
         self.practised.append(prompt)
         excess = len(self.practised) - self.log_capacity
@@ -107,7 +107,7 @@ class Experience:
             self._practised_keys, self._keyed = set(), 0  # rebuilt from the log on the next ask
 
     def was_practised(self, prompt: list[int]) -> bool:
-        """Whether a generate call with exactly this prompt (token ids) is in the replay
+        """Whether a generate call with exactly this prompt (token ids) is in the prompt
         log, and was already there when the heads were last re-fitted."""
         fitted = min(self.fitted_log, len(self.practised))
         if self._keyed > fitted:  # the log was replaced or cut: start again
@@ -143,42 +143,42 @@ class Learner:
         policy: the exit policy over the same layers.
         consolidate_every: re-fit after this many newly learned tokens (0: only when asked).
         fit_steps: optimiser steps of each head re-fit.
-        replay_capacity: practised positions the replay buffer keeps (oldest dropped).
-        experience: the replay log and practised sequences to share (the handle's);
+        position_capacity: practised positions the position buffer keeps (oldest dropped).
+        experience: the prompt log and practised sequences to share (the handle's);
             a new, empty one by default (its log keeps the latest ``log_capacity``
             prompts).
 
-    Memory is bounded: the replay buffer holds at most ``replay_capacity`` positions
+    Memory is bounded: the position buffer holds at most ``position_capacity`` positions
     (float16 states at every exit), the log ``log_capacity`` prompts, the sequence memory
     its own token capacity, the policy's signature memory its own row capacity.
     """
 
     def __init__(self, model: nn.Module, parts: ModelParts, observer: Observer, heads: ExitHeads,
                  policy: ExitPolicy, *, consolidate_every: int = 0, fit_steps: int = 300,
-                 replay_capacity: int = 16384, seed: int = 0, experience: Experience | None = None) -> None:
+                 position_capacity: int = 16384, seed: int = 0, experience: Experience | None = None) -> None:
         if list(heads.layers) != policy.exit_layers:
             raise ValueError(f"heads at {list(heads.layers)} but policy over {policy.exit_layers}")
         self.model, self.parts = model, parts
         self.observer, self.heads, self.policy = observer, heads, policy
         self.signature_layer = observer.layer + 1  # input of the next layer = observer's output
         self.recorded_layers = sorted(set(policy.exit_layers) | {self.signature_layer, parts.num_layers})
-        self.replay = ReplayBuffer(policy.exit_layers, replay_capacity)
+        self.positions = PositionBuffer(policy.exit_layers, position_capacity)
         self.stats = LearnStats()
         self.consolidate_every = consolidate_every
         self.fit_steps = fit_steps
         self.seed = seed
         self.enabled = True
-        # The replay log and practised sequences, shared with the handle that owns them.
+        # The prompt log and practised sequences, shared with the handle that owns them.
         self.experience = experience if experience is not None else Experience()
         self._since_consolidation = 0
         self._capture: StateCapture | None = None
         self._handles: list[Any] = []
         self._gate: Any = None
 
-    # The replay log and the practised sequences live in ``experience`` (see there).
+    # The prompt log and the practised sequences live in ``experience`` (see there).
     @property
     def practised(self) -> list[list[int]]:
-        """The replay log's prompts (token ids), oldest first."""
+        """The prompt log's prompts (token ids), oldest first."""
         return self.experience.practised
 
     @practised.setter
@@ -187,7 +187,7 @@ class Learner:
 
     @property
     def sequences(self) -> SequenceMemory:
-        """The practised sequences lossless drafts replay."""
+        """The practised sequences lossless drafts recall."""
         return self.experience.sequences
 
     @sequences.setter
@@ -205,7 +205,7 @@ class Learner:
 
     @property
     def log_capacity(self) -> int:
-        """Most prompts the replay log keeps."""
+        """Most prompts the prompt log keeps."""
         return self.experience.log_capacity
 
     @log_capacity.setter
@@ -290,7 +290,7 @@ class Learner:
         self.policy.update(sig, self.outcomes(states, tokens))
         self.policy.remember(sig)
         self.heads.grow_shortlist(tokens)
-        self.replay.add(states, states[self.parts.num_layers], sig, tokens)
+        self.positions.add(states, states[self.parts.num_layers], sig, tokens)
         n = int(tokens.shape[0])
         self.stats.tokens_learned += n
         self._since_consolidation += n
@@ -299,16 +299,16 @@ class Learner:
             self.consolidate()
 
     def consolidate(self, steps: int | None = None, progress: bool = False) -> dict[str, Any]:
-        """Re-fit the exit heads on the whole replay buffer, then re-learn the policy
-        from the new heads' replayed outcomes."""
-        if len(self.replay) == 0:
+        """Re-fit the exit heads on the whole position buffer, then re-learn the policy
+        from the new heads' outcomes on it."""
+        if len(self.positions) == 0:
             return {}
         with torch.inference_mode(False):  # also when called inside torch.inference_mode()
             return self._consolidate(steps, progress)
 
     def _consolidate(self, steps: int | None, progress: bool) -> dict[str, Any]:
         start = time.perf_counter()
-        states, final, sig, tokens = self.replay.tensors()
+        states, final, sig, tokens = self.positions.tensors()
         with torch.enable_grad():
             losses = self.heads.fit(states, final, steps=steps or self.fit_steps, seed=self.seed, progress=progress)
         self.policy.reset()
@@ -378,7 +378,7 @@ def run_rounds(handle: Any, prompts: list[Any], *, rounds: int, max_new_tokens: 
             "drafted": delta.drafted,
             "accepted": delta.accepted,
             "acceptance": delta.accepted / delta.drafted if delta.drafted else 0.0,
-            "replayed": delta.replay_accepted,  # accepted tokens from practised sequences
+            "recalled": delta.recall_accepted,  # accepted tokens from practised sequences
             "learn_seconds": (learner.stats.learn_seconds if learner else 0.0) - learn_before,
             "consolidate_seconds": fit.get("seconds", 0.0),
             "head_agreement": fit.get("agreement", {}),

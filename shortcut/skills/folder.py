@@ -43,7 +43,7 @@ from .validate import (
 
 HEADS_FILE = "heads.safetensors"
 POLICY_FILE = "policy.safetensors"
-REPLAY_LOG = "replay_log.json"
+PROMPT_LOG = "replay_log.json"
 ADAPTER_DIR = "adapter"  # a peft (LoRA) adapter from ``shortcut-finetune --level layerskip``
 
 FORMAT_VERSION = 1
@@ -153,7 +153,7 @@ def merge_adapter(model: nn.Module, folder: Path) -> None:
 
 
 def save_learned(folder: Path, learner: Any, fingerprint_: dict[str, Any]) -> dict[str, Any]:
-    """Write observer, exit heads, policy and replay log (practised prompts and
+    """Write observer, exit heads, policy and prompt log (practised prompts and
     sequences) of ``learner`` into ``folder``."""
     from safetensors.torch import save_file
 
@@ -164,25 +164,25 @@ def save_learned(folder: Path, learner: Any, fingerprint_: dict[str, Any]) -> di
     save_observer(observer.sae, folder / rel, layer=observer.layer, fingerprint=fingerprint_, quality=observer.quality)
     save_file({k: v.contiguous() for k, v in learner.heads.state_dict().items()}, str(folder / HEADS_FILE))
     save_file({k: v.contiguous() for k, v in learner.policy.state_dict().items()}, str(folder / POLICY_FILE))
-    return {"observer": rel, "heads": HEADS_FILE, "policy": POLICY_FILE, **save_replay_log(folder, learner.experience)}
+    return {"observer": rel, "heads": HEADS_FILE, "policy": POLICY_FILE, **save_prompt_log(folder, learner.experience)}
 
 
-def save_replay_log(folder: Path, experience: Any) -> dict[str, Any]:
-    """Write the replay log (practised prompts) and practised sequences of
+def save_prompt_log(folder: Path, experience: Any) -> dict[str, Any]:
+    """Write the prompt log (practised prompts) and practised sequences of
     ``experience`` (:class:`shortcut.learn.practice.Experience`) into ``folder``; all a
     handle without an observer has learned."""
-    (folder / REPLAY_LOG).write_text(json.dumps({"prompts": experience.practised,
+    (folder / PROMPT_LOG).write_text(json.dumps({"prompts": experience.practised,
                                                   "sequences": experience.sequences.sequences}) + "\n")
-    return {"replay_log": REPLAY_LOG}
+    return {"replay_log": PROMPT_LOG}
 
 
-def load_replay_log(folder: Path, manifest: dict[str, Any],
+def load_prompt_log(folder: Path, manifest: dict[str, Any],
                     vocab_size: int) -> tuple[list[list[int]], list[list[int]]]:
-    """The practised prompts and sequences :func:`save_replay_log` wrote, checked
-    (token ids below ``vocab_size``); empty lists when the folder has no replay log."""
+    """The practised prompts and sequences :func:`save_prompt_log` wrote, checked
+    (token ids below ``vocab_size``); empty lists when the folder has no prompt log."""
     contents = manifest.get("contents", {})
-    log_path = inside(folder, contents.get("replay_log", REPLAY_LOG), "contents.replay_log")
-    log = expect_object(read_json(log_path, "replay log"), log_path, "the replay log") if log_path.exists() else {}
+    log_path = inside(folder, contents.get("replay_log", PROMPT_LOG), "contents.replay_log")
+    log = expect_object(read_json(log_path, "prompt log"), log_path, "the prompt log") if log_path.exists() else {}
     practised = token_lists(log.get("prompts", []), vocab_size, log_path, "field 'prompts'")
     sequences = token_lists(log.get("sequences", []), vocab_size, log_path, "field 'sequences'")
     return practised, sequences
@@ -196,7 +196,7 @@ class Skills:
     observer: Any
     heads: Any
     policy: Any
-    practised: list[list[int]] = field(default_factory=list)  # the replay log's prompts
+    practised: list[list[int]] = field(default_factory=list)  # the prompt log's prompts
     sequences: list[list[int]] = field(default_factory=list)  # practised sequences
 
 
@@ -216,7 +216,7 @@ def load_config(folder: Path, manifest: dict[str, Any]) -> ShortcutConfig:
 def load_learned(folder: Path, manifest: dict[str, Any], parts: ModelParts, fingerprint_: dict[str, Any],
                  config: ShortcutConfig | None = None) -> Skills | None:
     """Read and check what :func:`save_learned` wrote; ``None`` when the folder holds no
-    observer (config, perhaps a replay log: :func:`load_replay_log` reads that). Every
+    observer (config, perhaps a prompt log: :func:`load_prompt_log` reads that). Every
     file is validated against ``parts`` (widths, depth, vocabulary) before anything is
     built from it.
 
@@ -256,7 +256,7 @@ def load_learned(folder: Path, manifest: dict[str, Any], parts: ModelParts, fing
         )
     if config is None:
         config = load_config(folder, manifest)
-    policy = ExitPolicy(layers, observer.d_sae, threshold=config.policy_threshold)
+    policy = ExitPolicy(layers, observer.d_sae, threshold=config.learning.policy_threshold)
     policy.load_state_dict(policy_state)
-    practised, sequences = load_replay_log(folder, manifest, vocab_size)
+    practised, sequences = load_prompt_log(folder, manifest, vocab_size)
     return Skills(observer, heads, policy, practised, sequences)

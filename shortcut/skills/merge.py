@@ -1,7 +1,7 @@
 """``shortcut merge``: several workers' practice on one base model, added up.
 
 Policies merge by evidence (see ExitPolicy.merge); exit-head translators are averaged,
-weighted by the tokens each worker practised; shortlists and replay logs (prompts and
+weighted by the tokens each worker practised; shortlists and prompt logs (prompts and
 practised sequences) are united.
 All inputs must share the base model and the very same observer (identical SAE
 weights): signatures of different SAEs do not mean the same thing. Folders holding a
@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from ..learn.sequences import SequenceMemory
 from ..policy.exits import ExitPolicy
-from .folder import HEADS_FILE, MANIFEST, POLICY_FILE, REPLAY_LOG, read_manifest, write_atomically, write_manifest
+from .folder import HEADS_FILE, MANIFEST, POLICY_FILE, PROMPT_LOG, read_manifest, write_atomically, write_manifest
 from .validate import (
     base_sizes,
     check_heads,
@@ -84,8 +84,8 @@ def merge_skills(folders: list[Path], output: Path, *, overwrite: bool = False) 
         check_heads(heads_state, heads_path, width=sizes["hidden_size"], vocab_size=sizes["vocab_size"],
                     num_layers=sizes["num_layers"])
         heads_states.append(heads_state)
-        log_path = inside(folder, contents.get("replay_log", REPLAY_LOG), "contents.replay_log")
-        log = expect_object(read_json(log_path, "replay log"), log_path, "the replay log") if log_path.exists() else {}
+        log_path = inside(folder, contents.get("replay_log", PROMPT_LOG), "contents.replay_log")
+        log = expect_object(read_json(log_path, "prompt log"), log_path, "the prompt log") if log_path.exists() else {}
         practised.extend(token_lists(log.get("prompts", []), sizes["vocab_size"], log_path, "field 'prompts'"))
         sequences.extend(token_lists(log.get("sequences", []), sizes["vocab_size"], log_path, "field 'sequences'"))
     tokens = torch.tensor([float(p.trials.max()) for p in policies])
@@ -107,7 +107,7 @@ def merge_skills(folders: list[Path], output: Path, *, overwrite: bool = False) 
         shutil.copy(folders[0] / "config.json", tmp / "config.json")
         save_file({k: v.contiguous() for k, v in merged_heads.items()}, str(tmp / HEADS_FILE))
         save_file({k: v.contiguous() for k, v in merged_policy.state_dict().items()}, str(tmp / POLICY_FILE))
-        (tmp / REPLAY_LOG).write_text(json.dumps({"prompts": practised, "sequences": sequences.sequences}) + "\n")
+        (tmp / PROMPT_LOG).write_text(json.dumps({"prompts": practised, "sequences": sequences.sequences}) + "\n")
         write_manifest(tmp, base, dict(manifests[0]["contents"], merged_from=[str(f) for f in folders]))
 
     return write_atomically(output, fill, overwrite=overwrite)

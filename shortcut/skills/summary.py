@@ -21,17 +21,17 @@ from .validate import (
 )
 
 
-def _replay_log_line(folder: Path, contents: dict, vocab_size: int) -> str:
-    """The replay log's line of the report (checked as loading checks it); ``""`` when
+def _prompt_log_line(folder: Path, contents: dict, vocab_size: int) -> str:
+    """The prompt log's line of the report (checked as loading checks it); ``""`` when
     the folder has none."""
     log = inside(folder, contents.get("replay_log", "replay_log.json"), "contents.replay_log")
     if not log.exists():
         return ""
-    replay = expect_object(read_json(log, "replay log"), log, "the replay log")
-    prompts = token_lists(replay.get("prompts", []), vocab_size, log, "field 'prompts'")
-    sequences = token_lists(replay.get("sequences", []), vocab_size, log, "field 'sequences'")
-    return (f"  replay log: {len(prompts)} practised prompts, {len(sequences)} practised sequences "
-            f"({sum(len(s) for s in sequences)} tokens) that lossless drafts replay")
+    log_data = expect_object(read_json(log, "prompt log"), log, "the prompt log")
+    prompts = token_lists(log_data.get("prompts", []), vocab_size, log, "field 'prompts'")
+    sequences = token_lists(log_data.get("sequences", []), vocab_size, log, "field 'sequences'")
+    return (f"  prompt log: {len(prompts)} practised prompts, {len(sequences)} practised sequences "
+            f"({sum(len(s) for s in sequences)} tokens) that lossless drafts recall")
 
 
 def describe(folder: Path, *, top: int = 10) -> str:
@@ -50,7 +50,7 @@ def describe(folder: Path, *, top: int = 10) -> str:
         f"exit layers {config.get('exit_layers')}",
     ]
     if "observer" not in contents:
-        log = _replay_log_line(folder, contents, sizes["vocab_size"])
+        log = _prompt_log_line(folder, contents, sizes["vocab_size"])
         lines.append(f"  no observer yet (no shallow path);{log[1:]}" if log else "  nothing learned yet (config only)")
         return "\n".join(lines)
     observer_dir = inside(folder, contents["observer"], "contents.observer")
@@ -93,7 +93,7 @@ def describe(folder: Path, *, top: int = 10) -> str:
     lines.append(f"  SAE features most associated with the shallowest exit (layer {layers[0]}):")
     lines.append("    " + ", ".join(f"#{int(f)} (w={float(w):.2f}, seen {int(counts[f])}x)"
                                    for w, f in zip(strongest.values, strongest.indices) if w > 0) or "    none yet")
-    log = _replay_log_line(folder, contents, sizes["vocab_size"])
+    log = _prompt_log_line(folder, contents, sizes["vocab_size"])
     if log:
         lines.append(log)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-MAX_JSON_BYTES = 1 << 30  # a replay log of 10,000 long prompts stays far below this
+MAX_JSON_BYTES = 1 << 30  # a prompt log of 10,000 long prompts stays far below this
 
 
 class SkillsFileError(ValueError):

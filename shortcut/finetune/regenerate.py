@@ -1,7 +1,7 @@
 """The experience ``shortcut-finetune`` learns from, rebuilt from a skills folder.
 
-A skills folder's replay log lists the token ids of every practised prompt. Each prompt
-is replayed through the full model (greedy, as ``model.generate`` does at batch 1) and
+A skills folder's prompt log lists the token ids of every practised prompt. Each prompt
+is re-generated with the full model (greedy, as ``model.generate`` does at batch 1) and
 becomes an :class:`Example` learned from its last prompt token on; extra text is
 teacher-forced and learned from everywhere.
 """
@@ -28,25 +28,25 @@ if TYPE_CHECKING:
 @dataclass
 class Example:
     """One training sequence: token ids and the first position learned from (the last
-    prompt token for a replayed prompt, 0 for teacher-forced text)."""
+    prompt token for a re-generated prompt, 0 for teacher-forced text)."""
 
     ids: list[int]
     start: int
 
 
 def read_skills(folder: str | Path) -> tuple[dict[str, Any], list[list[int]]]:
-    """The manifest and replay log of a skills folder; errors name what is missing."""
+    """The manifest and prompt log of a skills folder; errors name what is missing."""
     folder = Path(folder)
     manifest = skills.read_manifest(folder)
     contents = manifest.get("contents", {})
     if "observer" not in contents:
         raise ValueError(f"{folder} holds a config only (no observer, heads or policy): practise first")
-    log = inside(folder, contents.get("replay_log", skills.REPLAY_LOG), "contents.replay_log")
+    log = inside(folder, contents.get("replay_log", skills.PROMPT_LOG), "contents.replay_log")
     if not log.exists():
         raise FileNotFoundError(
-            f"{folder} has no replay log ({log.name}): consolidation replays the practised prompts it lists"
+            f"{folder} has no prompt log ({log.name}): consolidation re-generates the practised prompts it lists"
         )
-    prompts = expect_object(read_json(log, "replay log"), log, "the replay log").get("prompts")
+    prompts = expect_object(read_json(log, "prompt log"), log, "the prompt log").get("prompts")
     if not isinstance(prompts, list) or not all(isinstance(p, list) and p and all(isinstance(t, int) for t in p)
                                                 for p in prompts):
         raise ValueError(f"{log}: 'prompts' must be a list of non-empty lists of token ids")
@@ -55,7 +55,7 @@ def read_skills(folder: str | Path) -> tuple[dict[str, Any], list[list[int]]]:
 
 def read_extra(extra: str | Path | Sequence[dict[str, Any]] | None) -> list[dict[str, Any]]:
     """Extra records: ``{"text"}`` passages (teacher-forced) or ``{"prompt"}`` /
-    ``{"messages"}`` prompts (replayed with a greedy continuation)."""
+    ``{"messages"}`` prompts (re-generated with a greedy continuation)."""
     if extra is None:
         return []
     records = read_jsonl(extra) if isinstance(extra, (str, Path)) else list(extra)
@@ -78,7 +78,7 @@ def greedy_continuations(model: nn.Module, prompts: list[list[int]], max_new_tok
     done = []
     show = progress and accelerator.is_local_main_process
     generate = cast("GenerationMixin", model).generate
-    for index in tqdm(mine, desc="replay (greedy)", disable=not show, leave=False):
+    for index in tqdm(mine, desc="regenerate (greedy)", disable=not show, leave=False):
         ids = torch.tensor([prompts[index]], device=accelerator.device)
         out = generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                        do_sample=False)
@@ -88,7 +88,7 @@ def greedy_continuations(model: nn.Module, prompts: list[list[int]], max_new_tok
 
 def build_examples(model: nn.Module, prompts: list[list[int]], texts: list[list[int]], max_new_tokens: int,
                    accelerator: Any, ckpt: Checkpoints, name: str, progress: bool) -> list[Example]:
-    """Replayed prompts with their greedy continuations (cached in the checkpoints as
+    """Re-generated prompts with their greedy continuations (cached in the checkpoints as
     ``name``), plus teacher-forced texts."""
     sequences = ckpt.data(name)
     if sequences is None:
