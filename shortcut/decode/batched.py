@@ -56,7 +56,7 @@ from transformers.generation.stopping_criteria import (
     StopStringCriteria,
 )
 
-from .lossless import SequenceInputs, crop_all, prefill
+from .lossless import SequenceInputs, can_extend_prefill, crop_all, prefill
 from .stats import DecodeStats
 
 # Stopping criteria whose verdict on a row depends on that row's own text only.
@@ -182,11 +182,13 @@ def decode_batch(model: Any, drafter: Any, stats: DecodeStats, input_ids: torch.
     ids = input_ids  # lockstep: the batch as plain decoding holds it
     active = list(range(batch))  # the batch row of each cache row
 
+    extend_prefill = can_extend_prefill(generation_config, model_kwargs)
+
     def propose(first: bool) -> list[list[int]]:
         """Each row's draft: its practised continuation (lockstep: cut to the shortest,
         none unless every row has one)."""
         drafts: list[list[int]] = [[] for _ in range(batch)]
-        for r in active:
+        for r in active if extend_prefill or not first else []:
             limit = max_length - len(seqs[r]) - 1
             if first and not do_sample:  # a greedy prefill replays the whole practised answer
                 drafts[r] = replay(drafter, texts[r], limit, stop_ids)
