@@ -246,6 +246,8 @@ class Shortcut:
         if self.config.learning.enabled and prompt is not None:
             experience.log_prompt(prompt)  # the prompt log consolidation reads
         bad = unsupported_options(self.model, kwargs, input_ids)
+        if self.config.mode == "fast" and isinstance(input_ids, torch.Tensor) and input_ids.shape[0] != 1:
+            bad.append(f"batch size {input_ids.shape[0]} (fast mode commits one sequence at a time)")
         if bad:
             self._warn_full_path(", ".join(bad))
             return original(*args, **kwargs)

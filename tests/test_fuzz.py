@@ -166,10 +166,10 @@ def random_case(rng: random.Random, handle: Any, history: list[list[int]]) -> Ca
             tags.append("left_pad_inferred")
         else:
             tags.append("left_pad")
-    elif layout < 0.32:  # a padded batch of two
-        other, _ = random_prompt(rng, handle, history)
-        width = max(len(prompt), len(other))
-        rows = [[PAD] * (width - len(p)) + p for p in (prompt, other)]
+    elif layout < 0.35:  # a padded batch of two to four rows
+        batch = [prompt] + [random_prompt(rng, handle, history)[0] for _ in range(rng.randint(1, 3))]
+        width = max(len(p) for p in batch)
+        rows = [[PAD] * (width - len(p)) + p for p in batch]
         ids = torch.tensor(rows)
         mask = (ids != PAD).long()
         mask[:, -1] = 1

@@ -91,6 +91,19 @@ def test_lossless_scores_equal_hf(hf_run, tiny_model_dir, skills_dir):
     lm.handle.remove()
 
 
+def test_batched_lossless_scores_equal_hf(tiny_model_dir, skills_dir):
+    """``--batch_size 4``: lm-eval's generations come as left-padded batches, which
+    lossless mode drafts too; every score and generation equals ``hf``'s at the same
+    batch size."""
+    hf = _evaluate(HFLM(pretrained=str(tiny_model_dir), device="cpu", batch_size=4))
+    lm = ShortcutLM(pretrained=str(tiny_model_dir), skills=str(skills_dir), mode="lossless", device="cpu",
+                    batch_size=4)
+    sc = _evaluate(lm)
+    _assert_same_scores(hf, sc)
+    assert sc["config"]["shortcut"]["draft"]["accepted"] > 0
+    lm.handle.remove()
+
+
 def test_cli_model_shortcut_equals_model_hf(hf_run, tiny_model_dir, skills_dir, tmp_path):
     """``python -m shortcut_eval.lm_eval_model --model shortcut ...`` in-process: lm-eval's
     CLI with the packaged tasks; its written results and samples match the ``hf`` run."""

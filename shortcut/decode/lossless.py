@@ -39,8 +39,9 @@ model keyword the call passed. Streamers receive the prompt, then each chosen to
 plain decoding puts it, then ``end()`` once; ``stop_strings`` work with ``tokenizer=``
 (:func:`custom_generate_kwargs`). Calls the loop cannot decode exactly (no cache, a
 cache it cannot crop, extra per-token model inputs, requested scores or other per-step
-outputs, batches of more than one row, beam search, ...) run plain decoding instead:
-same tokens, no drafting, a warning once per reason.
+outputs, beam search, ...) run plain decoding instead: same tokens, no drafting, a
+warning once per reason. Batches of more than one row draft from the practised sequences
+row by row and verify all rows with one forward per step (``batched.py``).
 
 What "identical" means: the same token ids as the unwrapped model's ``generate`` with
 the same arguments and random state, as long as the logits that pick each token are the
@@ -563,8 +564,6 @@ def cannot_decode(model: nn.Module, input_ids: torch.Tensor, generation_config: 
     """Why the drafting loops cannot reproduce plain decoding for this prepared call
     (``None``: they can). Checked on what ``generate`` prepared, so options set through a
     ``GenerationConfig`` or the model's defaults count as well as keyword arguments."""
-    if input_ids.shape[0] != 1:
-        return f"batch size {input_ids.shape[0]} (drafts are verified one sequence at a time)"
     if input_ids.device != model.device:  # generate moves such inputs per forward; the loops do not
         return f"input_ids on {input_ids.device} while the model is on {model.device}"
     for name in PER_STEP_OUTPUTS:
@@ -637,6 +636,12 @@ def make_decoder(drafter: ShallowDrafter, stats: DecodeStats, *, streamer: Any =
                 on_fallback(reason)
             return plain_decode(model, input_ids, logits_processor, stopping_criteria, generation_config,
                                 synced_gpus, streamer, model_kwargs)
+        if input_ids.shape[0] > 1:  # a padded batch: practised sequences draft for every row
+            from .batched import decode_batch  # it builds on this module
+
+            drafter.plain_greedy = False
+            return decode_batch(model, drafter, stats, input_ids, logits_processor, stopping_criteria,
+                                generation_config, streamer, model_kwargs)
         do_sample = bool(generation_config.do_sample)
         drafter.plain_greedy = plain_greedy(generation_config, logits_processor, model_kwargs)
         inputs = SequenceInputs(model_kwargs)
@@ -781,6 +786,4 @@ def unsupported_options(model: nn.Module, kwargs: dict[str, Any], input_ids: Any
            if test(value := generation_option(model, kwargs, name))]
     if not isinstance(input_ids, torch.Tensor):
         bad.append("input_ids not given as a tensor")
-    elif input_ids.shape[0] != 1:
-        bad.append(f"batch size {input_ids.shape[0]} (drafts are verified one sequence at a time)")
     return bad

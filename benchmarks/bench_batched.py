@@ -1,0 +1,119 @@
+"""Batched lossless decoding: do padded batches gain from practice?
+
+The packaged SmolLM2 is wrapped with no observer (drafts come from the practised
+sequences only) and practises the first ``--practised`` chat prompts of the practice
+split one at a time (greedy, ``--new-tokens`` each: what the memory keeps). Then, in
+the same process, left-padded batches of 4 and 8 rows are generated greedily, plain
+(``with handle.disabled():``) and wrapped, in alternating order per batch:
+
+- exact: every row a practised prompt asked again;
+- mixed: half the rows practised prompts, half prompts of the novel split.
+
+For each it prints the median over batches of plain and wrapped tokens/s (new tokens,
+pad tokens after an end of sequence not counted), the median of the per-batch ratio,
+how many batches are identical to plain, and the drafted tokens accepted per new token.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_batched.py
+    OMP_NUM_THREADS=1 python benchmarks/bench_batched.py --batches 2 --new-tokens 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import shortcut  # noqa: E402
+from shortcut.data import read_prompts  # noqa: E402
+
+DATA = Path(__file__).resolve().parent.parent / "shortcut_eval" / "data"
+
+
+def chat(tok: Any, text: str) -> str:
+    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+
+
+def timed(model: Any, batch: dict[str, torch.Tensor], new_tokens: int, pad: int) -> tuple[torch.Tensor, float]:
+    start = time.perf_counter()
+    out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+    return out, time.perf_counter() - start
+
+
+def new_count(out: torch.Tensor, width: int, pad: int) -> int:
+    """New tokens in ``out`` (padding after a finished row left out)."""
+    return int((out[:, width:] != pad).sum())
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--practised", type=int, default=16, help="practice prompts practised (and asked again)")
+    parser.add_argument("--batches", type=int, default=3, help="batches per kind and size")
+    parser.add_argument("--sizes", default="4,8")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    model, tok = shortcut.load_model(args.model)
+    tok.padding_side = "left"
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    tok.pad_token_id = pad
+    practised = [chat(tok, r["prompt"]) for r in read_prompts(DATA / "prompts.jsonl", split="practice")
+                 [:args.practised]]
+    novel = [chat(tok, r["prompt"]) for r in read_prompts(DATA / "prompts.jsonl", split="novel")]
+    handle = shortcut.wrap(model, observer=None)
+    for text in practised:  # plain greedy single-row calls: the memory keeps their answers
+        model.generate(**tok(text, return_tensors="pt"), max_new_tokens=args.new_tokens, do_sample=False)
+    rows = []
+    for size in [int(s) for s in args.sizes.split(",")]:
+        for kind in ("exact", "mixed"):
+            plain_tps, wrapped_tps, ratios, identical, accepted, new = [], [], [], 0, 0, 0
+            for b in range(args.batches):
+                if kind == "exact":
+                    texts = rng.sample(practised, size)
+                else:
+                    texts = rng.sample(practised, size // 2) + rng.sample(novel, size - size // 2)
+                    rng.shuffle(texts)
+                batch = tok(texts, return_tensors="pt", padding=True)
+                width = batch["input_ids"].shape[1]
+                before = handle.decode_stats.copy()
+                for order in ((0, 1) if b % 2 == 0 else (1, 0)):
+                    if order == 0:
+                        with handle.disabled():
+                            ref, plain_s = timed(model, batch, args.new_tokens, pad)
+                    else:
+                        out, wrapped_s = timed(model, batch, args.new_tokens, pad)
+                delta = handle.decode_stats - before
+                identical += torch.equal(out, ref)
+                n = new_count(ref, width, pad)
+                plain_tps.append(n / plain_s)
+                wrapped_tps.append(n / wrapped_s)
+                ratios.append(plain_s / wrapped_s)
+                accepted += delta.accepted
+                new += n
+            rows.append({"size": size, "kind": kind, "batches": args.batches,
+                         "plain_tps": statistics.median(plain_tps), "wrapped_tps": statistics.median(wrapped_tps),
+                         "ratio": statistics.median(ratios), "identical": identical,
+                         "accepted_share": accepted / max(1, new)})
+    print(f"\n{args.model}: {args.practised} practised prompts, {args.new_tokens} new tokens, greedy, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"{'batch':>6} {'kind':<7}{'plain tok/s':>12}{'wrapped tok/s':>15}{'median x':>10}{'identical':>11}"
+          f"{'accepted':>10}")
+    for r in rows:
+        print(f"{r['size']:>6} {r['kind']:<7}{r['plain_tps']:>12.1f}{r['wrapped_tps']:>15.1f}{r['ratio']:>9.2f}x"
+              f"{r['identical']:>7}/{r['batches']:<3}{100 * r['accepted_share']:>9.0f}%")
+    print("median x: median over batches of plain/wrapped seconds; accepted: drafted tokens accepted per new token")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

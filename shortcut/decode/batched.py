@@ -1,0 +1,314 @@
+"""Lossless drafting for padded batches: every row drafts from the practised sequences,
+one full forward per step verifies all rows, and each row gets exactly the tokens the
+unwrapped model's batched ``generate`` gives it.
+
+:func:`decode_batch` is what the lossless loop (``lossless.make_decoder``) runs for a
+call of more than one row. Transformers has prepared the call as for a single row
+(processors, stopping criteria, a dynamic cache, the left-padded attention mask and the
+position ids it derives from it). Then
+
+1. the prefill carries, after each row's prompt, that row's practised continuation
+   (``ShallowDrafter.prompt_draft``), padded to a common width: a batch of exact repeats
+   is verified by the forward that reads its prompts;
+2. each step, every unfinished row proposes what followed the end of its text in a
+   practised sequence (``SequenceMemory.continuation``; no layer runs, and a row whose drafts
+   keep failing backs off as the single-row loop does), and one forward over
+   ``[newest token, drafts...]`` of every row (shorter rows padded at the end) verifies
+   them all;
+3. each row picks its next tokens from the full model's logits as plain decoding does,
+   and accepts its drafts while they match.
+
+How rows accept (:func:`row_wise`):
+
+- *row by row* for greedy calls with no logits processor and stopping criteria that
+  judge each row on its own text (length, end of sequence, stop strings): each
+  row accepts its own matching prefix. The cache keeps one length for all rows: a row
+  that accepted fewer tokens than the furthest one has its cache entries and mask moved
+  right by the difference, so its rejected drafts fall off the end and it gains that many
+  masked slots on the left (more left padding). Its position ids are its own (plain
+  ``generate``'s: the prompt's, counting on from its last), so every row's keys and
+  queries are those of plain decoding, and sliding windows see the same keys;
+- *in lockstep* otherwise (sampling, logits processors, other stopping criteria,
+  streamers, models without position ids): every step takes, position by position, one
+  token for every row from the processors applied to the whole batch and one
+  ``argmax`` or one ``multinomial`` draw over all rows, as plain decoding's step does, and
+  goes on only while every unfinished row's token matched its draft. Rows stay aligned,
+  processors and criteria see exactly what they see in plain decoding, and a seeded
+  call consumes the random stream as plain sampling does (same tokens). Drafts are only
+  fed when every unfinished row has one (a row without one stops the step after its
+  first position anyway).
+
+A row that is finished (its stopping criteria say so, and the call has an end-of-sequence
+criterion, so plain decoding pads it) leaves the cache and costs nothing more; its
+output is padded with the pad token as plain ``generate`` pads it. Without an
+end-of-sequence criterion plain decoding goes on producing real tokens for finished rows
+until every row is finished, and so does this loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.generation.stopping_criteria import (
+    EosTokenCriteria,
+    MaxLengthCriteria,
+    StopStringCriteria,
+)
+
+from .lossless import SequenceInputs, can_extend_prefill, crop_all, prefill
+from .stats import DecodeStats
+
+# Stopping criteria whose verdict on a row depends on that row's own text only.
+ROW_CRITERIA = (EosTokenCriteria, MaxLengthCriteria, StopStringCriteria)
+
+
+def row_wise(do_sample: bool, logits_processor: Any, stopping_criteria: Any, model_kwargs: dict[str, Any],
+             streamer: Any) -> bool:
+    """Whether rows may accept different numbers of tokens per step (see the module doc):
+    greedy, no logits processor, per-row stopping criteria (with an end-of-sequence one,
+    or only the length limit, so no finished row must go on), position ids given (a row's
+    positions are then its own, however its cache is shifted), no streamer (it expects one
+    column of tokens per step)."""
+    criteria = list(stopping_criteria)
+    if do_sample or len(logits_processor) or streamer is not None or model_kwargs.get("position_ids") is None:
+        return False
+    if not all(isinstance(c, ROW_CRITERIA) for c in criteria):
+        return False
+    has_eos = any(hasattr(c, "eos_token_id") for c in criteria)
+    return has_eos or all(isinstance(c, MaxLengthCriteria) for c in criteria)
+
+
+class Backoff:
+    """Per-row back-off of recalled drafts: after a draft of which nothing was accepted,
+    the row skips the next ``pause`` steps (doubling up to 8), as the single-row drafter
+    does: in a batch a rejected draft widens the forward of every row."""
+
+    def __init__(self, rows: int) -> None:
+        self.pause = [0] * rows
+        self.skip = [0] * rows
+
+    def ready(self, row: int) -> bool:
+        """Whether ``row`` may draft this step (counts down a skip)."""
+        if self.skip[row] > 0:
+            self.skip[row] -= 1
+            return False
+        return True
+
+    def record(self, row: int, drafted: int, accepted: int) -> None:
+        """Adapt ``row``'s pause to its latest draft."""
+        if drafted and accepted == 0:
+            self.pause[row] = min(8, max(1, 2 * self.pause[row]))
+            self.skip[row] = self.pause[row]
+        elif accepted > 0:
+            self.pause[row] = 0
+
+
+def shift_rows(cache: Any, mask: torch.Tensor, shifts: list[int]) -> None:
+    """Move row ``r``'s cache entries and mask right by ``shifts[r]`` slots (in place),
+    with masked, zeroed slots coming in on the left. Every layer stores the last slots
+    up to the cache's length, so a shift of the stored tensor is a shift in sequence
+    positions; what a sliding-window layer drops on the left was out of the window."""
+    for layer in cache.layers:
+        if not layer.is_initialized:
+            continue
+        for r, d in enumerate(shifts):
+            if d <= 0:
+                continue
+            for states in (layer.keys, layer.values):
+                stored = states.shape[-2]
+                if d >= stored:
+                    states[r].zero_()
+                    continue
+                states[r, :, d:] = states[r, :, :stored - d].clone()
+                states[r, :, :d] = 0
+    for r, d in enumerate(shifts):
+        if d > 0:
+            mask[r, d:] = mask[r, :-d].clone()
+            mask[r, :d] = 0
+
+
+def select_rows(cache: Any, keep: torch.Tensor) -> None:
+    """Keep only the batch rows ``keep`` in every layer of ``cache``."""
+    for layer in cache.layers:
+        if layer.is_initialized:
+            layer.batch_select_indices(keep)
+
+
+def recall(drafter: Any, text: list[int], limit: int, stop_ids: frozenset[int]) -> list[int]:
+    """What followed the end of ``text`` in a practised sequence (at most ``limit``
+    tokens, up to an end of sequence); ``[]`` without one or without a memory."""
+    if drafter.sequences is None or limit <= 0:
+        return []
+    tokens, _ = drafter.sequences.continuation(text, limit)
+    for i, token in enumerate(tokens):
+        if token in stop_ids:  # nothing after the end is ever accepted
+            return tokens[:i + 1]
+    return tokens
+
+
+@torch.no_grad()
+def decode_batch(model: Any, drafter: Any, stats: DecodeStats, input_ids: torch.Tensor, logits_processor: Any,
+                 stopping_criteria: Any, generation_config: Any, streamer: Any,
+                 model_kwargs: dict[str, Any]) -> torch.Tensor:
+    """Decode the batch ``input_ids`` [B, T] (left padded, ``model_kwargs`` as
+    ``generate`` prepared them, cache included) with recalled drafts; returns the ids
+    [B, T + N] plain ``generate`` returns (see the module doc)."""
+    device = input_ids.device
+    batch, width = input_ids.shape
+    do_sample = bool(generation_config.do_sample)
+    independent = row_wise(do_sample, logits_processor, stopping_criteria, model_kwargs, streamer)
+    # Plain decoding pads finished rows only with an end-of-sequence criterion; without
+    # one a finished row goes on producing tokens until every row is finished.
+    has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+    pad = generation_config._pad_token_tensor
+    pad_id = int(pad) if pad is not None else 0
+    eos = generation_config.eos_token_id
+    stop_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else [int(e) for e in eos])
+    max_length = generation_config.max_length
+    max_draft = drafter.max_draft
+    inputs = SequenceInputs(model_kwargs)
+    # Each row's real text (prompt without its padding, then new tokens): what practised
+    # sequences are matched against; and its ids as plain decoding lays them out.
+    given = inputs.mask.tolist() if inputs.mask is not None else [[1] * width] * batch
+    texts = [[t for t, keep in zip(row, keep_row) if keep] for row, keep_row in zip(input_ids.tolist(), given)]
+    seqs = input_ids.tolist()
+    # Plain decoding's position of every slot of every row (None: the model counts from its cache).
+    positions = inputs.positions_of(0, max_length + max_draft + 1, device) if inputs.positions is not None else None
+    cache = model_kwargs["cache"]
+    cache.activate_past_recording()  # sliding-window layers must be able to roll back
+    unfinished = [True] * batch  # plain decoding's unfinished_sequences
+    backoff = Backoff(batch)
+    ids = input_ids  # lockstep: the batch as plain decoding holds it
+    active = list(range(batch))  # the batch row of each cache row
+
+    extend_prefill = can_extend_prefill(generation_config, model_kwargs)
+
+    def propose(first: bool) -> list[list[int]]:
+        """Each row's draft: its practised continuation (lockstep: cut to the shortest,
+        none unless every row has one)."""
+        drafts: list[list[int]] = [[] for _ in range(batch)]
+        for r in active if extend_prefill or not first else []:
+            limit = max_length - len(seqs[r]) - 1
+            if first and not do_sample:  # a greedy prefill recalls the whole practised answer
+                drafts[r] = recall(drafter, texts[r], limit, stop_ids)
+            elif first or backoff.ready(r):
+                drafts[r] = recall(drafter, texts[r], min(limit, max_draft), stop_ids)
+        if not independent:
+            k = min(len(drafts[r]) for r in active)
+            drafts = [d[:k] for d in drafts]
+        count = sum(len(d) for d in drafts)
+        stats.drafted += count
+        stats.recalled += count
+        return drafts
+
+    # -- the prefill carries each row's practised continuation ------------------------------
+    drafts = propose(first=True)
+    width_k = max(len(d) for d in drafts)
+    padded = torch.tensor([d + [pad_id] * (width_k - len(d)) for d in drafts], dtype=input_ids.dtype, device=device)
+    pending = prefill(model, input_ids, padded, generation_config, model_kwargs, inputs)
+    length = width + width_k  # cache slots, the same for every row
+    mask = inputs.mask_to(length)  # None: no padding (yet)
+    while True:
+        # -- accept: pending [A, 1 + width_k, V] picks each row's next tokens -------------
+        accepted = [0] * len(active)  # matched drafts of each row
+        appended = [0] * len(active)  # new tokens of each row
+        if independent:
+            choice = pending.float().argmax(dim=-1).tolist()
+            for a, r in enumerate(active):
+                draft = drafts[r]
+                for i in range(len(draft) + 1):
+                    token = choice[a][i]
+                    seqs[r].append(token)
+                    texts[r].append(token)
+                    appended[a] += 1
+                    row = torch.tensor([seqs[r]], dtype=input_ids.dtype, device=device)
+                    unfinished[r] = not bool(stopping_criteria(row, None)[0])
+                    matched = i < len(draft) and token == draft[i]
+                    accepted[a] += matched
+                    if not unfinished[r] or not matched:
+                        break
+        else:
+            rows = torch.tensor(active, device=device)
+            full = torch.zeros(batch, pending.shape[-1], dtype=torch.float32, device=device)
+            for i in range(pending.shape[1]):
+                full[rows] = pending[:, i].to(torch.float32)  # rows no longer run: zeros, then padded
+                scores = logits_processor(ids, full.clone())
+                if do_sample:
+                    tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+                else:
+                    tokens = scores.argmax(dim=-1)
+                if has_eos:
+                    running = torch.tensor(unfinished, dtype=tokens.dtype, device=device)
+                    tokens = tokens * running + pad_id * (1 - running)
+                ids = torch.cat([ids, tokens[:, None]], dim=-1)
+                if streamer is not None:
+                    streamer.put(tokens.cpu())
+                values = tokens.tolist()
+                go_on = True
+                for a, r in enumerate(active):
+                    if unfinished[r] or not has_eos:  # a padded row takes no part
+                        seqs[r].append(values[r])
+                        texts[r].append(values[r])
+                        appended[a] += 1
+                        matched = i < len(drafts[r]) and values[r] == drafts[r][i]
+                        accepted[a] += matched
+                        go_on = go_on and matched
+                done = stopping_criteria(ids, None).tolist()
+                unfinished = [u and not d for u, d in zip(unfinished, done)]
+                if not go_on or not any(unfinished):
+                    break
+        for a, r in enumerate(active):
+            if drafts[r]:
+                stats.accepted += accepted[a]
+                stats.recall_accepted += accepted[a]
+                backoff.record(r, len(drafts[r]), accepted[a])
+        if not any(unfinished):
+            break
+        # -- drop finished rows, realign the others ----------------------------------------
+        # Each row's cache must hold its text up to, not including, its newest token: the
+        # fed last token (slot length - 1 - width_k) and every new token but the newest
+        # (lockstep may stop on a matched draft: that one is fed again).
+        valid = [length - width_k - 1 + appended[a] for a in range(len(active))]
+        running_rows = [a for a, r in enumerate(active) if unfinished[r] or not (has_eos or independent)]
+        if len(running_rows) < len(active):
+            keep = torch.tensor(running_rows, device=device)
+            select_rows(cache, keep)
+            if mask is not None:
+                mask = mask[keep]
+            active = [active[a] for a in running_rows]
+            valid = [valid[a] for a in running_rows]
+        length = max(valid)
+        shifts = [length - v for v in valid]  # lockstep: all zero
+        if any(shifts):
+            if mask is None:
+                mask = torch.ones(len(active), cache.get_seq_length(), dtype=torch.long, device=device)
+            shift_rows(cache, mask, shifts)
+        crop_all(cache, length)
+        if mask is not None:
+            mask = mask[:, :length]
+        # -- draft and verify: one forward over every row's newest token and drafts --------
+        drafts = propose(first=False)
+        width_k = max(len(drafts[r]) for r in active)
+        feed = torch.tensor([[seqs[r][-1]] + drafts[r] + [pad_id] * (width_k - len(drafts[r])) for r in active],
+                            dtype=input_ids.dtype, device=device)
+        kwargs = dict(inputs.extra)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(len(active), feed.shape[1])], dim=-1)
+            kwargs["attention_mask"] = mask
+        if positions is not None:
+            # Every row's own positions: its slots counted in its own layout, not the cache's.
+            slots = torch.tensor([len(seqs[r]) - 1 for r in active], device=device)
+            index = slots[:, None] + torch.arange(feed.shape[1], device=device)
+            kwargs["position_ids"] = positions[torch.tensor(active, device=device)[:, None], index]
+        else:
+            kwargs["position_ids"] = torch.arange(length, length + feed.shape[1], device=device).unsqueeze(0)
+        stats.verify_forwards += 1
+        pending = model(input_ids=feed, cache=cache, use_cache=True, **kwargs).logits
+        length += feed.shape[1]
+    if streamer is not None:
+        streamer.end()
+    if not independent:
+        return ids
+    total = max(len(s) for s in seqs)
+    return torch.tensor([s + [pad_id] * (total - len(s)) for s in seqs], dtype=input_ids.dtype, device=device)

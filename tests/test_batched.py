@@ -1,0 +1,157 @@
+"""Lossless decoding of padded batches (``shortcut/decode/batched.py``): every row
+drafts from the practised sequences, and the output equals the unwrapped model's
+batched ``generate`` row by row (greedy and seeded sampling), while drafting really
+happens (the decode statistics count it)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import shortcut
+from shortcut.decode import batched
+
+from .conftest import make_tiny
+from .test_fuzz import char_tokenizer
+
+BATCH_ARCHS = ("llama", "gemma3_text", "gpt2", "qwen3")
+PAD, EOS = 0, 2
+# Practised prompts of different lengths (ids 3..95: no pad, bos or eos), at least the
+# memory's SHORT_MATCH long, so an exact repeat replays its whole answer at once.
+_g = torch.Generator().manual_seed(0)
+PRACTISED = [torch.randint(3, 96, (n,), generator=_g).tolist() for n in (12, 15, 13, 18)]
+NOVEL = [[70, 12, 88, 3], [44, 45], [90, 91, 92, 93, 94, 95, 3, 4, 5, 6, 7, 8, 9, 10]]
+PRACTISED_NEW = 12  # tokens generated per practised prompt
+
+
+@pytest.fixture(scope="module", params=BATCH_ARCHS)
+def practised_batch(request):
+    """A tiny model of each architecture, wrapped without an observer (drafts come from
+    the practised sequences only) and practised on ``PRACTISED``."""
+    model = make_tiny(request.param)
+    handle = shortcut.wrap(model, observer=None)
+    handle.practice([torch.tensor([p]) for p in PRACTISED], rounds=1, max_new_tokens=PRACTISED_NEW,
+                    shuffle=False, progress=False)
+    yield request.param, model, handle
+    handle.remove()
+
+
+def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prompts`` as a left-padded batch and its attention mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def compare(model, handle, prompts, *, seed: int = 0, **options):
+    """Generate ``prompts`` as a padded batch plain and wrapped (same seed); assert the
+    same ids; return the wrapped call's decode statistics."""
+    ids, mask = left_padded(prompts)
+    options.setdefault("pad_token_id", PAD)
+    with handle.disabled():
+        torch.manual_seed(seed)
+        ref = model.generate(input_ids=ids, attention_mask=mask, **options)
+    before = handle.decode_stats.copy()
+    torch.manual_seed(seed)
+    out = model.generate(input_ids=ids, attention_mask=mask, **options)
+    assert out.tolist() == ref.tolist()
+    return handle.decode_stats - before
+
+
+def test_exact_repeats_are_verified_by_the_prefill(practised_batch):
+    arch, model, handle = practised_batch
+    for rows in ([0, 1], [2, 0, 3], [3, 2, 1, 0]):
+        delta = compare(model, handle, [PRACTISED[r] for r in rows], max_new_tokens=PRACTISED_NEW, do_sample=False)
+        # Every row replays its whole practised answer in the prefill: no step follows.
+        answers = [handle.experience.sequences.answer(PRACTISED[r], PRACTISED_NEW) for r in rows]
+        # All but the last token of each answer (that one the prefill's logits pick), or
+        # all of it when it ends the sequence.
+        assert delta.accepted == delta.drafted == sum(len(a) - (a[-1] != EOS) for a in answers), arch
+        assert delta.verify_forwards == 0, arch
+
+
+def test_mixed_practised_and_novel_rows_greedy(practised_batch, monkeypatch):
+    arch, model, handle = practised_batch
+    shifts = []
+    shift_rows = batched.shift_rows
+    monkeypatch.setattr(batched, "shift_rows", lambda cache, mask, s: (shifts.append(list(s)),
+                                                                      shift_rows(cache, mask, s)))
+    for prompts, new in (([PRACTISED[0], NOVEL[0]], 16), ([NOVEL[1], PRACTISED[2], NOVEL[2], PRACTISED[1]], 20),
+                         ([NOVEL[2], NOVEL[0], PRACTISED[3]], PRACTISED_NEW)):
+        delta = compare(model, handle, prompts, max_new_tokens=new, do_sample=False)
+        assert delta.accepted > 0, arch
+    # Rows accepted different numbers of tokens: the lagging rows were realigned.
+    assert shifts, arch
+
+
+def test_end_of_sequence_mid_batch(practised_batch):
+    """A row that ends early is padded, leaves the batch, and the others go on."""
+    arch, model, handle = practised_batch
+    answer = handle.experience.sequences.sequences[1][len(PRACTISED[1]):]
+    eos = answer[4]  # the second row's practised answer ends at its fifth token
+    for prompts in ([PRACTISED[0], PRACTISED[1], NOVEL[0]], [NOVEL[1], PRACTISED[1]]):
+        delta = compare(model, handle, prompts, max_new_tokens=16, do_sample=False, eos_token_id=eos)
+        assert delta.accepted > 0, arch
+    compare(model, handle, [PRACTISED[1], PRACTISED[0]], max_new_tokens=16, do_sample=False,
+            eos_token_id=[eos, answer[7]])
+
+
+def test_max_length_and_unpadded_batches(practised_batch):
+    arch, model, handle = practised_batch
+    ids = torch.tensor([PRACTISED[0], list(range(70, 82))])  # two prompts of 12 tokens, no padding
+    with handle.disabled():
+        ref = model.generate(input_ids=ids, max_length=30, do_sample=False, pad_token_id=PAD)
+    before = handle.decode_stats.copy()
+    out = model.generate(input_ids=ids, max_length=30, do_sample=False, pad_token_id=PAD)
+    assert out.tolist() == ref.tolist()
+    assert (handle.decode_stats - before).accepted > 0, arch
+
+
+def test_seeded_sampling_matches_plain(practised_batch):
+    """Sampled rows move in lockstep: every draw is plain sampling's draw."""
+    arch, model, handle = practised_batch
+    drafted = 0
+    for seed in range(4):
+        delta = compare(model, handle, [PRACTISED[0], PRACTISED[2], NOVEL[seed % 3]], seed=seed,
+                        max_new_tokens=10, do_sample=True, temperature=0.05 + 0.4 * (seed % 2))
+        drafted += delta.drafted
+        delta = compare(model, handle, [PRACTISED[3], PRACTISED[1]], seed=seed, max_new_tokens=10,
+                        do_sample=True, top_k=5, temperature=0.1)
+        drafted += delta.drafted
+    assert drafted > 0, arch
+
+
+def test_low_temperature_exact_repeats_accept_in_lockstep(practised_batch):
+    arch, model, handle = practised_batch
+    delta = compare(model, handle, [PRACTISED[0], PRACTISED[3]], seed=3, max_new_tokens=PRACTISED_NEW,
+                    do_sample=True, temperature=1e-4)
+    assert delta.accepted > 0, arch
+
+
+def test_processors_and_stop_strings(practised_batch):
+    arch, model, handle = practised_batch
+    compare(model, handle, [PRACTISED[0], NOVEL[0], PRACTISED[2]], max_new_tokens=14, do_sample=False,
+            repetition_penalty=1.3)
+    delta = compare(model, handle, [PRACTISED[0], PRACTISED[2]], max_new_tokens=PRACTISED_NEW, do_sample=False,
+                    min_new_tokens=4)
+    assert delta.accepted > 0, arch
+    tokenizer = char_tokenizer()
+    answer = handle.experience.sequences.sequences[0][len(PRACTISED[0]):]
+    stop = tokenizer.decode(answer[5:7])
+    compare(model, handle, [PRACTISED[0], NOVEL[1], PRACTISED[3]], max_new_tokens=16, do_sample=False,
+            stop_strings=[stop], tokenizer=tokenizer)
+
+
+def test_fast_mode_batches_take_the_full_path(practised_batch, caplog):
+    arch, model, handle = practised_batch
+    handle.config.mode = "fast"
+    try:
+        with caplog.at_level(logging.WARNING):
+            delta = compare(model, handle, [PRACTISED[0], PRACTISED[1]], max_new_tokens=8, do_sample=False)
+    finally:
+        handle.config.mode = "lossless"
+    assert delta.drafted == 0
+    assert "batch size 2 (fast mode" in caplog.text
