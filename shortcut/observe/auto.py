@@ -21,7 +21,7 @@ stopped.
 
 Default ``min_tokens``: 40,000. On SmolLM2-135M an observer-layer SAE trained on 41k
 vectors explains 0.948 of held-out variance, against 0.957 from 176k (``docs/benchmarks.md``,
-Observer): about 300 chat calls of 64 new tokens reach it, and
+Observer): a few hundred new chat prompts with 64-token answers reach it, and
 the buffer holds ``min_tokens x width`` float16 values (47 MB at SmolLM2's width 576).
 A tenth of the vectors is held out to measure the SAE.
 """
