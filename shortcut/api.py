@@ -346,7 +346,9 @@ class Shortcut:
     def save_pretrained(self, folder: str | Path, *, overwrite: bool = True) -> Path:
         """Write config and everything learned to ``folder`` (safetensors + json): the
         prompt log and practised sequences always, the observer, exit heads and policy
-        when an observer is attached. :func:`load` resumes from it."""
+        when an observer is attached, and before that the residuals the auto observer
+        collected to train one (float16, at most its ``min_tokens``). :func:`load`
+        resumes from it."""
 
         def fill(tmp: Path) -> None:
             self.config.save(tmp / "config.json")
@@ -355,6 +357,11 @@ class Shortcut:
                 contents.update(skills.save_learned(tmp, self.learner, self.fingerprint))
             else:
                 contents.update(skills.save_prompt_log(tmp, self.experience))
+                auto = self.auto_observer
+                residuals = auto.residuals() if auto is not None else None
+                if residuals is not None:  # the observer's training data so far: a reload goes on collecting
+                    assert auto is not None and auto.layer is not None
+                    contents.update(skills.save_observer_buffer(tmp, residuals, auto.layer))
             skills.write_manifest(tmp, self.fingerprint, contents)
 
         with self._lock:
@@ -483,10 +490,15 @@ def load(model: PreTrainedModel, folder: str | Path) -> Shortcut:
     except ValueError as err:
         raise skills.SkillsFileError(f"{folder / 'config.json'}: {err}") from err
     learned = skills.load_learned(folder, manifest, parts, manifest["base_model"], config=config)
+    residuals = None
     if learned is not None:
         practised, sequences = learned.practised, learned.sequences
-    else:  # practised sequences only (no observer yet)
+    else:  # practised sequences only (no observer yet), perhaps residuals collected to train one
         practised, sequences = skills.load_prompt_log(folder, manifest, int(parts.unembed.weight.shape[0]))
+        observer_layers = config.resolved(parts.num_layers).observer_layers
+        assert observer_layers is not None  # resolved
+        residuals = skills.load_observer_buffer(folder, manifest, width=int(parts.unembed.weight.shape[1]),
+                                                layer=observer_layers[0])
     adapter = manifest.get("contents", {}).get("adapter")
     if adapter:
         skills.merge_adapter(model, skills.inside(folder, adapter, "contents.adapter"))
@@ -499,6 +511,8 @@ def load(model: PreTrainedModel, folder: str | Path) -> Shortcut:
         experience.sequences.extend(sequences)
         if learned is not None:
             experience.fitted_log = len(experience.practised)  # saved skills: heads fitted on their log
+        elif residuals is not None and handle.auto_observer is not None:
+            handle.auto_observer.restore(residuals, practised)
     except BaseException:
         handle.remove()
         raise

@@ -132,7 +132,8 @@ def test_memory_only_save_load_round_trip_replays_on_the_first_call(fresh, tmp_p
     for prompt in PROMPTS:
         model.generate(input_ids=prompt, max_new_tokens=NEW, do_sample=False)
     folder = handle.save_pretrained(tmp_path / "skills")
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "replay_log.json", "shortcut.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "observer_buffer.safetensors",
+                                                        "replay_log.json", "shortcut.json"]
     assert json.loads((folder / "shortcut.json").read_text())["contents"]["replay_log"] == "replay_log.json"
     summary = describe(folder)
     assert "no observer yet" in summary and "3 practised prompts, 3 practised sequences" in summary
@@ -244,3 +245,100 @@ def test_wrap_observer_argument(tmp_path):
     with pytest.raises(ValueError, match="min_tokens=5"):
         AutoObserver(min_tokens=5)
     assert not any("forward" in m.__dict__ for m in model.modules())  # failed wraps left nothing behind
+
+
+def test_prompt_positions_with_a_collected_prefix_are_left_out(fresh):
+    """A residual depends only on the tokens up to it: the part of a prompt an earlier
+    prompt already began with (a chat template's system prompt) adds no rows."""
+    model, handle = fresh
+    handle.config.lossless.copy_drafts = False  # rejected copied drafts would add rows of their own
+    auto = handle.auto_observer
+    first = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    model.generate(input_ids=first, max_new_tokens=NEW, do_sample=False)
+    answer_rows = auto.tokens - (first.shape[1] - 1)  # the rows of the decode forwards
+    second = torch.tensor([[5, 6, 7, 8, 9, 40, 41, 42]])  # shares 5 tokens with the first
+    model.generate(input_ids=second, max_new_tokens=NEW, do_sample=False)
+    assert auto.tokens - (first.shape[1] - 1) - answer_rows == second.shape[1] - 5 + answer_rows
+    assert torch.equal(auto.residuals()[: first.shape[1] - 1].float(), _layer_rows(model, handle, first)[1:])
+
+
+def _layer_rows(model, handle, ids):
+    rows = []
+    module = shortcut.arch.resolve(model).layers[handle.auto_observer.layer]
+    hook = module.register_forward_hook(lambda m, a, o: rows.append((o[0] if isinstance(o, tuple) else o)[0]))
+    with handle.disabled(), torch.no_grad():
+        model(input_ids=ids)
+    hook.remove()
+    return rows[0].to(torch.float16).float()
+
+
+def test_observer_buffer_survives_save_and_load(fresh, tmp_path):
+    """Before the observer trained, the residuals collected for it are saved and a second
+    process goes on counting from them; prompts asked before add nothing again."""
+    model, handle = fresh
+    for prompt in PROMPTS[:2]:
+        model.generate(input_ids=prompt, max_new_tokens=NEW, do_sample=False)
+    collected = handle.auto_observer.tokens
+    assert 0 < collected < handle.auto_observer.min_tokens
+    folder = handle.save_pretrained(tmp_path / "skills")
+    assert json.loads((folder / "shortcut.json").read_text())["contents"]["observer_buffer"] \
+        == "observer_buffer.safetensors"
+
+    other = make_tiny("llama")
+    loaded = shortcut.load(other, folder)
+    try:
+        auto = loaded.auto_observer
+        assert auto.tokens == collected
+        assert torch.equal(auto.residuals(), handle.auto_observer.residuals())
+        other.generate(input_ids=PROMPTS[0], max_new_tokens=NEW, do_sample=False)
+        assert auto.tokens == collected  # asked in the first process: already collected
+        other.generate(input_ids=PROMPTS[2], max_new_tokens=NEW, do_sample=False)
+        assert auto.tokens > collected  # a new prompt: the count goes on
+        again = loaded.save_pretrained(tmp_path / "again")
+        assert shortcut.load(make_tiny("llama"), again).auto_observer.tokens == auto.tokens
+    finally:
+        loaded.remove()
+
+
+def test_restored_buffer_trains_once_full(tmp_path):
+    """A buffer put back by restore() counts toward min_tokens: the next call that fills
+    it starts the training."""
+    model = make_tiny("llama")
+    first = AutoObserver(min_tokens=40, d_sae=64, k=4, steps=10, batch_size=16)
+    handle = shortcut.wrap(model, shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2]), observer=first)
+    model.generate(input_ids=PROMPTS[0], max_new_tokens=NEW, do_sample=False)
+    saved = first.residuals()
+    handle.remove()
+    second = AutoObserver(min_tokens=40, d_sae=64, k=4, steps=10, batch_size=16)
+    handle = shortcut.wrap(model, shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2]), observer=second)
+    try:
+        second.restore(saved, [PROMPTS[0][0].tolist()])
+        assert second.tokens == saved.shape[0] < 40
+        model.generate(input_ids=PROMPTS[1], max_new_tokens=NEW, do_sample=False)
+        model.generate(input_ids=PROMPTS[2], max_new_tokens=NEW, do_sample=False)
+        assert second.tokens == 40 and second.wait(120) and second.error is None
+        model.generate(input_ids=PROMPTS[0], max_new_tokens=NEW, do_sample=False)
+        assert handle.observer is not None and second.residuals() is None
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda s: {**s, "layer": torch.tensor([2])}, "collected at layer 2, but the config's observer layer is 1"),
+    (lambda s: {**s, "residuals": s["residuals"][:, :10].contiguous()}, "field 'residuals' has shape"),
+    (lambda s: {**s, "residuals": s["residuals"].float()}, "must be float16"),
+    (lambda s: {**s, "residuals": torch.full_like(s["residuals"], float("nan"))}, "NaN"),
+    (lambda s: {"layer": s["layer"]}, "field 'residuals' is missing"),
+])
+def test_bad_observer_buffer_is_refused(fresh, tmp_path, change, match):
+    from safetensors.torch import load_file, save_file
+
+    model, handle = fresh
+    model.generate(input_ids=PROMPTS[0], max_new_tokens=NEW, do_sample=False)
+    folder = handle.save_pretrained(tmp_path / "skills")
+    path = folder / "observer_buffer.safetensors"
+    save_file(change(load_file(str(path))), str(path))
+    other = make_tiny("llama")
+    with pytest.raises(shortcut.SkillsFileError, match=match):
+        shortcut.load(other, folder)
+    assert not any("forward" in m.__dict__ for m in other.modules())  # refused before anything was attached

@@ -4,16 +4,24 @@
 while learning, every ``generate`` call whose prompt it has not seen before leaves the
 residual stream at the observer layer of its full-path forwards (the prefill and each
 verification; the first position of a prompt, an attention sink, is left out as in
-:func:`~shortcut.observe.collect.collect_activations`) in a bounded buffer. Once
+:func:`~shortcut.observe.collect.collect_activations`) in a bounded buffer. A residual
+depends only on the tokens up to it, so prompt positions whose prefix an earlier
+collected prompt already had (a chat template's system prompt, a shared instruction)
+are left out too: they would only add copies of vectors already in. Once
 ``min_tokens`` vectors are in, the call that filled it builds a seeded TopK SAE (a
 moment) and trains it in a background thread, so no ``generate`` call waits for the
 training; the training touches no global random state, so seeded sampling meanwhile is
 unchanged. The next ``generate`` call after it finished attaches the observer
 (``Shortcut.attach_observer``), and the shallow path starts learning from then on.
 
+Until the observer is attached, ``Shortcut.save_pretrained`` saves the buffer
+(:meth:`AutoObserver.residuals`) and ``shortcut.load`` puts it back
+(:meth:`AutoObserver.restore`), so a second process goes on counting where the first
+stopped.
+
 Default ``min_tokens``: 40,000. On SmolLM2-135M an observer-layer SAE trained on 41k
 vectors explains 0.948 of held-out variance, against 0.957 from 176k (``docs/benchmarks.md``,
-Observer): about 300 chat calls of 64 new tokens reach it, and
+Observer): a few hundred new chat prompts with 64-token answers reach it, and
 the buffer holds ``min_tokens x width`` float16 values (47 MB at SmolLM2's width 576).
 A tenth of the vectors is held out to measure the SAE.
 """
@@ -23,7 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -61,7 +69,11 @@ class AutoObserver:
         self.observer: Observer | None = None  # trained and measured, not yet attached
         self.error: BaseException | None = None
         self._chunks: list[torch.Tensor] = []
+        self._training_set: torch.Tensor | None = None  # the full buffer, kept until the observer is taken
         self._seen: set[int] = set()  # hashes of the prompts collected from
+        self._prefixes: set[int] = set()  # rolling hashes of their prefixes (see _prefix_skip)
+        self._skip = 1  # leading positions of this call's prefill to leave out
+        self._prompt_length = 0  # of this call's prompt without padding
         self._armed = False
         self._first = False  # the next forward is a prefill: leave its first position out
         self._hook: Any = None
@@ -90,7 +102,25 @@ class AutoObserver:
         key = hash(tuple(prompt))
         self._armed = self._hook is not None and self.tokens < self.min_tokens and key not in self._seen
         self._first = True
+        self._skip = self._prefix_skip(prompt, add=self._armed)
+        self._prompt_length = len(prompt)
         self._seen.add(key)
+
+    def _prefix_skip(self, prompt: list[int], *, add: bool) -> int:
+        """How many leading positions of ``prompt`` to leave out: the first (an
+        attention sink) and every one whose prefix an earlier collected prompt had;
+        with ``add``, remember this prompt's prefixes."""
+        skip, rolling, shared = 1, 0, True
+        for position, token in enumerate(prompt):
+            rolling = hash((rolling, token))
+            if shared and rolling in self._prefixes:
+                skip = position + 1
+                continue
+            shared = False
+            if not add:
+                break
+            self._prefixes.add(rolling)
+        return skip
 
     def end_call(self, seed: int) -> None:
         """The call ended: once the buffer is full, start the training (at most once)."""
@@ -104,7 +134,10 @@ class AutoObserver:
         hidden = layer_output(output)
         if hidden.shape[0] != 1:
             return
-        rows = hidden[0, 1:] if self._first else hidden[0]
+        if self._first:  # the prefill: its first positions may be padding, then the prompt
+            rows = hidden[0, max(0, hidden.shape[1] - self._prompt_length) + self._skip:]
+        else:
+            rows = hidden[0]
         self._first = False
         rows = rows[: self.min_tokens - self.tokens].detach().to("cpu", torch.float16)
         self._chunks.append(rows)
@@ -113,9 +146,10 @@ class AutoObserver:
     def _start(self, seed: int) -> None:
         layer = self.layer
         assert layer is not None  # install() set it before anything was collected
-        acts = torch.cat(self._chunks).float()
+        self._training_set = torch.cat(self._chunks)
         self._chunks = []
         self.uninstall()  # nothing more to collect
+        acts = self._training_set.float()
         acts = acts[torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(seed))]
         n_heldout = max(1, int(acts.shape[0] * HELDOUT_FRACTION))
         kwargs = {"seed": seed, "progress": False, **self.train_kwargs}
@@ -148,7 +182,34 @@ class AutoObserver:
         if self.training or self.observer is None:
             return None
         observer, self.observer = self.observer, None
+        self._training_set = None
         quality = observer.meta.get("quality", {})
         logger.info("shortcut: observer trained from the model's own traffic: %d tokens, %.1f s, "
                     "held-out variance explained %.3f", self.tokens, self.seconds, quality.get("fve", float("nan")))
         return observer
+
+    def residuals(self) -> torch.Tensor | None:
+        """The residuals collected so far, ``[n, width]`` float16 (all of them while the
+        training runs, until the trained observer is taken); ``None`` once taken or when
+        nothing was collected."""
+        if self._training_set is not None:
+            return self._training_set
+        if not self._chunks:
+            return None
+        self._chunks = [torch.cat(self._chunks)]
+        return self._chunks[0]
+
+    def restore(self, residuals: torch.Tensor, prompts: Iterable[list[int]] = ()) -> None:
+        """Put back residuals that :meth:`residuals` gave in an earlier process (at most
+        ``min_tokens`` of them are kept), and mark ``prompts`` (the prompt log's) as
+        collected from, so asking them again adds no copies. Training starts at the end
+        of the next ``generate`` call once the buffer is full."""
+        if residuals.ndim != 2:
+            raise ValueError(f"residuals must be a 2-D tensor [n, width], got shape {tuple(residuals.shape)}")
+        rows = residuals[: max(0, self.min_tokens - self.tokens)].detach().to("cpu", torch.float16)
+        if rows.shape[0]:
+            self._chunks.append(rows)
+            self.tokens += int(rows.shape[0])
+        for prompt in prompts:
+            self._seen.add(hash(tuple(prompt)))
+            self._prefix_skip(prompt, add=True)

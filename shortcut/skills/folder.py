@@ -6,7 +6,8 @@ Layout::
       shortcut.json          format version, base-model fingerprint, what is inside
       config.json            the ShortcutConfig
       observers/layer_N/     one sae-lens SAE folder per observed layer
-      *.safetensors          learned tensors (exit heads, policy statistics)
+      *.safetensors          learned tensors (exit heads, policy statistics; before an
+                             observer exists, the residuals collected to train one)
 
 No pickles and no base-model weights. Folders are written with
 :func:`shortcut.atomic.replace_folder`: a failed or killed save leaves the old folder or
@@ -40,16 +41,18 @@ from .validate import (
     regular_file,
     token_lists,
 )
+from .validate import tensor as checked_tensor
 
 HEADS_FILE = "heads.safetensors"
 POLICY_FILE = "policy.safetensors"
 PROMPT_LOG = "replay_log.json"
+OBSERVER_BUFFER = "observer_buffer.safetensors"  # residuals an auto observer collected, not yet trained on
 ADAPTER_DIR = "adapter"  # a peft (LoRA) adapter from ``shortcut-finetune --level layerskip``
 
 FORMAT_VERSION = 1
 MANIFEST = "shortcut.json"
 # Manifest entries that name a file or folder inside the skills folder.
-PATH_FIELDS = ("config", "observer", "heads", "policy", "replay_log", "adapter")
+PATH_FIELDS = ("config", "observer", "heads", "policy", "replay_log", "adapter", "observer_buffer")
 
 
 class SkillsMismatchError(ValueError):
@@ -186,6 +189,35 @@ def load_prompt_log(folder: Path, manifest: dict[str, Any],
     practised = token_lists(log.get("prompts", []), vocab_size, log_path, "field 'prompts'")
     sequences = token_lists(log.get("sequences", []), vocab_size, log_path, "field 'sequences'")
     return practised, sequences
+
+
+def save_observer_buffer(folder: Path, residuals: torch.Tensor, layer: int) -> dict[str, Any]:
+    """Write the residuals an :class:`~shortcut.observe.auto.AutoObserver` collected at
+    decoder layer ``layer`` (``[n, width]``, float16) into ``folder``."""
+    from safetensors.torch import save_file
+
+    save_file({"residuals": residuals.to(torch.float16).contiguous(), "layer": torch.tensor([layer])},
+              str(folder / OBSERVER_BUFFER))
+    return {"observer_buffer": OBSERVER_BUFFER}
+
+
+def load_observer_buffer(folder: Path, manifest: dict[str, Any], *, width: int, layer: int) -> torch.Tensor | None:
+    """The residuals :func:`save_observer_buffer` wrote, checked: float16 ``[n, width]``,
+    finite, collected at ``layer`` (the config's observer layer); ``None`` when the
+    folder has none."""
+    relative = manifest.get("contents", {}).get("observer_buffer")
+    if relative is None:
+        return None
+    path = inside(folder, relative, "contents.observer_buffer")
+    state = read_tensors(path, "observer buffer")
+    saved_layer = checked_tensor(state, "layer", path, shape=(1,), floating=False)
+    if int(saved_layer[0]) != layer:
+        raise SkillsFileError(f"{path}: residuals collected at layer {int(saved_layer[0])}, but the config's "
+                              f"observer layer is {layer}")
+    residuals = checked_tensor(state, "residuals", path, shape=(None, width), floating=True)
+    if residuals.dtype != torch.float16:
+        raise SkillsFileError(f"{path}: field 'residuals' must be float16, got {residuals.dtype}")
+    return residuals
 
 
 @dataclass
