@@ -155,9 +155,9 @@ def test_practice_on_real_model_shrinks_path_with_identical_tokens(smollm2, prac
     """3 prompts x 3 rounds: fewer layers per generated token in round 3 than round 1,
     and the practised prompts still decode to exactly the plain model's tokens."""
     rows, folder, prompts = practised_smollm2
-    # Round 1: (nearly) every token runs all 30 layers; only two-token probes of answers
-    # practised earlier in the round can save a step (accepted with the prefill's forward).
-    assert rows[0]["layer_calls_per_token"] > 27
+    # Round 1: most tokens run all 30 layers; drafts copied from the call's own text and
+    # probes of answers practised earlier in the round save some steps (20.6 measured).
+    assert rows[0]["layer_calls_per_token"] > 15
     assert rows[2]["layer_calls_per_token"] < 0.8 * rows[0]["layer_calls_per_token"]
     assert rows[2]["accepted"] > 0
     _assert_identical_and_drafting(*smollm2, folder, prompts)
