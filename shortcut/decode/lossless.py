@@ -70,7 +70,7 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList, Stop
 from transformers.generation.streamers import BaseStreamer
 
 from ..capture import layer_input
-from ..learn.sequences import PROBE, SHORT_MATCH, SequenceMemory, TextIndex
+from ..learn.sequences import SequenceMemory, TextIndex
 from ..observe import Observer, Signature
 from ..policy.exits import ExitPolicy, PolicyDecision
 from ..policy.heads import ExitHeads, Prediction
@@ -293,7 +293,7 @@ class ShallowDrafter:
         self.stats = stats
         self.sequences = sequences  # practised sequences: drafts that need no layer at all
         self.shallow = shallow  # whether the shallow path drafts where the sequences do not
-        self.lengths = lengths  # learned lookup-draft lengths; None: the memory's fixed rule
+        self.lengths = lengths or DraftLengths()  # learned lookup-draft lengths (the caller's persist)
         self.text = TextIndex() if copy_text else None  # this call's own text, to copy from
         self.recalled = False  # whether the latest draft came from the practised sequences
         self.copied = False  # whether it came from the text itself
@@ -409,31 +409,21 @@ class ShallowDrafter:
                opening: bool = False) -> torch.Tensor:
         """A draft that needs no layer: what followed where the text [1, T] ends the way a
         practised sequence or (with ``copy_text``) an earlier part of the text itself went
-        on; [1, 0] when neither has it. With learned ``lengths`` each candidate proposes
+        on; [1, 0] when neither has it. Each candidate proposes, by the learned ``lengths``,
         as many tokens as its situation (source, ``opening`` = right after the prompt,
-        agreement) earns and the one likelier to be accepted wins; without, the memory's
-        fixed rule sizes it."""
+        agreement) earns, and the one likelier to be accepted wins."""
         ids = input_ids[0].tolist()
         candidates = []
         if self.sequences is not None:
-            if self.lengths is None:
-                tokens, agreement = self.sequences.continuation(ids, limit)
-            else:
-                tokens, agreement = self.sequences.lookup(ids, limit)
-            candidates.append(("memory", tokens, agreement))
+            candidates.append(("memory", *self.sequences.lookup(ids, limit)))
         if self.text is not None:
-            tokens, agreement = self.text.lookup(ids, limit)
-            if self.lengths is None:
-                tokens = tokens[:PROBE if agreement < SHORT_MATCH else 2 * agreement]
-            candidates.append(("context", tokens, agreement))
+            candidates.append(("context", *self.text.lookup(ids, limit)))
         best: tuple[float, str, list[int], int] | None = None
         for source, tokens, agreement in candidates:
             if not tokens:
                 continue
-            p = 1.0
-            if self.lengths is not None:
-                tokens = tokens[:self.lengths.length(source, opening, agreement)]
-                p = self.lengths.probability(source, opening, agreement)
+            tokens = tokens[:self.lengths.length(source, opening, agreement)]
+            p = self.lengths.probability(source, opening, agreement)
             if tokens and (best is None or (p, len(tokens)) > (best[0], len(best[2]))):
                 best = (p, source, tokens, agreement)
         if best is None:
@@ -480,7 +470,7 @@ class ShallowDrafter:
                 self.stats.recall_accepted += accepted
             else:
                 self.stats.copy_accepted += accepted
-            if self.lengths is not None and self._situation is not None:
+            if self._situation is not None:
                 self.lengths.update(*self._situation, accepted=accepted, rejected=rejected)
             return
         if accepted == drafted:
