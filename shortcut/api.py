@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 
 from .arch import ModelParts, resolve
 from .config import ShortcutConfig
-from .decode.draft_length import DraftLengths
+from .decode.draft_length import DraftLengths, ShallowOdds
 from .decode.fast import FastController, FastDecoder, FastStep
 from .decode.lossless import ShallowDrafter, Trail, custom_generate_kwargs, make_decoder, unsupported_options
 from .decode.runtime import FixedPlan, LayerPolicy, LayerRuntime, Stats
@@ -77,6 +77,10 @@ class Shortcut:
         self._draft_length: int | None = None  # lossless draft length reached by the latest call
         # Lookup-draft lengths per situation, learned from every verification.
         self._lookup_lengths = DraftLengths(config.lossless.accept_bar)
+        # Chances of shallow draft tokens, learned from every verification; they belong
+        # to the skills they were measured on and start again when those change.
+        self._shallow_odds = ShallowOdds(config.lossless.accept_bar)
+        self._odds_for: tuple[int, int] | None = None
         self._warned: set[str] = set()
         self._reference = False  # inside reference(): plain generate, counted, not learned
         self.fast: FastController | None = None  # fast mode's audits and calibration
@@ -279,6 +283,10 @@ class Shortcut:
             # Without an observer the drafter recalls practised sequences only.
             observer, heads, policy = (learner.observer, learner.heads, learner.policy) if learner else (None,) * 3
             self._lookup_lengths.accept_bar = self.config.lossless.accept_bar  # the config may change between calls
+            if learner is not None and self._odds_for != (id(learner), learner.stats.consolidations):
+                self._shallow_odds = ShallowOdds(self.config.lossless.accept_bar)
+                self._odds_for = (id(learner), learner.stats.consolidations)
+            self._shallow_odds.accept_bar = self.config.lossless.accept_bar
             drafter = ShallowDrafter(self.model, self._runtime, observer, heads, policy, trail,
                                      max_draft=self.config.lossless.max_draft,
                                      min_confidence=self.config.lossless.draft_confidence,
@@ -286,7 +294,7 @@ class Shortcut:
                                      on_full_path=learner.learn_recorded if learner else None,
                                      num_draft=self._draft_length, sequences=sequences,
                                      shallow=self.config.lossless.shallow_drafts, lengths=self._lookup_lengths,
-                                     copy_text=self.config.lossless.copy_drafts)
+                                     copy_text=self.config.lossless.copy_drafts, odds=self._shallow_odds)
             try:
                 decoder = make_decoder(drafter, self.decode_stats, streamer=stream, on_fallback=self._warn_full_path)
                 output = original(*args, custom_generate=decoder, **kwargs)

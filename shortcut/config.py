@@ -77,11 +77,11 @@ class LosslessConfig:
             far): where the text ends the way an earlier part of it went on, what
             followed there is proposed, as practised sequences are (a span quoted from
             the prompt, a repeated name or line). No layer runs to make it.
-        accept_bar: a draft recalled from the practised sequences or copied from the text
-            proposes a token only while the chance that verification accepts it, learned
-            per situation from earlier verifications, is at least this
-            (``shortcut/decode/draft_length.py``); lower drafts longer and wastes more
-            compute on rejected tokens.
+        accept_bar: a draft (recalled from the practised sequences, copied from the text,
+            or made by the shallow path) proposes a token only while the chance that
+            verification accepts it, learned per situation from earlier verifications,
+            is at least this (``shortcut/decode/draft_length.py``); lower drafts longer
+            and wastes more compute on rejected tokens.
         shallow_drafts: drafts that the practised sequences do not supply come from the
             shallow path (exit heads chosen by the policy). ``False``: only the practised
             sequences draft and every other token takes the full path, which measures what

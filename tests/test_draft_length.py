@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shortcut.decode.draft_length import EXPLORE, DraftLengths, bucket
+from shortcut.decode.draft_length import EXPLORE, DraftLengths, ShallowOdds, bucket
 
 
 def test_lengths_follow_the_measured_acceptance_of_each_situation():
@@ -39,3 +39,28 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="source='shallow'"):
         DraftLengths().length("shallow", True, 3)
     assert bucket(2) == 3 and bucket(11) == 6 and bucket(100) == 48
+
+
+def test_shallow_odds_learn_per_exit_and_confidence_and_gate_the_draft():
+    odds = ShallowOdds(accept_bar=0.3)
+    sure, unsure = (3, 0.97), (3, 0.6)
+    assert odds.probability(*sure) > odds.probability(*unsure)  # the prior follows the head's confidence
+    assert odds.worth(*sure) and odds.worth(*unsure)
+    for _ in range(20):  # confident tokens at exit 3 keep being rejected on this workload
+        odds.update([sure, sure], accepted=0, rejected=True)
+    assert odds.probability(*sure) < 0.3
+    assert odds.probability(5, 0.97) > 0.9  # another exit layer is another situation
+    # Below the bar the first token is proposed once every EXPLORE-th time, a later one never.
+    got = [odds.worth(*sure) for _ in range(2 * EXPLORE)]
+    assert got.count(True) == 2
+    assert not odds.worth(*sure, reach=0.99)
+    # Reaching a token multiplies the chances of those before it.
+    p = odds.probability(*unsure)
+    assert odds.worth(*unsure, reach=0.3 / p + 1e-6) and not odds.worth(*unsure, reach=0.3 / p - 1e-6)
+    # Outcomes: the accepted prefix counts as accepted, the next token as the rejection.
+    before = [list(odds.counts[(5, 0.95)])] if (5, 0.95) in odds.counts else None
+    odds.update([(5, 0.97), (5, 0.97), (5, 0.6)], accepted=2, rejected=True)
+    assert before is not None and odds.counts[(5, 0.95)][0] == before[0][0] + 2
+    assert odds.counts[(5, 0.5)][1] == pytest.approx(4 * 0.45 + 1)  # the prior's share and this one
+    with pytest.raises(ValueError, match="accept_bar=0.0"):
+        ShallowOdds(accept_bar=0.0)

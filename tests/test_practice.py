@@ -113,6 +113,33 @@ def test_an_unsure_first_draft_token_runs_each_layer_once(practised):
     assert runs == [runs[0]] * len(runs)  # every token through every layer, once
 
 
+def test_shallow_tokens_whose_learned_odds_are_low_are_not_drafted(practised):
+    """Where verification kept rejecting the shallow path's tokens, the learned odds
+    decline them: the first token goes on through every layer (as plain decoding), no
+    shallow token is proposed, and the output is the unwrapped model's."""
+    model, handle, _ = practised
+    with handle.disabled():
+        ref = model.generate(input_ids=PROMPTS[1], max_new_tokens=10, do_sample=False)
+    handle.config.lossless.recall_sequences = handle.config.lossless.copy_drafts = False  # the shallow path drafts
+    try:
+        model.generate(input_ids=PROMPTS[1], max_new_tokens=10, do_sample=False)  # learns the situations
+        odds = handle._shallow_odds
+        assert odds.counts, "the shallow drafts' outcomes must be recorded"
+        for counts in odds.counts.values():  # as if every shallow token had been rejected
+            counts[0], counts[1] = 0.0, 50.0
+        before = handle.decode_stats.copy()
+        handle.stats.reset()
+        out = model.generate(input_ids=PROMPTS[1], max_new_tokens=10, do_sample=False)
+    finally:
+        handle.config.lossless.recall_sequences = handle.config.lossless.copy_drafts = True
+    assert torch.equal(out, ref)
+    delta = handle.decode_stats - before
+    assert delta.draft_declined > 0
+    assert delta.drafted <= 1  # at most the one exploring proposal
+    runs = handle.stats.total.per_layer_runs
+    assert min(runs) >= runs[0] - 1  # nearly every token through every layer, once
+
+
 def test_practised_sequences_are_recalled_as_drafts_without_running_layers(practised):
     """A practised prompt's answer is in the sequence memory (lossless output, learning
     on): the next call drafts it from there, runs no draft forward, verifies in few

@@ -96,3 +96,72 @@ class DraftLengths:
     def to_dict(self) -> dict[str, list[float]]:
         """Json-ready counts (``"source|opening|bucket"`` -> [accepted, rejections])."""
         return {f"{s}|{int(o)}|{b}": list(v) for (s, o, b), v in self.counts.items()}
+
+
+CONFIDENCE_BUCKETS = (0.0, 0.5, 0.7, 0.85, 0.95)  # lower bounds of the head-confidence buckets
+SHALLOW_PRIOR_TOKENS = 4.0  # verified tokens the prior of a shallow situation counts as
+
+
+def confidence_bucket(confidence: float) -> float:
+    """The lower bound of ``confidence``'s bucket."""
+    return max(b for b in CONFIDENCE_BUCKETS if confidence >= b) if confidence >= 0.0 else 0.0
+
+
+@dataclass
+class ShallowOdds:
+    """The chance that a token the shallow path drafts is accepted, per situation, and
+    whether it is worth proposing.
+
+    A shallow token is not free like a lookup token: it costs the layers under its exit
+    and an SAE encode to make, and a position in the verification forward. Where the
+    exit heads are often wrong (a practised task's structure is familiar, its new content
+    is not), proposing burns that compute. So each situation, the exit layer and the
+    exit head's confidence bucket, keeps the same estimate as a lookup situation
+    (``accepted / (accepted + rejections)`` over verified shallow tokens, starting from a
+    prior of a few tokens at about the bucket's confidence), and a draft proposes its next token only
+    while the chance of reaching it, the product of its tokens' estimates, stays at least
+    ``accept_bar``. A token that would fall below the bar ends the draft; as the first
+    token of a draft it simply goes on through every layer (plain decoding's step). A
+    situation below the bar is still proposed as a draft's first token every
+    ``EXPLORE``-th time it comes up, so an estimate that was too low can recover.
+    """
+
+    accept_bar: float = 0.3
+    counts: dict[tuple[int, float], list[float]] = field(default_factory=dict)
+    _declined: dict[tuple[int, float], int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.accept_bar < 1.0:
+            raise ValueError(f"accept_bar={self.accept_bar} must be in (0, 1)")
+
+    def _counts(self, exit_layer: int, confidence: float) -> list[float]:
+        key = (exit_layer, confidence_bucket(confidence))
+        if key not in self.counts:
+            p = min(0.95, max(0.3, key[1] + 0.05))
+            self.counts[key] = [SHALLOW_PRIOR_TOKENS * p, SHALLOW_PRIOR_TOKENS * (1.0 - p)]
+        return self.counts[key]
+
+    def probability(self, exit_layer: int, confidence: float) -> float:
+        """The chance that a token drafted at ``exit_layer`` with this head confidence is
+        accepted, given that the draft's tokens before it were."""
+        accepted, rejections = self._counts(exit_layer, confidence)
+        return accepted / (accepted + rejections)
+
+    def worth(self, exit_layer: int, confidence: float, reach: float = 1.0) -> bool:
+        """Whether to propose a token drafted in this situation after earlier tokens whose
+        chances multiply to ``reach`` (1.0: the draft's first token)."""
+        if reach * self.probability(exit_layer, confidence) >= self.accept_bar:
+            return True
+        if reach < 1.0:
+            return False
+        key = (exit_layer, confidence_bucket(confidence))
+        self._declined[key] = (self._declined.get(key, 0) + 1) % EXPLORE
+        return self._declined[key] == 0
+
+    def update(self, situations: list[tuple[int, float]], accepted: int, rejected: bool) -> None:
+        """Record a verified shallow draft whose tokens were made in ``situations``:
+        the first ``accepted`` were accepted, the next was rejected if ``rejected``."""
+        for situation in situations[:accepted]:
+            self._counts(*situation)[0] += 1.0
+        if rejected and accepted < len(situations):
+            self._counts(*situations[accepted])[1] += 1.0

@@ -74,7 +74,7 @@ from ..learn.sequences import SequenceMemory, TextIndex
 from ..observe import Observer, Signature
 from ..policy.exits import ExitPolicy, PolicyDecision
 from ..policy.heads import ExitHeads, Prediction
-from .draft_length import DraftLengths
+from .draft_length import DraftLengths, ShallowOdds
 from .stats import DecodeStats
 
 if TYPE_CHECKING:
@@ -211,7 +211,8 @@ class DraftStep:
     """
 
     def __init__(self, observer: Observer, policy: ExitPolicy, trail: Trail, *,
-                 heads: ExitHeads | None = None, min_confidence: float = 0.0) -> None:
+                 heads: ExitHeads | None = None, min_confidence: float = 0.0,
+                 odds: ShallowOdds | None = None) -> None:
         self.observer = observer
         self.policy = policy
         self.trail = trail  # where the previous token's memory matches come from
@@ -220,8 +221,14 @@ class DraftStep:
         # step verification would run anyway) instead of stopping and running again.
         self.draft_heads = heads
         self.min_confidence = min_confidence
+        # With odds, a token is proposed only while the chance of reaching it stays at
+        # the bar: ``reach`` is the product of the draft's earlier tokens' chances.
+        self.odds = odds
+        self.reach = 1.0
+        self.situation: tuple[int, float] | None = None  # exit layer and head confidence
         self.prediction: Prediction | None = None
         self.unsure = False
+        self.declined = False  # the head was sure enough, the odds not worth a proposal
         self.position = 0  # of the token the next forward feeds
         self.signature_layer = observer.layer + 1
         self.exit_layer: int | None = None
@@ -235,7 +242,7 @@ class DraftStep:
     def begin(self, input_ids: torch.Tensor | None) -> None:
         """Start a forward: forget the previous token's decision."""
         self.exit_layer, self.exit_hidden, self.signature, self.decision = None, None, None, None
-        self.prediction, self.unsure = None, False
+        self.prediction, self.unsure, self.declined, self.situation = None, False, False, None
 
     def should_run(self, layer_idx: int, hidden: torch.Tensor) -> bool:
         """Run up to the signature layer, decide the exit there, and stop after it."""
@@ -254,7 +261,12 @@ class DraftStep:
             self.exit_hidden = hidden
             if self.draft_heads is not None:
                 self.prediction = self.draft_heads.predict(layer_idx, hidden[:, -1])
-                self.unsure = float(self.prediction.confidence) < self.min_confidence
+                confidence = float(self.prediction.confidence)
+                self.situation = (layer_idx, confidence)
+                self.unsure = confidence < self.min_confidence
+                if not self.unsure and self.odds is not None:
+                    self.declined = not self.odds.worth(layer_idx, confidence, self.reach)
+                    self.unsure = self.declined
                 if self.unsure and self.unfamiliar_runs_full:
                     self.exit_layer = None
                     return True
@@ -274,7 +286,8 @@ class ShallowDrafter:
                  policy: ExitPolicy | None, trail: Trail | None, *, max_draft: int, min_confidence: float,
                  stats: DecodeStats, on_full_path: Callable[[torch.Tensor], None] | None = None,
                  num_draft: int | None = None, sequences: SequenceMemory | None = None,
-                 shallow: bool = True, lengths: DraftLengths | None = None, copy_text: bool = False) -> None:
+                 shallow: bool = True, lengths: DraftLengths | None = None, copy_text: bool = False,
+                 odds: ShallowOdds | None = None) -> None:
         self.base = getattr(model, model.base_model_prefix)
         self.model = model
         self.on_full_path = on_full_path  # gets the logits of a token that took the full path
@@ -285,7 +298,8 @@ class ShallowDrafter:
         if observer is not None:
             if heads is None or policy is None or trail is None:
                 raise ValueError("a drafter with an observer needs its exit heads, policy and trail too")
-            self.step = DraftStep(observer, policy, trail, heads=heads, min_confidence=min_confidence)
+            self.step = DraftStep(observer, policy, trail, heads=heads, min_confidence=min_confidence, odds=odds)
+        self.odds = odds  # learned chances of shallow tokens (the caller's persist); None: no gate
         self.max_draft = max_draft
         # Doubles while every drafted token is accepted; the caller carries it from one
         # generate call to the next (a practised workload keeps its long drafts).
@@ -298,6 +312,7 @@ class ShallowDrafter:
         self.recalled = False  # whether the latest draft came from the practised sequences
         self.copied = False  # whether it came from the text itself
         self._situation: tuple[str, bool, int] | None = None  # the latest lookup draft's, for record()
+        self._shallow_situations: list[tuple[int, float]] = []  # the latest shallow draft's tokens'
         # Back-off: after a draft attempt that produced nothing accepted, skip the next
         # `_pause` steps (doubling up to 8): asking costs an SAE encode and a policy
         # decision, a rejected draft its layers and a wider verification, and unfamiliar
@@ -320,6 +335,7 @@ class ShallowDrafter:
         inputs = inputs or SequenceInputs({})
         self.attempted, self.recalled, self.copied = False, False, False
         self._situation = None
+        self._shallow_situations = []
         self.full_logits = None
         if limit <= 0:
             return input_ids[:, :0]
@@ -342,6 +358,7 @@ class ShallowDrafter:
         self.runtime.policy = self.step
         self.attempted = True
         self.step.ceiling = None
+        self.step.reach = 1.0
         # The first token is the one verification would run anyway: when it is
         # unfamiliar it simply continues through every layer (plain decoding's step).
         self.step.unfamiliar_runs_full = True
@@ -356,7 +373,9 @@ class ShallowDrafter:
                 self.step.unfamiliar_runs_full = False
                 if self.step.exit_layer is None and index == 0:
                     self.stats.full_path_steps += 1
-                    if self.step.unsure:
+                    if self.step.declined:
+                        self.stats.draft_declined += 1
+                    elif self.step.unsure:
                         self.stats.draft_unsure += 1
                     else:
                         self.stats.draft_unfamiliar += 1
@@ -373,11 +392,17 @@ class ShallowDrafter:
                 self.stats.head_params += heads.head_cost(self.step.exit_layer)["shortlist"]
                 pred = self.step.prediction
                 if self.step.unsure:
-                    self.stats.draft_unsure += 1
+                    if self.step.declined:
+                        self.stats.draft_declined += 1
+                    else:
+                        self.stats.draft_unsure += 1
                     break
-                assert pred is not None  # the step has heads: they predict at every exit
+                assert pred is not None and self.step.situation is not None  # heads predict at every exit
                 token = pred.token_ids.view(1, 1)
                 drafted.append(token)
+                self._shallow_situations.append(self.step.situation)
+                if self.odds is not None:
+                    self.step.reach *= self.odds.probability(*self.step.situation)
                 if int(token) in stop_ids:  # nothing after the end is ever accepted
                     break
                 position += 1
@@ -473,6 +498,8 @@ class ShallowDrafter:
             if self._situation is not None:
                 self.lengths.update(*self._situation, accepted=accepted, rejected=rejected)
             return
+        if self.odds is not None:
+            self.odds.update(self._shallow_situations, accepted, rejected)
         if accepted == drafted:
             self.num_draft = min(self.max_draft, 2 * self.num_draft)
         else:  # the next draft proposes one more than this one got accepted

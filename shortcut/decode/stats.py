@@ -31,6 +31,8 @@ class DecodeStats:
             (unfamiliar or unsure), standing in for a plain decoding step.
         draft_unfamiliar: of those, the ones the policy sent to the full path.
         draft_unsure: drafts ended by an exit head below the confidence bar.
+        draft_declined: drafts ended where the learned chance of reaching the next
+            shallow token fell below ``accept_bar`` (``ShallowOdds``).
         draft_refusals: drafts ended by a later token the policy found unfamiliar.
         draft_paused: decoding steps the back-off skipped without asking the policy.
         observer_encodes: SAE encodes of a single position (decisions and trails).
@@ -51,6 +53,7 @@ class DecodeStats:
     full_path_steps: int = 0
     draft_unfamiliar: int = 0
     draft_unsure: int = 0
+    draft_declined: int = 0
     draft_refusals: int = 0
     draft_paused: int = 0
     observer_encodes: int = 0

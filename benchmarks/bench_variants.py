@@ -1,0 +1,112 @@
+"""Decoding variants on frozen skills, each paired with plain ``generate`` per prompt.
+
+Loads a skills folder (e.g. the ``skills/`` of a ``shortcut-eval practice`` run), then
+for every prompt of the chosen test sets runs plain ``generate`` and each variant in
+rotating order in one process, and prints per set and variant the median speed ratio
+and FLOPs ratio to plain, drafted tokens per generated token, acceptance, identical
+outputs and agreement (``shortcut_eval.workload.measure_prompt``). A variant is a
+``ShortcutConfig`` change by dotted name, plus ``"mode"`` and one benchmark-only switch:
+``"shallow_odds": false`` proposes every shallow token the heads are sure of, as before
+the learned odds existed (an ablation of ``ShallowOdds``).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_variants.py --skills runs/eval/<run>/skills \\
+        --sets transfer --variants '{"full": {}, "memory only": {"lossless.shallow_drafts": false}}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import shortcut_eval.workload as workload
+from shortcut.decode.draft_length import ShallowOdds
+from shortcut_eval.peers import peer_methods
+from shortcut_eval.workload import DATA, Method, load_system, prompt_sets, summarise
+
+SETS = ("exact repeats", "near-duplicates", "transfer", "novel")
+
+
+class ProposeAll(ShallowOdds):
+    """Odds that find every shallow token worth proposing (the ablation)."""
+
+    def worth(self, exit_layer: int, confidence: float, reach: float = 1.0) -> bool:
+        return True
+
+
+def _with_own_odds(ablated: set[str]) -> Any:
+    """``workload.generate`` where each variant keeps its own learned shallow odds, so one
+    variant's outcomes do not steer another's drafts."""
+    plain_generate = workload.generate
+    odds: dict[str, ShallowOdds] = {}
+
+    def generate(method: Method, ids: Any, new_tokens: int) -> dict[str, Any]:
+        handle = method.system.handle
+        if method.kind != "shortcut" or handle.learner is None:
+            return plain_generate(method, ids, new_tokens)
+        saved = handle._shallow_odds
+        handle._odds_for = (id(handle.learner), handle.learner.stats.consolidations)  # frozen skills
+        bar = handle.config.lossless.accept_bar
+        handle._shallow_odds = odds.setdefault(method.name, ProposeAll(bar) if method.name in ablated
+                                               else ShallowOdds(bar))
+        try:
+            return plain_generate(method, ids, new_tokens)
+        finally:
+            odds[method.name] = handle._shallow_odds
+            handle._shallow_odds = saved
+
+    return generate
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skills", required=True, help="a practised skills folder")
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--sets", nargs="+", choices=SETS, default=["transfer"])
+    parser.add_argument("--test-prompts", type=int, default=12, help="prompts per set")
+    parser.add_argument("--family-prompts", type=int, default=6,
+                        help="practised instances per task family (as the practice run had them)")
+    parser.add_argument("--practice-prompts", type=int, default=8, help="as the practice run had them")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--lookup-tokens", type=int, default=0, help="add prompt lookup with this many tokens")
+    parser.add_argument("--variants", default='{"full": {}, "memory only": {"lossless.shallow_drafts": false}}',
+                        help="JSON: name -> options")
+    args = parser.parse_args(argv)
+    try:
+        variants = json.loads(args.variants)
+    except json.JSONDecodeError as error:
+        parser.error(f"--variants is not JSON: {error}")
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+        parser.error('--variants must map names to option objects, e.g. {"full": {}}')
+
+    system = load_system("skills", args.model, dtype="float32", skills=args.skills, seed=0, corpus=Path("."),
+                         sae_steps=1, progress=False)
+    sets = prompt_sets(DATA / "prompts.jsonl", DATA / "near_duplicates.jsonl", n_practice=args.practice_prompts,
+                       n_test=args.test_prompts, families=DATA / "families.jsonl", n_family=args.family_prompts)
+    ablated = {name for name, options in variants.items() if options.pop("shallow_odds", True) is False}
+    methods = [Method(name, "shortcut", system, mode=options.pop("mode", "lossless"), options=options)
+               for name, options in variants.items()]
+    methods += peer_methods(system, [], args.lookup_tokens)
+    workload.generate = _with_own_odds(ablated)
+    plain = Method("plain", "plain", system)
+    results: dict[str, dict[str, Any]] = {}
+    rotation = 0
+    for set_name in args.sets:
+        rows: dict[str, list[dict[str, Any]]] = {m.name: [] for m in methods}
+        for record in sets[set_name]:
+            for name, row in workload.measure_prompt(methods, plain, record, args.max_new_tokens, rotation).items():
+                if name in rows:
+                    rows[name].append(row)
+            rotation += 1
+        for method in methods:
+            s = summarise(rows[method.name])
+            results[f"{set_name} / {method.name}"] = s
+            print(f"{set_name:<16} {method.name:<24} speed {s['speed_ratio']:.2f}x  FLOPs {s['flops_rel']:.2f}  "
+                  f"drafted/token {s['drafted_per_token']:.2f}  acceptance {s['acceptance'] or 0:.2f}  "
+                  f"identical {s['identical']:.0%}  agreement {s['agreement']:.3f}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
