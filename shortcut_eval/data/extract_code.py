@@ -94,6 +94,7 @@ DOC_CHARS = (40, 320)
 
 
 def src(path: str, line: int) -> str:
+    """The ``source`` field of a line in ``Lib/<path>``."""
     return f"cpython=={PYTHON}:Lib/{path}#L{line}"
 
 
@@ -110,6 +111,7 @@ def library_files() -> list[tuple[str, str]]:
 
 
 def first_paragraph(doc: str) -> str:
+    """A docstring's first paragraph on one line."""
     return " ".join(inspect.cleandoc(doc).split("\n\n")[0].split())
 
 
@@ -205,6 +207,7 @@ def reference_paragraphs() -> list[dict]:
 
 
 def request(kind: str, item: dict) -> str:
+    """The request of ``kind`` about ``item`` (a function, loop or reference paragraph)."""
     if kind == "write-function":
         return INSTRUCTIONS[kind].format(name=item["name"], signature=item["signature"], doc=item["doc"])
     if kind == "add-docstring":
@@ -213,6 +216,7 @@ def request(kind: str, item: dict) -> str:
 
 
 def answer(kind: str, item: dict) -> str | None:
+    """The reference answer of a request, as a Markdown code block (``None``: none known)."""
     if kind in ("write-function", "add-docstring"):
         return f"```python\n{item['code']}\n```"
     if kind == "list-comprehension":
@@ -221,6 +225,7 @@ def answer(kind: str, item: dict) -> str | None:
 
 
 def record(kind: str, item: dict, split: str, number: int) -> dict:
+    """A single-turn prompt record."""
     return {"id": f"code-{kind}-{number}", "prompt": request(kind, item), "source": item["source"], "kind": kind,
             "split": split, "reference": answer(kind, item)}
 
@@ -237,6 +242,7 @@ def edit(kind: str, item: dict, rng: random.Random) -> tuple[list[dict], str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Write the three files; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=HERE, help="output folder (default: next to this script)")
     args = parser.parse_args(argv)
