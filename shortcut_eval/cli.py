@@ -15,6 +15,7 @@ and, for practice, ``practice_curve.png`` into ``--out`` (default
 
     shortcut-eval practice --quick                 # < 10 min on a laptop CPU
     shortcut-eval practice                         # the full benchmark (30 prompts, 5 rounds, 64 tokens)
+    shortcut-eval practice --workload code --model qwen2.5-coder-0.5b   # coding requests and edits
     shortcut-eval practice --skills A --compare B --rounds 0   # two skills folders, same test sets
     shortcut-eval agreement --skills A --mode fast
     shortcut-eval choice --skills A
@@ -34,7 +35,7 @@ from shortcut.data import DEFAULT_PASSAGES, check_prompt_lengths, context_length
 
 from . import report, tasks
 from .peers import default_early_exits
-from .workload import DATA, DTYPES, System, load_system, prompt_sets, read_choices
+from .workload import DATA, DTYPES, WORKLOADS, System, load_system, prompt_sets, read_choices
 
 TASKS = ("practice", "agreement", "choice")
 QUICK = {  # option: (quick, full)
@@ -64,15 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     practice = parser.add_argument_group("practice")
-    practice.add_argument("--prompts", type=Path, default=DATA / "prompts.jsonl",
-                          help="JSONL with 'prompt' or 'messages'; 'split' practice/novel")
+    practice.add_argument("--workload", choices=sorted(WORKLOADS), default=None,
+                          help="committed prompts, near-duplicates/edits and task families: chat (the default: "
+                               "instructions and trivia) or code (Python coding requests and edits of earlier "
+                               "answers); see shortcut_eval/data/README.md")
+    practice.add_argument("--prompts", type=Path, default=None,
+                          help="JSONL with 'prompt' or 'messages'; 'split' practice/novel (instead of --workload)")
     practice.add_argument("--near", type=Path, default=None,
-                          help="near-duplicates JSONL ('of' = a practised id); default: the committed set "
-                               "when --prompts is the committed file")
+                          help="near-duplicates JSONL ('of' = a practised id); default: the workload's set "
+                               "when --prompts is a committed workload's file")
     practice.add_argument("--families", default=None,
                           help="task-family JSONL ('family'; 'split' practice/transfer): practice instances join "
-                               "the stream, unseen ones form the transfer set; default: the committed families "
-                               "when --prompts is the committed file; none: off")
+                               "the stream, unseen ones form the transfer set; default: the workload's families "
+                               "when --prompts is a committed workload's file; none: off")
     practice.add_argument("--practice-prompts", type=integer(1), default=None,
                           help="prompts practised (quick 8, full 30)")
     practice.add_argument("--family-prompts", type=integer(1), default=None,
@@ -118,11 +123,16 @@ def _resolve(args: argparse.Namespace) -> None:
     if args.task != "practice" and not args.skills:
         raise UsageError(f"{args.task} measures learned skills: give --skills DIR (see shortcut practice)")
     args.auto_early_exit = args.early_exit is None  # filled from the model depth once it is loaded
-    committed = args.prompts.resolve() == (DATA / "prompts.jsonl").resolve()
+    if args.workload is not None and args.prompts is not None:
+        raise UsageError(f"--workload {args.workload} and --prompts {args.prompts} both name the prompts; give one")
+    if args.prompts is None:
+        args.prompts = WORKLOADS[args.workload or "chat"][0]
+    # a committed prompts file brings its workload's near-duplicates and families
+    committed = next((files for files in WORKLOADS.values() if args.prompts.resolve() == files[0].resolve()), None)
     if args.near is None and committed:
-        args.near = DATA / "near_duplicates.jsonl"
+        args.near = committed[1]
     if args.families is None:
-        args.families = DATA / "families.jsonl" if committed else None
+        args.families = committed[2] if committed else None
     elif args.families.strip().lower() == "none":
         args.families = None
     else:

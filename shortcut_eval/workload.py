@@ -28,6 +28,12 @@ from shortcut.decode.stats import DecodeStats
 from shortcut.models import cache_root
 
 DATA = Path(__file__).resolve().parent / "data"
+#: committed workloads of ``shortcut-eval practice --workload``: prompts (practice/novel),
+#: near-duplicates or edits of practised prompts, task families (practice/transfer)
+WORKLOADS = {
+    "chat": (DATA / "prompts.jsonl", DATA / "near_duplicates.jsonl", DATA / "families.jsonl"),
+    "code": (DATA / "code_prompts.jsonl", DATA / "code_edits.jsonl", DATA / "code_families.jsonl"),
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
