@@ -235,7 +235,7 @@ def decode_batch(model: Any, drafter: Any, stats: DecodeStats, input_ids: torch.
         stats.recalled += count
         return drafts
 
-    # -- the prefill carries each row's practised continuation ------------------------------
+    # -- the prefill carries each row's draft (see propose) ------------------------------------
     drafts = propose(first=True)
     width_k = max(len(d) for d in drafts)
     padded = torch.tensor([d + [pad_id] * (width_k - len(d)) for d in drafts], dtype=input_ids.dtype, device=device)
