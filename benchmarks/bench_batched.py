@@ -13,8 +13,16 @@ For each it prints the median over batches of plain and wrapped tokens/s (new to
 pad tokens after an end of sequence not counted), the median of the per-batch ratio,
 how many batches are identical to plain, and the drafted tokens accepted per new token.
 
+With ``--costs`` it first times one forward of ``rows x width`` new tokens after a
+cache of 100 tokens (logits at every position, as verification computes them) for each
+batch size: a plain step is ``width 1``; an exact-repeat batch verifies every row's
+answer in one forward about ``new tokens`` wide. The ratio of ``new tokens - 1`` plain
+steps to that forward bounds what exact repeats can gain on the answer part alone (the
+prompt's prefill costs both sides the same, so the whole call gains less).
+
     OMP_NUM_THREADS=1 python benchmarks/bench_batched.py
     OMP_NUM_THREADS=1 python benchmarks/bench_batched.py --batches 2 --new-tokens 16
+    OMP_NUM_THREADS=1 python benchmarks/bench_batched.py --costs
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
 
 import shortcut  # noqa: E402
 from shortcut.data import read_prompts  # noqa: E402
@@ -52,6 +61,29 @@ def new_count(out: torch.Tensor, width: int, pad: int) -> int:
     return int((out[:, width:] != pad).sum())
 
 
+@torch.no_grad()
+def forward_costs(model: Any, sizes: list[int], new_tokens: int, repeats: int = 5) -> None:
+    """Print the median ms of a forward of ``rows x width`` tokens after a 100-token cache."""
+    widths = sorted({1, 2, 4, 8, 16, new_tokens})
+    print(f"forward ms by rows x width (after 100 cached tokens), median of {repeats}")
+    print(f"{'rows':>5}" + "".join(f"{w:>9}" for w in widths) + f"{'bound x':>9}")
+    for rows in sizes:
+        prompt = torch.randint(100, 20000, (rows, 100))
+        ms = []
+        for width in widths:
+            times = []
+            for _ in range(repeats):
+                cache = DynamicCache(config=model.config)
+                model(input_ids=prompt, cache=cache, use_cache=True)
+                feed = torch.randint(100, 20000, (rows, width))
+                start = time.perf_counter()
+                model(input_ids=feed, cache=cache, use_cache=True)
+                times.append(time.perf_counter() - start)
+            ms.append(1000 * statistics.median(times))
+        bound = (new_tokens - 1) * ms[0] / ms[-1]  # plain steps per answer-wide forward
+        print(f"{rows:>5}" + "".join(f"{m:>9.1f}" for m in ms) + f"{bound:>8.2f}x")
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
@@ -60,11 +92,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--sizes", default="4,8")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--costs", action="store_true", help="first time forwards by rows x width")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     model, tok = shortcut.load_model(args.model)
     tok.padding_side = "left"
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.costs:
+        forward_costs(model, sizes, args.new_tokens)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     tok.pad_token_id = pad
     practised = [chat(tok, r["prompt"]) for r in read_prompts(DATA / "prompts.jsonl", split="practice")
@@ -74,7 +110,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for text in practised:  # plain greedy single-row calls: the memory keeps their answers
         model.generate(**tok(text, return_tensors="pt"), max_new_tokens=args.new_tokens, do_sample=False)
     rows = []
-    for size in [int(s) for s in args.sizes.split(",")]:
+    for size in sizes:
         for kind in ("exact", "mixed"):
             plain_tps, wrapped_tps, ratios, identical, accepted, new = [], [], [], 0, 0, 0
             for b in range(args.batches):

@@ -73,17 +73,45 @@ def test_exact_repeats_are_verified_by_the_prefill(practised_batch):
         assert delta.verify_forwards == 0, arch
 
 
-def test_mixed_practised_and_novel_rows_greedy(practised_batch, monkeypatch):
+def test_mixed_practised_and_novel_rows_greedy(practised_batch):
+    arch, model, handle = practised_batch
+    for prompts, new in (([PRACTISED[0], NOVEL[0]], 16), ([NOVEL[1], PRACTISED[2], NOVEL[2], PRACTISED[1]], 20),
+                         ([NOVEL[2], NOVEL[0], PRACTISED[3]], PRACTISED_NEW)):
+        compare(model, handle, prompts, max_new_tokens=new, do_sample=False)
+
+
+def test_a_row_without_a_draft_keeps_the_forward_narrow(practised_batch):
+    """The practised row's answer does not ride in the prefill while the other row has
+    nothing to propose (two tokens: too short for any lookup): it would only widen the
+    forward of both rows."""
+    arch, model, handle = practised_batch
+    ids, mask = left_padded([PRACTISED[0], NOVEL[1]])
+    options = dict(attention_mask=mask, max_new_tokens=PRACTISED_NEW, do_sample=False, pad_token_id=PAD)
+    with handle.disabled():
+        ref = model.generate(input_ids=ids, **options)
+    widths = []
+    hook = model.register_forward_hook(lambda m, args, kwargs, out: widths.append(kwargs["input_ids"].shape[1]),
+                                       with_kwargs=True)
+    try:
+        out = model.generate(input_ids=ids, **options)
+    finally:
+        hook.remove()
+    assert out.tolist() == ref.tolist()
+    assert widths[0] == ids.shape[1], (arch, widths)
+
+
+def test_rows_that_accept_differently_are_realigned(practised_batch, monkeypatch):
+    """Every row drafts (one its whole practised answer, one the rest of an answer it
+    began), they accept different numbers of tokens, and the lagging row's cache moves
+    right."""
     arch, model, handle = practised_batch
     shifts = []
     shift_rows = batched.shift_rows
     monkeypatch.setattr(batched, "shift_rows", lambda cache, mask, s: (shifts.append(list(s)),
                                                                       shift_rows(cache, mask, s)))
-    for prompts, new in (([PRACTISED[0], NOVEL[0]], 16), ([NOVEL[1], PRACTISED[2], NOVEL[2], PRACTISED[1]], 20),
-                         ([NOVEL[2], NOVEL[0], PRACTISED[3]], PRACTISED_NEW)):
-        delta = compare(model, handle, prompts, max_new_tokens=new, do_sample=False)
-        assert delta.accepted > 0, arch
-    # Rows accepted different numbers of tokens: the lagging rows were realigned.
+    began = handle.experience.sequences.sequences[1][:len(PRACTISED[1]) + 5]
+    delta = compare(model, handle, [PRACTISED[0], began, PRACTISED[2]], max_new_tokens=16, do_sample=False)
+    assert delta.accepted > 0, arch
     assert shifts, arch
 
 
@@ -92,22 +120,26 @@ def test_end_of_sequence_mid_batch(practised_batch):
     arch, model, handle = practised_batch
     answer = handle.experience.sequences.sequences[1][len(PRACTISED[1]):]
     eos = answer[4]  # the second row's practised answer ends at its fifth token
-    for prompts in ([PRACTISED[0], PRACTISED[1], NOVEL[0]], [NOVEL[1], PRACTISED[1]]):
+    for prompts in ([PRACTISED[0], PRACTISED[1], PRACTISED[2]], [PRACTISED[3], PRACTISED[1]]):
         delta = compare(model, handle, prompts, max_new_tokens=16, do_sample=False, eos_token_id=eos)
         assert delta.accepted > 0, arch
+    for prompts in ([PRACTISED[0], PRACTISED[1], NOVEL[0]], [NOVEL[1], PRACTISED[1]]):
+        compare(model, handle, prompts, max_new_tokens=16, do_sample=False, eos_token_id=eos)
     compare(model, handle, [PRACTISED[1], PRACTISED[0]], max_new_tokens=16, do_sample=False,
             eos_token_id=[eos, answer[7]])
 
 
 def test_max_length_and_unpadded_batches(practised_batch):
     arch, model, handle = practised_batch
-    ids = torch.tensor([PRACTISED[0], list(range(70, 82))])  # two prompts of 12 tokens, no padding
-    with handle.disabled():
-        ref = model.generate(input_ids=ids, max_length=30, do_sample=False, pad_token_id=PAD)
-    before = handle.decode_stats.copy()
-    out = model.generate(input_ids=ids, max_length=30, do_sample=False, pad_token_id=PAD)
-    assert out.tolist() == ref.tolist()
-    assert (handle.decode_stats - before).accepted > 0, arch
+    for second, drafts in ((PRACTISED[0], True), (list(range(70, 82)), False)):  # 12 tokens each: no padding
+        ids = torch.tensor([PRACTISED[0], second])
+        with handle.disabled():
+            ref = model.generate(input_ids=ids, max_length=30, do_sample=False, pad_token_id=PAD)
+        before = handle.decode_stats.copy()
+        out = model.generate(input_ids=ids, max_length=30, do_sample=False, pad_token_id=PAD)
+        assert out.tolist() == ref.tolist()
+        if drafts:
+            assert (handle.decode_stats - before).accepted > 0, arch
 
 
 def test_seeded_sampling_matches_plain(practised_batch):

@@ -7,16 +7,26 @@ call of more than one row. Transformers has prepared the call as for a single ro
 (processors, stopping criteria, a dynamic cache, the left-padded attention mask and the
 position ids it derives from it). Then
 
-1. the prefill carries, after each row's prompt, that row's practised continuation
-   (``ShallowDrafter.prompt_draft``), padded to a common width: a batch of exact repeats
-   is verified by the forward that reads its prompts;
+1. the prefill carries, after each row's prompt, that row's draft, padded to a common
+   width: a greedy row whose prompt was practised verbatim proposes its whole practised
+   answer (``SequenceMemory.answer``), so a batch of exact repeats is verified by the
+   forward that reads its prompts;
 2. each step, every unfinished row proposes what followed the end of its text in a
-   practised sequence (``SequenceMemory.continuation``; no layer runs, and a row whose drafts
-   keep failing backs off as the single-row loop does), and one forward over
-   ``[newest token, drafts...]`` of every row (shorter rows padded at the end) verifies
-   them all;
+   practised sequence (``SequenceMemory.lookup``; no layer runs), as many tokens as the
+   lengths learned from verification outcomes give its situation (the drafter's
+   ``DraftLengths``, shared with single-row calls; a row whose drafts keep failing also
+   backs off as the single-row loop does), and one forward over ``[newest token,
+   drafts...]`` of every row (shorter rows padded at the end) verifies them all;
 3. each row picks its next tokens from the full model's logits as plain decoding does,
    and accepts its drafts while they match.
+
+A forward (the prefill included) carries drafts only when every unfinished row has one.
+Its width is that of its widest row for every row, and what drafting saves is forwards:
+while one row has nothing to propose the batch needs its next forward anyway, and the
+other rows' accepted drafts only move tokens they would have produced one a step into a
+wider forward, while the padding of the rows without a draft is work for nothing (on a
+CPU, where each token of a forward costs compute, that made mixed batches slower than
+plain decoding).
 
 How rows accept (:func:`row_wise`):
 
@@ -135,16 +145,30 @@ def select_rows(cache: Any, keep: torch.Tensor) -> None:
             layer.batch_select_indices(keep)
 
 
-def recall(drafter: Any, text: list[int], limit: int, stop_ids: frozenset[int]) -> list[int]:
-    """What followed the end of ``text`` in a practised sequence (at most ``limit``
-    tokens, up to an end of sequence); ``[]`` without one or without a memory."""
-    if drafter.sequences is None or limit <= 0:
-        return []
-    tokens, _ = drafter.sequences.continuation(text, limit)
+def cut_at_stop(tokens: list[int], stop_ids: frozenset[int]) -> list[int]:
+    """``tokens`` up to and including the first end of sequence (nothing after it is
+    ever accepted)."""
     for i, token in enumerate(tokens):
-        if token in stop_ids:  # nothing after the end is ever accepted
+        if token in stop_ids:
             return tokens[:i + 1]
     return tokens
+
+
+def recall(drafter: Any, text: list[int], limit: int, stop_ids: frozenset[int],
+           opening: bool) -> tuple[list[int], tuple[str, bool, int] | None]:
+    """What followed the end of ``text`` in a practised sequence, as many tokens (at most
+    ``limit``) as the drafter's learned lengths give its situation (``opening``: right
+    after the prompt), and that situation, for :meth:`DraftLengths.update`; ``([], None)``
+    without a match or without a memory."""
+    if drafter.sequences is None or limit <= 0:
+        return [], None
+    tokens, agreement = drafter.sequences.lookup(text, limit)
+    if not tokens:
+        return [], None
+    tokens = tokens[:drafter.lengths.length("memory", opening, agreement)]
+    if not tokens:
+        return [], None
+    return cut_at_stop(tokens, stop_ids), ("memory", opening, agreement)
 
 
 @torch.no_grad()
@@ -184,17 +208,26 @@ def decode_batch(model: Any, drafter: Any, stats: DecodeStats, input_ids: torch.
 
     extend_prefill = can_extend_prefill(generation_config, model_kwargs)
 
+    situations: list[tuple[str, bool, int] | None] = [None] * batch  # of each row's lookup draft
+
     def propose(first: bool) -> list[list[int]]:
-        """Each row's draft: its practised continuation (lockstep: cut to the shortest,
-        none unless every row has one)."""
+        """Each row's draft (see the module doc), or none for any row unless every
+        unfinished row has one (lockstep: all cut to the shortest)."""
         drafts: list[list[int]] = [[] for _ in range(batch)]
         for r in active if extend_prefill or not first else []:
+            situations[r] = None
             limit = max_length - len(seqs[r]) - 1
-            if first and not do_sample:  # a greedy prefill recalls the whole practised answer
-                drafts[r] = recall(drafter, texts[r], limit, stop_ids)
-            elif first or backoff.ready(r):
-                drafts[r] = recall(drafter, texts[r], min(limit, max_draft), stop_ids)
-        if not independent:
+            if first and not do_sample and drafter.sequences is not None:
+                # A greedy prompt practised verbatim: its whole practised answer.
+                drafts[r] = cut_at_stop(drafter.sequences.answer(texts[r], limit), stop_ids)
+            if not drafts[r] and (first or backoff.ready(r)):
+                drafts[r], situations[r] = recall(drafter, texts[r], min(limit, max_draft), stop_ids, first)
+        # A forward is as wide as its widest row for every row, and it is saved only when
+        # every row moves on: a row with nothing to propose needs the step anyway, so
+        # the others' drafts would only add width (they go on one token a step as cheaply).
+        if not all(drafts[r] for r in active):
+            drafts = [[] for _ in range(batch)]
+        elif not independent:
             k = min(len(drafts[r]) for r in active)
             drafts = [d[:k] for d in drafts]
         count = sum(len(d) for d in drafts)
@@ -202,7 +235,7 @@ def decode_batch(model: Any, drafter: Any, stats: DecodeStats, input_ids: torch.
         stats.recalled += count
         return drafts
 
-    # -- the prefill carries each row's practised continuation ------------------------------
+    # -- the prefill carries each row's draft (see propose) ------------------------------------
     drafts = propose(first=True)
     width_k = max(len(d) for d in drafts)
     padded = torch.tensor([d + [pad_id] * (width_k - len(d)) for d in drafts], dtype=input_ids.dtype, device=device)
@@ -213,6 +246,7 @@ def decode_batch(model: Any, drafter: Any, stats: DecodeStats, input_ids: torch.
         # -- accept: pending [A, 1 + width_k, V] picks each row's next tokens -------------
         accepted = [0] * len(active)  # matched drafts of each row
         appended = [0] * len(active)  # new tokens of each row
+        rejected = [False] * len(active)  # whether a row's draft met a token it did not propose
         if independent:
             choice = pending.float().argmax(dim=-1).tolist()
             for a, r in enumerate(active):
@@ -226,6 +260,7 @@ def decode_batch(model: Any, drafter: Any, stats: DecodeStats, input_ids: torch.
                     unfinished[r] = not bool(stopping_criteria(row, None)[0])
                     matched = i < len(draft) and token == draft[i]
                     accepted[a] += matched
+                    rejected[a] = i < len(draft) and not matched
                     if not unfinished[r] or not matched:
                         break
         else:
@@ -253,6 +288,7 @@ def decode_batch(model: Any, drafter: Any, stats: DecodeStats, input_ids: torch.
                         appended[a] += 1
                         matched = i < len(drafts[r]) and values[r] == drafts[r][i]
                         accepted[a] += matched
+                        rejected[a] = rejected[a] or (i < len(drafts[r]) and not matched)
                         go_on = go_on and matched
                 done = stopping_criteria(ids, None).tolist()
                 unfinished = [u and not d for u, d in zip(unfinished, done)]
@@ -263,6 +299,8 @@ def decode_batch(model: Any, drafter: Any, stats: DecodeStats, input_ids: torch.
                 stats.accepted += accepted[a]
                 stats.recall_accepted += accepted[a]
                 backoff.record(r, len(drafts[r]), accepted[a])
+                if situations[r] is not None:
+                    drafter.lengths.update(*situations[r], accepted=accepted[a], rejected=rejected[a])
         if not any(unfinished):
             break
         # -- drop finished rows, realign the others ----------------------------------------
