@@ -308,9 +308,28 @@ class Shortcut:
             if trail is not None:
                 trail.close()
             if collector is not None:
-                collector.end_call(self.config.seed)
+                collector.end_call(self.config.seed, general=self._general_residuals)
             if stream is not None:  # ended once by the loop; here only when something raised first
                 stream.end()
+
+    def _general_residuals(self, n_tokens: int) -> torch.Tensor | None:
+        """Up to ``n_tokens`` residuals at the auto observer's layer over the packaged
+        general-text passages (train split), from the untouched model (nothing counted);
+        ``None`` without a tokenizer (see :mod:`shortcut.observe.auto`)."""
+        from .data import DEFAULT_PASSAGES, read_passages
+        from .observe import collect_activations
+
+        auto = self.auto_observer
+        assert auto is not None and auto.layer is not None  # called by its end_call
+        tokenizer = auto.tokenizer or _local_tokenizer(self.model)
+        if tokenizer is None:
+            logger.info("shortcut: the model's folder has no tokenizer: the observer trains on its traffic alone "
+                        "(AutoObserver(tokenizer=...) adds general text)")
+            return None
+        texts = [r["text"] for r in read_passages(DEFAULT_PASSAGES) if r.get("split") != "heldout"]
+        with self.disabled():
+            return collect_activations(self.model, self.parts.layers[auto.layer], texts, tokenizer,
+                                       max_tokens=n_tokens, progress=False)
 
     def _warn_full_path(self, reason: str) -> None:
         """Warn once per reason that a generate call takes the full path."""
@@ -463,6 +482,19 @@ def wrap(model: PreTrainedModel, config: ShortcutConfig | None = None, *,
         handle.remove()
         raise
     return handle
+
+
+def _local_tokenizer(model: PreTrainedModel) -> Any:
+    """The tokenizer saved in the model's local folder, or ``None`` (no folder, none in it)."""
+    folder = getattr(model, "name_or_path", "") or ""
+    if not folder or not Path(folder).is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError):
+        return None
 
 
 def _folder_observer(folder: Path, handle: Shortcut) -> Observer:

@@ -342,3 +342,45 @@ def test_bad_observer_buffer_is_refused(fresh, tmp_path, change, match):
     with pytest.raises(shortcut.SkillsFileError, match=match):
         shortcut.load(other, folder)
     assert not any("forward" in m.__dict__ for m in other.modules())  # refused before anything was attached
+
+
+def test_training_set_adds_general_text_when_the_model_folder_has_a_tokenizer(tiny_model_dir, caplog):
+    """The call that fills the buffer adds residuals of the packaged passages, read with
+    the tokenizer of the model's folder, to the training set; the buffer itself (what
+    save_pretrained keeps) stays the traffic's, and the held-out check is on traffic."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    auto = AutoObserver(min_tokens=40, general_tokens=50, d_sae=64, k=4, steps=10, batch_size=16)
+    handle = shortcut.wrap(model, shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2]), observer=auto)
+    try:
+        for prompt in _distinct_prompts(4, length=12):
+            model.generate(input_ids=prompt, max_new_tokens=NEW, do_sample=False)
+            if auto.tokens >= 40:
+                break
+        assert auto.wait(120) and auto.error is None
+        assert auto.general_rows == 50
+        assert auto.residuals() is not None and auto.residuals().shape[0] == 40
+        with caplog.at_level(logging.INFO, logger="shortcut.observe.auto"):
+            model.generate(input_ids=_distinct_prompts(5, length=12)[4], max_new_tokens=2, do_sample=False)
+        assert "and 50 of general text" in caplog.text
+    finally:
+        handle.remove()
+
+
+def test_without_a_tokenizer_the_observer_trains_on_traffic_alone(caplog):
+    model = make_tiny("llama")
+    auto = AutoObserver(min_tokens=20, d_sae=32, k=4, steps=5, batch_size=8)
+    handle = shortcut.wrap(model, shortcut.ShortcutConfig(observer_layers=[0], exit_layers=[1, 2]), observer=auto)
+    try:
+        with caplog.at_level(logging.INFO, logger="shortcut.api"):
+            for prompt in _distinct_prompts(4):
+                model.generate(input_ids=prompt, max_new_tokens=NEW, do_sample=False)
+                if auto.tokens >= 20:
+                    break
+        assert auto.wait(120) and auto.error is None and auto.general_rows == 0
+        assert "trains on its traffic alone" in caplog.text
+    finally:
+        handle.remove()
+    with pytest.raises(ValueError, match="general_tokens=-1"):
+        AutoObserver(general_tokens=-1)
