@@ -299,8 +299,9 @@ def decode_batch(model: Any, drafter: Any, stats: DecodeStats, input_ids: torch.
                 stats.accepted += accepted[a]
                 stats.recall_accepted += accepted[a]
                 backoff.record(r, len(drafts[r]), accepted[a])
-                if situations[r] is not None:
-                    drafter.lengths.update(*situations[r], accepted=accepted[a], rejected=rejected[a])
+                situation = situations[r]
+                if situation is not None:
+                    drafter.lengths.update(*situation, accepted=accepted[a], rejected=rejected[a])
         if not any(unfinished):
             break
         # -- drop finished rows, realign the others ----------------------------------------

@@ -180,7 +180,7 @@ class AutoObserver:
         heldout, train = acts[-n_heldout:], acts[:-n_heldout]  # held out: traffic only, what the observer serves
         extra = general(self.general_tokens) if general is not None and self.general_tokens else None
         self.general_rows = 0 if extra is None else int(extra.shape[0])
-        if self.general_rows:
+        if extra is not None and self.general_rows:
             train = torch.cat([train, extra.to("cpu", torch.float32)])
             train = train[torch.randperm(train.shape[0], generator=generator)]
         kwargs = {"seed": seed, "progress": False, **self.train_kwargs}
