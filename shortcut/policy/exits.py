@@ -238,7 +238,7 @@ class ExitPolicy:
         self.agreements += outcomes.sum(0)
 
     def reset(self, prior: float = -3.0) -> None:
-        """Forget everything learned (used before re-learning from replay)."""
+        """Forget everything learned (used before re-learning from the position buffer)."""
         self.weights.zero_()
         self.bias.fill_(float(prior))
         self.trials.zero_()

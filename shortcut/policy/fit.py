@@ -3,7 +3,7 @@
 (``shortcut-finetune``, which trains it under accelerate with early stopping).
 
 Each translator ``h -> h + W h + b`` is trained as ``W = r V diag(1/s)``, ``b = r c`` on
-inputs ``h / s``, where ``s`` is the per-dimension RMS of the replayed states and ``r``
+inputs ``h / s``, where ``s`` is the per-dimension RMS of the buffered states and ``r``
 their median per-token RMS. A few residual dimensions are 10-100x larger than the rest
 (attention sinks), which makes plain Adam on ``W`` slow and unstable; ``r`` makes the
 learning rate a relative step size whatever the model's hidden-state scale. The

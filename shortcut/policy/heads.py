@@ -1,5 +1,5 @@
 """Exit heads: tuned-lens style affine translators from a shallow layer to the final
-distribution, trained from a replay of practised states.
+distribution, trained on the practised states of the position buffer.
 
 Layer ``l`` means the hidden state after ``l`` decoder layers have run, i.e. the input
 of decoder layer ``l`` (``hidden_states[l]`` in Hugging Face's convention); exiting
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 FitVocab = Literal["shortlist", "full", "auto"]
 
-# Precompute full-vocabulary targets for all replayed tokens when they fit in this
+# Precompute full-vocabulary targets for all buffered tokens when they fit in this
 # many bytes; otherwise recompute them per batch.
 _TARGET_CACHE_BYTES = 512 * 2**20
 
@@ -233,7 +233,7 @@ class ExitHeads(nn.Module):
         """``h + W h + b`` for the head at ``layer``."""
         lin = self._translator(layer)
         self._check_hidden(hidden)
-        hidden = hidden.to(lin.weight.dtype)  # replayed states are float32, a model may run in bf16/fp16
+        hidden = hidden.to(lin.weight.dtype)  # buffered states are float32, a model may run in bf16/fp16
         return hidden + F.linear(hidden, lin.weight, lin.bias)
 
     def logits(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -293,7 +293,7 @@ class ExitHeads(nn.Module):
             raise ValueError(f"final_hidden must be [N, {self.width}] (model width), got {tuple(final_hidden.shape)}")
         n = final_hidden.shape[0]
         if n == 0:
-            raise ValueError("final_hidden is empty: no replayed tokens to fit on")
+            raise ValueError("final_hidden is empty: no buffered tokens to fit on")
         for layer, h in states.items():
             self._translator(layer)
             if h.dim() != 2 or h.shape[1] != self.width:
