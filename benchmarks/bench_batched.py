@@ -7,11 +7,19 @@ the same process, left-padded batches of 4 and 8 rows are generated greedily, pl
 (``with handle.disabled():``) and wrapped, in alternating order per batch:
 
 - exact: every row a practised prompt asked again;
-- mixed: half the rows practised prompts, half prompts of the novel split.
+- mixed: half the rows practised prompts, half prompts of the novel split;
+- fast: exact repeats in fast mode (``handle.config.mode = "fast"``): each row commits
+  its practised answer with no layer after the prefill. Fast mode commits only with an
+  observer and on prompts practised before the heads' latest re-fit, so when this kind
+  is asked for, a small observer is trained first (its quality does not matter: batches
+  commit practised answers only) and the heads are re-fitted after the practice calls.
+  Lossless batches recall practised sequences only, so the observer changes nothing in
+  the other kinds' batches.
 
 For each it prints the median over batches of plain and wrapped tokens/s (new tokens,
 pad tokens after an end of sequence not counted), the median of the per-batch ratio,
-how many batches are identical to plain, and the drafted tokens accepted per new token.
+how many batches are identical to plain, and the tokens recalled per new token (drafts
+accepted, or answers committed in fast mode).
 
 With ``--costs`` it first times one forward of ``rows x width`` new tokens after a
 cache of 100 tokens (logits at every position, as verification computes them) for each
@@ -23,6 +31,7 @@ prompt's prefill costs both sides the same, so the whole call gains less).
     OMP_NUM_THREADS=1 python benchmarks/bench_batched.py
     OMP_NUM_THREADS=1 python benchmarks/bench_batched.py --batches 2 --new-tokens 16
     OMP_NUM_THREADS=1 python benchmarks/bench_batched.py --costs
+    OMP_NUM_THREADS=1 python benchmarks/bench_batched.py --kinds exact,fast
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ import torch  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 import shortcut  # noqa: E402
-from shortcut.data import read_prompts  # noqa: E402
+from shortcut.data import DEFAULT_PASSAGES, read_passages, read_prompts  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "shortcut_eval" / "data"
 
@@ -92,8 +101,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--sizes", default="4,8")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kinds", default="exact,mixed,fast", help="batch kinds: exact, mixed, fast")
     parser.add_argument("--costs", action="store_true", help="first time forwards by rows x width")
     args = parser.parse_args(argv)
+    kinds = args.kinds.split(",")
+    if unknown := set(kinds) - {"exact", "mixed", "fast"}:
+        parser.error(f"--kinds: unknown {', '.join(sorted(unknown))} (allowed: exact, mixed, fast)")
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     model, tok = shortcut.load_model(args.model)
@@ -107,14 +120,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                  [:args.practised]]
     novel = [chat(tok, r["prompt"]) for r in read_prompts(DATA / "prompts.jsonl", split="novel")]
     handle = shortcut.wrap(model, observer=None)
+    if "fast" in kinds:  # fast mode commits only with an observer's skills
+        passages = [r["text"] for r in read_passages(DEFAULT_PASSAGES) if r.get("split") != "heldout"]
+        handle.train_observer(passages, tok, max_tokens=4000, steps=100, progress=False)
     for text in practised:  # plain greedy single-row calls: the memory keeps their answers
         model.generate(**tok(text, return_tensors="pt"), max_new_tokens=args.new_tokens, do_sample=False)
+    if handle.learner is not None:
+        handle.learner.consolidate()  # the prompts above now count as practised verbatim
     rows = []
     for size in sizes:
-        for kind in ("exact", "mixed"):
+        for kind in kinds:
             plain_tps, wrapped_tps, ratios, identical, accepted, new = [], [], [], 0, 0, 0
             for b in range(args.batches):
-                if kind == "exact":
+                if kind in ("exact", "fast"):
                     texts = rng.sample(practised, size)
                 else:
                     texts = rng.sample(practised, size // 2) + rng.sample(novel, size - size // 2)
@@ -127,14 +145,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         with handle.disabled():
                             ref, plain_s = timed(model, batch, args.new_tokens, pad)
                     else:
-                        out, wrapped_s = timed(model, batch, args.new_tokens, pad)
+                        handle.config.mode = "fast" if kind == "fast" else "lossless"
+                        try:
+                            out, wrapped_s = timed(model, batch, args.new_tokens, pad)
+                        finally:
+                            handle.config.mode = "lossless"
                 delta = handle.decode_stats - before
                 identical += torch.equal(out, ref)
                 n = new_count(ref, width, pad)
                 plain_tps.append(n / plain_s)
                 wrapped_tps.append(n / wrapped_s)
                 ratios.append(plain_s / wrapped_s)
-                accepted += delta.accepted
+                accepted += delta.accepted + delta.recall_committed
                 new += n
             rows.append({"size": size, "kind": kind, "batches": args.batches,
                          "plain_tps": statistics.median(plain_tps), "wrapped_tps": statistics.median(wrapped_tps),
@@ -143,11 +165,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(f"\n{args.model}: {args.practised} practised prompts, {args.new_tokens} new tokens, greedy, "
           f"torch threads {torch.get_num_threads()}")
     print(f"{'batch':>6} {'kind':<7}{'plain tok/s':>12}{'wrapped tok/s':>15}{'median x':>10}{'identical':>11}"
-          f"{'accepted':>10}")
+          f"{'recalled':>10}")
     for r in rows:
         print(f"{r['size']:>6} {r['kind']:<7}{r['plain_tps']:>12.1f}{r['wrapped_tps']:>15.1f}{r['ratio']:>9.2f}x"
               f"{r['identical']:>7}/{r['batches']:<3}{100 * r['accepted_share']:>9.0f}%")
-    print("median x: median over batches of plain/wrapped seconds; accepted: drafted tokens accepted per new token")
+    print("median x: median over batches of plain/wrapped seconds; recalled: drafted tokens accepted (or, in fast "
+          "mode, answer tokens committed) per new token")
     return rows
 
 

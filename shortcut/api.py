@@ -7,7 +7,7 @@ import functools
 import logging
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 from .arch import ModelParts, resolve
 from .config import ShortcutConfig
 from .decode.draft_length import DraftLengths, ShallowOdds
-from .decode.fast import FastController, FastDecoder, FastStep
+from .decode.fast import FastBatchDecoder, FastController, FastDecoder, FastStep
 from .decode.lossless import ShallowDrafter, Trail, custom_generate_kwargs, make_decoder, unsupported_options
 from .decode.runtime import FixedPlan, LayerPolicy, LayerRuntime, Stats
 from .decode.stats import DecodeStats
@@ -245,17 +245,23 @@ class Shortcut:
         if (prompt is not None and isinstance(input_ids, torch.Tensor) and isinstance(mask, torch.Tensor)
                 and mask.shape == input_ids.shape):
             prompt = [t for t, keep in zip(prompt, mask[0].tolist()) if keep]  # the text without its padding
-        commit = learner is not None and self.config.mode == "fast" and (  # asked before this call is logged
-            not self.config.fast.practised_prompts_only or (prompt is not None and learner.was_practised(prompt)))
+        commit = learner is not None and self.config.mode == "fast" and prompt is not None and (  # one sequence
+            not self.config.fast.practised_prompts_only or learner.was_practised(prompt))  # before it is logged
         if self.config.learning.enabled and prompt is not None:
             experience.log_prompt(prompt)  # the prompt log consolidation reads
         bad = unsupported_options(self.model, kwargs, input_ids)
-        if self.config.mode == "fast" and isinstance(input_ids, torch.Tensor) and input_ids.shape[0] != 1:
-            bad.append(f"batch size {input_ids.shape[0]} (fast mode commits one sequence at a time)")
         if bad:
             self._warn_full_path(", ".join(bad))
             return original(*args, **kwargs)
         assert isinstance(input_ids, torch.Tensor)  # anything else is an unsupported option
+        # Fast mode, a batch: the rows whose prompt (padding stripped) was practised
+        # verbatim may commit their practised answers (FastBatchDecoder); others are lossless.
+        commit_rows: list[bool] = []
+        if learner is not None and self.config.mode == "fast" and input_ids.shape[0] > 1:
+            keeps = mask.tolist() if isinstance(mask, torch.Tensor) and mask.shape == input_ids.shape else None
+            commit_rows = [not self.config.fast.practised_prompts_only
+                           or learner.was_practised([t for j, t in enumerate(row) if keeps is None or keeps[r][j]])
+                           for r, row in enumerate(input_ids.tolist())]
         fast = self.fast  # set by attach_observer with the learner
         sequences = experience.sequences if self.config.lossless.recall_sequences else None
         # generate hands custom_generate no streamer or tokenizer: see custom_generate_kwargs.
@@ -269,15 +275,16 @@ class Shortcut:
             trail = Trail(learner.observer, learner.policy, self.parts.layers[learner.signature_layer],
                           self.decode_stats)
         try:
-            if commit:
-                assert learner is not None and fast is not None and trail is not None
+            if (commit or any(commit_rows)) and learner is not None and fast is not None:
                 if fast.calibrated_for != learner.stats.consolidations:
                     fast.recalibrate(learner.stats.consolidations)
+            if commit:
+                assert learner is not None and fast is not None and trail is not None
                 step = FastStep(learner.observer, learner.policy, learner.heads, fast, trail, sequences=sequences)
                 fast_decoder = FastDecoder(self._runtime, step, fast, self.decode_stats, streamer=stream,
                                            on_fallback=self._warn_full_path)
                 return original(*args, custom_generate=fast_decoder, **kwargs)
-            if self.config.mode == "fast" and fast is not None:
+            if self.config.mode == "fast" and fast is not None and not any(commit_rows):
                 fast.lossless_calls += 1  # a prompt never practised verbatim: verify, do not commit
                 fast.committed = []
             # Without an observer the drafter recalls practised sequences only.
@@ -296,7 +303,14 @@ class Shortcut:
                                      shallow=self.config.lossless.shallow_drafts, lengths=self._lookup_lengths,
                                      copy_text=self.config.lossless.copy_drafts, odds=self._shallow_odds)
             try:
-                decoder = make_decoder(drafter, self.decode_stats, streamer=stream, on_fallback=self._warn_full_path)
+                decoder: Callable[..., torch.Tensor]
+                if any(commit_rows):
+                    assert fast is not None  # set with the learner
+                    decoder = FastBatchDecoder(drafter, fast, self.decode_stats, commit_rows, streamer=stream,
+                                               on_fallback=self._warn_full_path)
+                else:
+                    decoder = make_decoder(drafter, self.decode_stats, streamer=stream,
+                                           on_fallback=self._warn_full_path)
                 output = original(*args, custom_generate=decoder, **kwargs)
             finally:
                 self._draft_length = drafter.num_draft

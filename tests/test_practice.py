@@ -276,14 +276,17 @@ def test_acceptance_counts_every_matching_draft_token_including_the_end(practise
     assert ended, "some practised answer should be drafted up to its end"
 
 
-def test_fast_mode_batch_and_unsupported_options_take_full_path(practised, caplog):
+def test_fast_mode_unpractised_batch_and_unsupported_options(practised, caplog):
+    """A batch whose prompts were not practised decodes losslessly in fast mode; beam
+    search takes the full path."""
     model, handle, _ = practised
     ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     with handle.disabled():
         ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
         ref_beam = model.generate(input_ids=PROMPTS[0], max_new_tokens=8, num_beams=2, do_sample=False)
-    handle.config.mode = "fast"  # lossless batches draft (tests/test_batched.py); fast mode's take the full path
+    handle.config.mode = "fast"  # practised rows of a batch commit: tests/test_fast_batched.py
+    calls = handle.fast.lossless_calls
     try:
         with caplog.at_level(logging.WARNING):
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
@@ -291,10 +294,11 @@ def test_fast_mode_batch_and_unsupported_options_take_full_path(practised, caplo
     finally:
         handle.config.mode = "lossless"
     assert torch.equal(out, ref)
+    assert handle.fast.lossless_calls == calls + 1 and "full path" not in caplog.text
     with caplog.at_level(logging.WARNING):
         out_beam = model.generate(input_ids=PROMPTS[0], max_new_tokens=8, num_beams=2, do_sample=False)
         assert torch.equal(out_beam, ref_beam)
-    assert "batch size 2" in caplog.text and "num_beams=2" in caplog.text
+    assert "num_beams=2" in caplog.text
 
 
 def test_practice_rounds_report_and_learning_switch(practised):

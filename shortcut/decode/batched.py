@@ -48,6 +48,14 @@ How rows accept (:func:`row_wise`):
   fed when every unfinished row has one (a row without one stops the step after its
   first position anyway).
 
+Fast mode (:class:`Commits`, from ``shortcut/decode/fast.py``): in row-by-row calls, a
+row allowed to commit whose practised answer is complete (its stopping criteria end the
+row within it: an end of sequence, a stop string or the length limit) takes no draft
+in the prefill; when the prefill's logits pick the answer's first token, the rest of the
+answer is appended with no layer run and the row is finished. Its prompt is read by the
+prefill, its answer by no layer. Other rows (an incomplete answer, a first token that
+differs, a prompt not allowed to commit) decode losslessly as above.
+
 A row that is finished (its stopping criteria say so, and the call has an end-of-sequence
 criterion, so plain decoding pads it) leaves the cache and costs nothing more; its
 output is padded with the pad token as plain ``generate`` pads it. Without an
@@ -71,6 +79,19 @@ from .stats import DecodeStats
 
 # Stopping criteria whose verdict on a row depends on that row's own text only.
 ROW_CRITERIA = (EosTokenCriteria, MaxLengthCriteria, StopStringCriteria)
+
+
+class Commits:
+    """Fast mode's part in a padded batch: ``allowed[r]`` says whether row ``r`` may commit
+    its practised answer with no layer (see the module doc); :func:`decode_batch` fills
+    ``tokens[r]`` with the tokens it committed so (the answer after its first token,
+    which the prefill picked) and ``start[r]`` with the position of the first of them in
+    the returned row."""
+
+    def __init__(self, allowed: list[bool]) -> None:
+        self.allowed = allowed
+        self.tokens: dict[int, list[int]] = {}
+        self.start: dict[int, int] = {}
 
 
 def row_wise(do_sample: bool, logits_processor: Any, stopping_criteria: Any, model_kwargs: dict[str, Any],
@@ -145,6 +166,17 @@ def select_rows(cache: Any, keep: torch.Tensor) -> None:
             layer.batch_select_indices(keep)
 
 
+def complete_answer(answer: list[int], row: list[int], stopping_criteria: Any) -> list[int]:
+    """The prefix of ``answer`` after which ``stopping_criteria`` end the row whose ids are
+    ``row``, or ``[]`` where they do not end it within ``answer``."""
+    ids = list(row)
+    for i, token in enumerate(answer):
+        ids.append(token)
+        if bool(stopping_criteria(torch.tensor([ids]), None)[0]):
+            return answer[:i + 1]
+    return []
+
+
 def cut_at_stop(tokens: list[int], stop_ids: frozenset[int]) -> list[int]:
     """``tokens`` up to and including the first end of sequence (nothing after it is
     ever accepted)."""
@@ -174,10 +206,12 @@ def recall(drafter: Any, text: list[int], limit: int, stop_ids: frozenset[int],
 @torch.no_grad()
 def decode_batch(model: Any, drafter: Any, stats: DecodeStats, input_ids: torch.Tensor, logits_processor: Any,
                  stopping_criteria: Any, generation_config: Any, streamer: Any,
-                 model_kwargs: dict[str, Any]) -> torch.Tensor:
+                 model_kwargs: dict[str, Any], commits: Commits | None = None) -> torch.Tensor:
     """Decode the batch ``input_ids`` [B, T] (left padded, ``model_kwargs`` as
     ``generate`` prepared them, cache included) with recalled drafts; returns the ids
-    [B, T + N] plain ``generate`` returns (see the module doc)."""
+    [B, T + N] plain ``generate`` returns (see the module doc). With ``commits`` (fast
+    mode) the rows it allows commit complete practised answers with no layer, in
+    row-by-row calls only; it records what they committed."""
     device = input_ids.device
     batch, width = input_ids.shape
     do_sample = bool(generation_config.do_sample)
@@ -210,12 +244,25 @@ def decode_batch(model: Any, drafter: Any, stats: DecodeStats, input_ids: torch.
 
     situations: list[tuple[str, bool, int] | None] = [None] * batch  # of each row's lookup draft
 
+    # Fast mode: each allowed row's complete practised answer, committed below if the
+    # prefill picks its first token.
+    answers: dict[int, list[int]] = {}
+    if commits is not None and independent and drafter.sequences is not None:
+        for r in range(batch):
+            if commits.allowed[r]:
+                answer = drafter.sequences.answer(texts[r], max_length - len(seqs[r]))
+                answer = complete_answer(answer, seqs[r], stopping_criteria)
+                if answer:
+                    answers[r] = answer
+
     def propose(first: bool) -> list[list[int]]:
         """Each row's draft (see the module doc), or none for any row unless every
         unfinished row has one (lockstep: all cut to the shortest)."""
         drafts: list[list[int]] = [[] for _ in range(batch)]
         for r in active if extend_prefill or not first else []:
             situations[r] = None
+            if first and r in answers:
+                continue  # committed after the prefill, with no layer: nothing to verify
             limit = max_length - len(seqs[r]) - 1
             if first and not do_sample and drafter.sequences is not None:
                 # A greedy prompt practised verbatim: its whole practised answer.
@@ -225,7 +272,8 @@ def decode_batch(model: Any, drafter: Any, stats: DecodeStats, input_ids: torch.
         # A forward is as wide as its widest row for every row, and it is saved only when
         # every row moves on: a row with nothing to propose needs the step anyway, so
         # the others' drafts would only add width (they go on one token a step as cheaply).
-        if not all(drafts[r] for r in active):
+        # (A row that commits its answer after the prefill needs no later forward.)
+        if not all(drafts[r] for r in active if not (first and r in answers)):
             drafts = [[] for _ in range(batch)]
         elif not independent:
             k = min(len(drafts[r]) for r in active)
@@ -242,6 +290,7 @@ def decode_batch(model: Any, drafter: Any, stats: DecodeStats, input_ids: torch.
     pending = prefill(model, input_ids, padded, generation_config, model_kwargs, inputs)
     length = width + width_k  # cache slots, the same for every row
     mask = inputs.mask_to(length)  # None: no padding (yet)
+    first = True  # pending holds the prefill's logits
     while True:
         # -- accept: pending [A, 1 + width_k, V] picks each row's next tokens -------------
         accepted = [0] * len(active)  # matched drafts of each row
@@ -263,6 +312,15 @@ def decode_batch(model: Any, drafter: Any, stats: DecodeStats, input_ids: torch.
                     rejected[a] = i < len(draft) and not matched
                     if not unfinished[r] or not matched:
                         break
+                answer = answers.get(r) if first else None
+                if answer is not None and unfinished[r] and seqs[r][-1] == answer[0]:
+                    # The prefill picked the answer's first token: commit the rest (no layer).
+                    assert commits is not None  # answers come from it
+                    commits.start[r], commits.tokens[r] = len(seqs[r]), answer[1:]
+                    stats.recall_committed += len(answer) - 1
+                    seqs[r].extend(answer[1:])
+                    texts[r].extend(answer[1:])
+                    unfinished[r] = False  # complete_answer: the criteria end the row here
         else:
             rows = torch.tensor(active, device=device)
             full = torch.zeros(batch, pending.shape[-1], dtype=torch.float32, device=device)
@@ -302,6 +360,7 @@ def decode_batch(model: Any, drafter: Any, stats: DecodeStats, input_ids: torch.
                 situation = situations[r]
                 if situation is not None:
                     drafter.lengths.update(*situation, accepted=accepted[a], rejected=rejected[a])
+        first = False
         if not any(unfinished):
             break
         # -- drop finished rows, realign the others ----------------------------------------

@@ -43,6 +43,16 @@ those), so it is committed token by token with no layer at all: the top rung of 
 skill ladder. Those tokens are pending in every layer; where the answer ends before the
 call does, the next token catches up (one batched full forward, which audits them).
 
+Padded batches (:class:`FastBatchDecoder`): each row whose prompt (padding stripped)
+was practised verbatim commits its practised answer with no layer, when the answer is
+complete (the row's stopping criteria end it within the answer) and the prefill picks
+its first token; every other row decodes losslessly in the same batch (its answer, if
+any, rides as a verified draft: ``shortcut/decode/batched.py``). Only greedy calls with
+per-row stopping criteria and no logits processor or streamer commit; others decode the
+whole batch losslessly. Shallow tokens are not committed in batches. A seeded
+``audit_fraction`` of committed rows is audited after the call (a full forward over
+the row's prompt and answer), as a single call's pending tokens are at its end.
+
 Which calls commit at all: only those whose prompt was practised verbatim (in the prompt
 log before the heads' latest re-fit; ``FastConfig.practised_prompts_only``).
 Every deep layer reads every prompt token, so a reworded prompt (another opening, one
@@ -60,9 +70,11 @@ import torch
 
 from ..learn.sequences import SHORT_MATCH, SequenceMemory
 from ..policy.heads import ExitHeads
+from .batched import Commits, decode_batch
 from .lossless import (
     DraftStep,
     SequenceInputs,
+    ShallowDrafter,
     Trail,
     cannot_decode,
     choose_next,
@@ -102,6 +114,7 @@ class FastController:
         self.vetoes = 0  # confident heads overruled by a practised sequence that goes on otherwise
         self.recalled = 0  # tokens committed from the prompt's practised answer (no layer ran)
         self.committed: list[int] = []  # positions (in the returned ids) of the latest call's committed tokens
+        self.committed_rows: list[list[int]] = []  # the same per row, for the latest call when it was a batch
         self.calibrated_for = 0  # the skills' consolidation count the bars were measured on
 
     def recalibrate(self, consolidations: int) -> None:
@@ -365,3 +378,64 @@ class FastDecoder:
                 self.off_track = True
                 break
         self.pending.clear()
+
+
+class FastBatchDecoder:
+    """The fast-mode loop for a padded batch, passed to ``generate(custom_generate=...)``:
+    the lossless batched loop (``decode_batch``) in which the rows ``allowed`` (their
+    prompt practised verbatim) commit complete practised answers with no layer (see the
+    module doc). Every other row gets exactly plain batched ``generate``'s tokens.
+
+    After the call a seeded ``audit_fraction`` of committed rows (one draw per row with
+    pending tokens, as a single call draws once) is audited: one full forward over the
+    row's prompt and answer, without padding or cache, compares each committed token
+    with the full model's choice and feeds ``FastController``'s error rate. An audit
+    measures; it does not change the returned tokens (as a single call's final
+    catch-up). ``controller.committed_rows`` lists each row's committed positions."""
+
+    def __init__(self, drafter: ShallowDrafter, controller: FastController, stats: DecodeStats,
+                 allowed: list[bool], *, streamer: Any = None,
+                 on_fallback: Callable[[str], None] | None = None) -> None:
+        self.drafter, self.controller, self.stats, self.allowed = drafter, controller, stats, allowed
+        self.streamer, self.on_fallback = streamer, on_fallback
+
+    @torch.no_grad()
+    def __call__(self, model: Any, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
+                 generation_config: Any, synced_gpus: bool = False, **model_kwargs: Any) -> torch.Tensor:
+        """Decode like ``model.generate``'s loop; returns the ids, prompts included."""
+        controller = self.controller
+        controller.committed, controller.committed_rows = [], [[] for _ in range(input_ids.shape[0])]
+        self.drafter.plain_greedy = False  # a batch's rows are not logged as practised answers
+        reason = cannot_decode(model, input_ids, generation_config, model_kwargs, synced_gpus)
+        if reason is not None:
+            if self.on_fallback is not None:
+                self.on_fallback(reason)
+            return plain_decode(model, input_ids, logits_processor, stopping_criteria, generation_config,
+                                synced_gpus, self.streamer, model_kwargs)
+        rows, mask = input_ids.tolist(), model_kwargs.get("attention_mask")
+        keeps = mask.tolist() if mask is not None else [[1] * input_ids.shape[1]] * len(rows)
+        prompts = [[t for t, keep in zip(row, keep_row) if keep] for row, keep_row in zip(rows, keeps)]
+        commits = Commits(self.allowed)
+        out = decode_batch(model, self.drafter, self.stats, input_ids, logits_processor, stopping_criteria,
+                           generation_config, self.streamer, model_kwargs, commits=commits)
+        for r, tokens in sorted(commits.tokens.items()):
+            controller.recalled += len(tokens)
+            start = commits.start[r]
+            controller.committed_rows[r] = list(range(start, start + len(tokens)))
+            if tokens and controller.audit_now():
+                first = int(out[r, start - 1])  # the answer's first token, picked by the prefill
+                self._audit(model, prompts[r] + [first], tokens)
+        return out
+
+    def _audit(self, model: Any, text: list[int], committed: list[int]) -> None:
+        """Audit ``committed``, the tokens that followed ``text``: one full forward over
+        ``text`` and all but the last of them; the first disagreement ends the audit (the
+        tokens after it followed the error: not independent samples)."""
+        self.controller.catch_ups += 1
+        ids = torch.tensor([text + committed[:-1]], device=model.device)
+        logits = model(input_ids=ids, use_cache=False).logits[0, len(text) - 1:]
+        for i, token in enumerate(committed):
+            agreed = token == int(logits[i].argmax())
+            self.controller.record_audit(agreed)
+            if not agreed:
+                break
