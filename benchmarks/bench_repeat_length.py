@@ -31,8 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shortcut.data import DEFAULT_PASSAGES, read_prompts  # noqa: E402
-from shortcut_eval.workload import (  # noqa: E402
-    WORKLOADS, Method, generate, input_ids, load_system, measure_prompt)
+from shortcut_eval.workload import WORKLOADS, Method, generate, input_ids, load_system, measure_prompt  # noqa: E402
 
 
 @torch.no_grad()
