@@ -76,12 +76,11 @@ from .lossless import (
     SequenceInputs,
     ShallowDrafter,
     Trail,
-    cannot_decode,
     choose_next,
     crop_all,
     full_logits,
-    plain_decode,
     plain_greedy,
+    plain_if_undecodable,
 )
 from .stats import DecodeStats
 
@@ -244,12 +243,10 @@ class FastDecoder:
         """Decode like ``model.generate``'s loop; returns the ids, prompt included."""
         controller, step = self.controller, self.step
         controller.committed = []
-        reason = cannot_decode(model, input_ids, generation_config, model_kwargs, synced_gpus)
-        if reason is not None:
-            if self.on_fallback is not None:
-                self.on_fallback(reason)
-            return plain_decode(model, input_ids, logits_processor, stopping_criteria, generation_config,
-                                synced_gpus, self.streamer, model_kwargs)
+        output = plain_if_undecodable(model, input_ids, logits_processor, stopping_criteria, generation_config,
+                                      synced_gpus, self.streamer, model_kwargs, self.on_fallback)
+        if output is not None:
+            return output
         self.model, self.base = model, getattr(model, model.base_model_prefix)
         self.inputs, self.cache = SequenceInputs(model_kwargs), model_kwargs["cache"]
         self.cache.activate_past_recording()  # catching up crops pending tokens
@@ -406,12 +403,10 @@ class FastBatchDecoder:
         controller = self.controller
         controller.committed, controller.committed_rows = [], [[] for _ in range(input_ids.shape[0])]
         self.drafter.plain_greedy = False  # a batch's rows are not logged as practised answers
-        reason = cannot_decode(model, input_ids, generation_config, model_kwargs, synced_gpus)
-        if reason is not None:
-            if self.on_fallback is not None:
-                self.on_fallback(reason)
-            return plain_decode(model, input_ids, logits_processor, stopping_criteria, generation_config,
-                                synced_gpus, self.streamer, model_kwargs)
+        output = plain_if_undecodable(model, input_ids, logits_processor, stopping_criteria, generation_config,
+                                      synced_gpus, self.streamer, model_kwargs, self.on_fallback)
+        if output is not None:
+            return output
         rows, mask = input_ids.tolist(), model_kwargs.get("attention_mask")
         keeps = mask.tolist() if mask is not None else [[1] * input_ids.shape[1]] * len(rows)
         prompts = [[t for t, keep in zip(row, keep_row) if keep] for row, keep_row in zip(rows, keeps)]

@@ -602,6 +602,20 @@ def cannot_decode(model: nn.Module, input_ids: torch.Tensor, generation_config: 
 # The decoding loops, plain_decode and prefill take the model ``generate`` hands them as
 # ``Any``: they call its private generation steps (``_sample``, ``_prefill``), which
 # transformers types against its own internal protocol, not against its model classes.
+def plain_if_undecodable(model: Any, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
+                         generation_config: Any, synced_gpus: bool, streamer: Any, model_kwargs: dict[str, Any],
+                         on_fallback: Callable[[str], None] | None) -> Any:
+    """Plain decoding's output when a decoding loop cannot decode this call exactly
+    (:func:`cannot_decode`; the reason goes to ``on_fallback``), else ``None``."""
+    reason = cannot_decode(model, input_ids, generation_config, model_kwargs, synced_gpus)
+    if reason is None:
+        return None
+    if on_fallback is not None:
+        on_fallback(reason)
+    return plain_decode(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus,
+                        streamer, model_kwargs)
+
+
 def plain_decode(model: Any, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
                  generation_config: Any, synced_gpus: bool, streamer: Any, model_kwargs: dict[str, Any]) -> Any:
     """The decoding ``generate`` itself runs for greedy and sampled calls (its
@@ -646,13 +660,11 @@ def make_decoder(drafter: ShallowDrafter, stats: DecodeStats, *, streamer: Any =
     def speculative_decode(model: Any, input_ids: torch.Tensor, logits_processor: Any,
                            stopping_criteria: Any, generation_config: Any, synced_gpus: bool = False,
                            **model_kwargs: Any) -> torch.Tensor:
-        reason = cannot_decode(model, input_ids, generation_config, model_kwargs, synced_gpus)
-        if reason is not None:
+        output = plain_if_undecodable(model, input_ids, logits_processor, stopping_criteria, generation_config,
+                                      synced_gpus, streamer, model_kwargs, on_fallback)
+        if output is not None:
             drafter.plain_greedy = False
-            if on_fallback is not None:
-                on_fallback(reason)
-            return plain_decode(model, input_ids, logits_processor, stopping_criteria, generation_config,
-                                synced_gpus, streamer, model_kwargs)
+            return output
         if input_ids.shape[0] > 1:  # a padded batch: practised sequences draft for every row
             from .batched import decode_batch  # it builds on this module
 
