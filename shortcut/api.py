@@ -19,7 +19,14 @@ from .arch import ModelParts, resolve
 from .config import ShortcutConfig
 from .decode.draft_length import DraftLengths, ShallowOdds
 from .decode.fast import FastBatchDecoder, FastController, FastDecoder, FastStep
-from .decode.lossless import ShallowDrafter, Trail, custom_generate_kwargs, make_decoder, unsupported_options
+from .decode.lossless import (
+    ShallowDrafter,
+    Trail,
+    custom_generate_kwargs,
+    make_decoder,
+    unpadded,
+    unsupported_options,
+)
 from .decode.runtime import FixedPlan, LayerPolicy, LayerRuntime, Stats
 from .decode.stats import DecodeStats
 from .learn.practice import Experience, Learner
@@ -240,11 +247,10 @@ class Shortcut:
             auto = None
         learner, experience = self.learner, self.experience
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-        prompt = input_ids[0].tolist() if isinstance(input_ids, torch.Tensor) and input_ids.shape[0] == 1 else None
         mask = kwargs.get("attention_mask")
-        if (prompt is not None and isinstance(input_ids, torch.Tensor) and isinstance(mask, torch.Tensor)
-                and mask.shape == input_ids.shape):
-            prompt = [t for t, keep in zip(prompt, mask[0].tolist()) if keep]  # the text without its padding
+        # The text without its padding, of every row (of a tensor input).
+        rows = unpadded(input_ids, mask) if isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2 else None
+        prompt = rows[0] if rows is not None and len(rows) == 1 else None
         commit = learner is not None and self.config.mode == "fast" and prompt is not None and (  # one sequence
             not self.config.fast.practised_prompts_only or learner.was_practised(prompt))  # before it is logged
         if self.config.learning.enabled and prompt is not None:
@@ -257,11 +263,8 @@ class Shortcut:
         # Fast mode, a batch: the rows whose prompt (padding stripped) was practised
         # verbatim may commit their practised answers (FastBatchDecoder); others are lossless.
         commit_rows: list[bool] = []
-        if learner is not None and self.config.mode == "fast" and input_ids.shape[0] > 1:
-            keeps = mask.tolist() if isinstance(mask, torch.Tensor) and mask.shape == input_ids.shape else None
-            commit_rows = [not self.config.fast.practised_prompts_only
-                           or learner.was_practised([t for j, t in enumerate(row) if keeps is None or keeps[r][j]])
-                           for r, row in enumerate(input_ids.tolist())]
+        if learner is not None and self.config.mode == "fast" and rows is not None and len(rows) > 1:
+            commit_rows = [not self.config.fast.practised_prompts_only or learner.was_practised(row) for row in rows]
         fast = self.fast  # set by attach_observer with the learner
         sequences = experience.sequences if self.config.lossless.recall_sequences else None
         # generate hands custom_generate no streamer or tokenizer: see custom_generate_kwargs.

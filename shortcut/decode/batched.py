@@ -74,7 +74,7 @@ from transformers.generation.stopping_criteria import (
     StopStringCriteria,
 )
 
-from .lossless import SequenceInputs, can_extend_prefill, crop_all, prefill
+from .lossless import SequenceInputs, can_extend_prefill, crop_all, prefill, unpadded
 from .stats import DecodeStats
 
 # Stopping criteria whose verdict on a row depends on that row's own text only.
@@ -228,8 +228,7 @@ def decode_batch(model: Any, drafter: Any, stats: DecodeStats, input_ids: torch.
     inputs = SequenceInputs(model_kwargs)
     # Each row's real text (prompt without its padding, then new tokens): what practised
     # sequences are matched against; and its ids as plain decoding lays them out.
-    given = inputs.mask.tolist() if inputs.mask is not None else [[1] * width] * batch
-    texts = [[t for t, keep in zip(row, keep_row) if keep] for row, keep_row in zip(input_ids.tolist(), given)]
+    texts = unpadded(input_ids, inputs.mask)
     seqs = input_ids.tolist()
     # Plain decoding's position of every slot of every row (None: the model counts from its cache).
     positions = inputs.positions_of(0, max_length + max_draft + 1, device) if inputs.positions is not None else None

@@ -81,6 +81,7 @@ from .lossless import (
     full_logits,
     plain_greedy,
     plain_if_undecodable,
+    unpadded,
 )
 from .stats import DecodeStats
 
@@ -407,9 +408,7 @@ class FastBatchDecoder:
                                       synced_gpus, self.streamer, model_kwargs, self.on_fallback)
         if output is not None:
             return output
-        rows, mask = input_ids.tolist(), model_kwargs.get("attention_mask")
-        keeps = mask.tolist() if mask is not None else [[1] * input_ids.shape[1]] * len(rows)
-        prompts = [[t for t, keep in zip(row, keep_row) if keep] for row, keep_row in zip(rows, keeps)]
+        prompts = unpadded(input_ids, model_kwargs.get("attention_mask"))
         commits = Commits(self.allowed)
         out = decode_batch(model, self.drafter, self.stats, input_ids, logits_processor, stopping_criteria,
                            generation_config, self.streamer, model_kwargs, commits=commits)

@@ -87,6 +87,15 @@ logger = logging.getLogger(__name__)
 MANAGED_INPUTS = frozenset({"cache", "use_cache", "logits_to_keep", "attention_mask", "position_ids"})
 
 
+def unpadded(input_ids: torch.Tensor, mask: Any = None) -> list[list[int]]:
+    """Each row of ``input_ids`` [B, T] as a list of ids without the positions that the
+    attention ``mask`` (same shape; ``None``: no padding) leaves out."""
+    rows = input_ids.tolist()
+    if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:
+        return rows
+    return [[t for t, keep in zip(row, keeps) if keep] for row, keeps in zip(rows, mask.tolist())]
+
+
 class SequenceInputs:
     """What plain decoding hands each forward besides the tokens, for any span of the
     sequence (prompt and generated tokens, indexed as in ``input_ids``).
@@ -422,10 +431,7 @@ class ShallowDrafter:
         draft (:meth:`lookup`) of at most ``max_draft`` tokens."""
         self.recalled, self.copied, self._situation = False, False, None
         if not sampled and self.sequences is not None:
-            prompt = input_ids[0].tolist()
-            if mask is not None:
-                prompt = [t for t, keep in zip(prompt, mask[0].tolist()) if keep]
-            answer = self.sequences.answer(prompt, limit)
+            answer = self.sequences.answer(unpadded(input_ids, mask)[0], limit)
             if answer:
                 return self._proposed(input_ids, answer, stop_ids, "memory")
         return self.lookup(input_ids, min(limit, self.max_draft), stop_ids, opening=True)
