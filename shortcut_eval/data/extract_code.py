@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
-import json
 import platform
 import random
 import sys
@@ -63,6 +62,11 @@ import textwrap
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.dont_write_bytecode = True
+
+from extract import write_jsonl  # noqa: E402
+
 PYTHON = "3.11.7"
 SEED = "code-1"
 PER_FAMILY, PRACTICE = 32, 16
@@ -308,10 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, rows in (("code_families.jsonl", families), ("code_prompts.jsonl", prompts),
                        ("code_edits.jsonl", edits)):
         path = args.out / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        write_jsonl(path, rows)
         print(f"{path}: {len(rows)} records")
     return 0
 
