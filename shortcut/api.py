@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from .arch import ModelParts, resolve
 from .config import ShortcutConfig
 from .decode.draft_length import DraftLengths, ShallowOdds
+from .decode.skip_draft import SkipDrafter, SkipPlan
 from .decode.fast import FastBatchDecoder, FastController, FastDecoder, FastStep
 from .decode.lossless import (
     ShallowDrafter,
@@ -88,6 +89,7 @@ class Shortcut:
         # to the skills they were measured on and start again when those change.
         self._shallow_odds = ShallowOdds(config.lossless.accept_bar)
         self._odds_for: tuple[int, int] | None = None
+        self._skip_plan: SkipPlan | None = None  # layer influences and skip-draft chances, learned while decoding
         self._warned: set[str] = set()
         self._reference = False  # inside reference(): plain generate, counted, not learned
         self.fast: FastController | None = None  # fast mode's audits and calibration
@@ -296,7 +298,10 @@ class Shortcut:
             if learner is not None and self._odds_for != (id(learner), learner.stats.consolidations):
                 self._shallow_odds = ShallowOdds(self.config.lossless.accept_bar)
                 self._odds_for = (id(learner), learner.stats.consolidations)
+                if self._skip_plan is not None:
+                    self._skip_plan.forget_situations()
             self._shallow_odds.accept_bar = self.config.lossless.accept_bar
+            skips = self._skip_drafter(learner) if self.config.lossless.skip_drafts else None
             drafter = ShallowDrafter(self.model, self._runtime, observer, heads, policy, trail,
                                      max_draft=self.config.lossless.max_draft,
                                      min_confidence=self.config.lossless.draft_confidence,
@@ -304,7 +309,8 @@ class Shortcut:
                                      on_full_path=learner.learn_recorded if learner else None,
                                      num_draft=self._draft_length, sequences=sequences,
                                      shallow=self.config.lossless.shallow_drafts, lengths=self._lookup_lengths,
-                                     copy_text=self.config.lossless.copy_drafts, odds=self._shallow_odds)
+                                     copy_text=self.config.lossless.copy_drafts, odds=self._shallow_odds,
+                                     skips=skips)
             try:
                 decoder: Callable[..., torch.Tensor]
                 if any(commit_rows):
@@ -347,6 +353,16 @@ class Shortcut:
         with self.disabled():
             return collect_activations(self.model, self.parts.layers[auto.layer], texts, tokenizer,
                                        max_tokens=n_tokens, progress=False)
+
+    def _skip_drafter(self, learner: Learner | None) -> SkipDrafter:
+        """The skip drafter of one call. Its plan outlives the call; the signature layer
+        (where skip sets start) comes from the observer, layer 1 without one."""
+        first = learner.signature_layer if learner is not None else 1
+        first = min(first, self.parts.num_layers - 1)
+        if self._skip_plan is None or self._skip_plan.first_layer != first:
+            self._skip_plan = SkipPlan(self.parts.num_layers, first)
+        return SkipDrafter(self.model, self._runtime, self._skip_plan, learner.observer if learner else None,
+                           self.decode_stats, on_full_path=learner.learn_recorded if learner else None)
 
     def _warn_full_path(self, reason: str) -> None:
         """Warn once per reason that a generate call takes the full path."""

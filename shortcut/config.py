@@ -86,6 +86,12 @@ class LosslessConfig:
             shallow path (exit heads chosen by the policy). ``False``: only the practised
             sequences draft and every other token takes the full path, which measures what
             the sequence memory gives alone. Fast mode's commits are not affected.
+        skip_drafts: drafts that the practised sequences do not supply come from the
+            model itself with a learned set of its layers stepped over (self-speculation;
+            the set and when it is worth drafting are learned per SAE situation from
+            verification outcomes, ``shortcut/decode/skip_draft.py``) instead of the exit
+            heads. Off by default: it pays only on models whose layers can be stepped over
+            at over ~90% agreement (``docs/findings.md``).
     """
 
     KEY: ClassVar[str] = "lossless"
@@ -96,6 +102,7 @@ class LosslessConfig:
     copy_drafts: bool = True
     accept_bar: float = 0.3
     shallow_drafts: bool = True
+    skip_drafts: bool = False
 
     def __post_init__(self) -> None:
         prefix = f"{self.KEY}."

@@ -85,6 +85,7 @@ class Case:
     streamer: str | None = None  # None, "record" or "iterator"
     stop_strings: bool = False
     via_config: bool = False
+    skip_drafts: bool = False  # lossless drafts with skipped layers instead of exits
     tags: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -197,8 +198,11 @@ def random_case(rng: random.Random, handle: Any, history: list[list[int]]) -> Ca
         tags.append("generation_config")
     mode = "fast" if rng.random() < 0.25 else "lossless"
     tags.append(mode)
+    skips = rng.random() < 0.25
+    if skips:
+        tags.append("skip_drafts")
     return Case(ids, mask, opts, seed=rng.randrange(2**31), mode=mode, streamer=streamer, stop_strings=stop,
-                via_config=via_config, tags=tags)
+                via_config=via_config, skip_drafts=skips, tags=tags)
 
 
 def _generate(model: Any, case: Case, extra: dict[str, Any]) -> torch.Tensor:
@@ -253,15 +257,15 @@ def run_case(model: Any, handle: Any, case: Case, tokenizer: Any) -> tuple[bool,
             ref, ref_stream = _one(model, case, tokenizer, stop)
         except Exception as error:  # the wrapped model must then refuse the call alike
             ref, ref_stream = None, f"{type(error).__name__}: {error}"
-    previous = handle.config.mode
-    handle.config.mode = case.mode
+    previous = handle.config.mode, handle.config.lossless.skip_drafts
+    handle.config.mode, handle.config.lossless.skip_drafts = case.mode, case.skip_drafts
     exits, lossless_calls = handle.fast.exits, handle.fast.lossless_calls
     try:
         out, stream = _one(model, case, tokenizer, stop)
     except Exception as error:
         out, stream = None, f"{type(error).__name__}: {error}"
     finally:
-        handle.config.mode = previous
+        handle.config.mode, handle.config.lossless.skip_drafts = previous
     if case.mode == "fast" and handle.fast.lossless_calls == lossless_calls:
         case.tags.append("fast_commit_path")  # a prompt practised verbatim: fast mode's own loop ran
     if case.mode == "fast" and handle.fast.exits != exits:
@@ -282,7 +286,7 @@ def describe(case: Case) -> str:
     mask = None if case.attention_mask is None else case.attention_mask.tolist()
     return (f"mode={case.mode} ids={case.input_ids.tolist()} mask={mask} "
             f"options={case.options} seed={case.seed} streamer={case.streamer} stop={case.stop_strings} "
-            f"via_config={case.via_config}")
+            f"via_config={case.via_config} skip_drafts={case.skip_drafts}")
 
 
 @pytest.fixture(scope="module")

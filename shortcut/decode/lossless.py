@@ -80,6 +80,8 @@ from .stats import DecodeStats
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from .skip_draft import SkipDrafter
+
 logger = logging.getLogger(__name__)
 
 
@@ -288,7 +290,9 @@ class ShallowDrafter:
 
     Without an observer (``observer``, ``heads``, ``policy`` and ``trail`` all ``None``)
     it drafts from the practised ``sequences`` only: a wrapped model recalls what it
-    practised before any observer was trained.
+    practised before any observer was trained. With ``skips``, drafts the sequences do
+    not supply come from the model with learned layers stepped over instead of the
+    shallow path (``shortcut/decode/skip_draft.py``).
     """
 
     def __init__(self, model: PreTrainedModel, runtime: Any, observer: Observer | None, heads: ExitHeads | None,
@@ -296,7 +300,7 @@ class ShallowDrafter:
                  stats: DecodeStats, on_full_path: Callable[[torch.Tensor], None] | None = None,
                  num_draft: int | None = None, sequences: SequenceMemory | None = None,
                  shallow: bool = True, lengths: DraftLengths | None = None, copy_text: bool = False,
-                 odds: ShallowOdds | None = None) -> None:
+                 odds: ShallowOdds | None = None, skips: SkipDrafter | None = None) -> None:
         self.base = getattr(model, model.base_model_prefix)
         self.model = model
         self.on_full_path = on_full_path  # gets the logits of a token that took the full path
@@ -316,6 +320,8 @@ class ShallowDrafter:
         self.stats = stats
         self.sequences = sequences  # practised sequences: drafts that need no layer at all
         self.shallow = shallow  # whether the shallow path drafts where the sequences do not
+        self.skips = skips  # drafts with skipped layers instead of the shallow path, if given
+        self.skip_drafted = False  # whether the latest draft came from skips
         self.lengths = lengths or DraftLengths()  # learned lookup-draft lengths (the caller's persist)
         self.text = TextIndex() if copy_text else None  # this call's own text, to copy from
         self.recalled = False  # whether the latest draft came from the practised sequences
@@ -342,7 +348,7 @@ class ShallowDrafter:
         sequence) is the last. ``inputs`` gives each draft forward its mask and positions
         (default: no padding). Returns [1, k] (k may be 0); the cache is left as it was."""
         inputs = inputs or SequenceInputs({})
-        self.attempted, self.recalled, self.copied = False, False, False
+        self.attempted, self.recalled, self.copied, self.skip_drafted = False, False, False, False
         self._situation = None
         self._shallow_situations = []
         self.full_logits = None
@@ -356,6 +362,14 @@ class ShallowDrafter:
         if looked_up.shape[1]:
             return looked_up
         budget = min(limit, self.num_draft)
+        if self.skips is not None:
+            skipped = self.skips.draft(input_ids, cache, budget, stop_ids, inputs)
+            # A declined first token was plain decoding's step, nothing wasted: only a
+            # rejected proposal backs off.
+            self.attempted, self.skip_drafted = bool(skipped), True
+            self.full_logits = self.skips.full_logits
+            self.stats.drafted += len(skipped)
+            return torch.cat(skipped, dim=-1) if skipped else input_ids[:, :0]
         heads = self.heads
         if not self.shallow or self.step is None or heads is None or heads.shortlist.numel() == 0:
             return input_ids[:, :0]
@@ -504,7 +518,10 @@ class ShallowDrafter:
             if self._situation is not None:
                 self.lengths.update(*self._situation, accepted=accepted, rejected=rejected)
             return
-        if self.odds is not None:
+        if self.skip_drafted:
+            assert self.skips is not None
+            self.skips.record(accepted, rejected)
+        elif self.odds is not None:
             self.odds.update(self._shallow_situations, accepted, rejected)
         if accepted == drafted:
             self.num_draft = min(self.max_draft, 2 * self.num_draft)

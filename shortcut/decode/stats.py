@@ -23,16 +23,20 @@ class DecodeStats:
         copied: drafted tokens copied from the call's own text (prompt and output so
             far; no layer ran for them).
         copy_accepted: of those, the accepted ones.
+        skip_drafted: drafted tokens made by the model with a learned set of its layers
+            stepped over (``lossless.skip_drafts``; ``shortcut/decode/skip_draft.py``).
+        skip_accepted: of those, the accepted ones.
         recall_committed: fast mode's tokens committed from a practised answer with no
             layer run.
-        draft_forwards: shallow forwards run to draft a token.
+        draft_forwards: shallow (or skip) forwards run to draft a token.
         verify_forwards: full forwards that verified a draft (the prefill not counted).
         full_path_steps: draft attempts whose first token went on through every layer
             (unfamiliar or unsure), standing in for a plain decoding step.
         draft_unfamiliar: of those, the ones the policy sent to the full path.
         draft_unsure: drafts ended by an exit head below the confidence bar.
         draft_declined: drafts ended where the learned chance of reaching the next
-            shallow token fell below ``accept_bar`` (``ShallowOdds``).
+            shallow token fell below ``accept_bar`` (``ShallowOdds``), or where no skip
+            set was expected to save compute (``SkipPlan``).
         draft_refusals: drafts ended by a later token the policy found unfamiliar.
         draft_paused: decoding steps the back-off skipped without asking the policy.
         observer_encodes: SAE encodes of a single position (decisions and trails).
@@ -47,6 +51,8 @@ class DecodeStats:
     recall_accepted: int = 0
     copied: int = 0
     copy_accepted: int = 0
+    skip_drafted: int = 0
+    skip_accepted: int = 0
     recall_committed: int = 0
     draft_forwards: int = 0
     verify_forwards: int = 0
