@@ -18,7 +18,6 @@ from transformers import PreTrainedModel
 from .arch import ModelParts, resolve
 from .config import ShortcutConfig
 from .decode.draft_length import DraftLengths, ShallowOdds
-from .decode.skip_draft import SkipDrafter, SkipPlan
 from .decode.fast import FastBatchDecoder, FastController, FastDecoder, FastStep
 from .decode.lossless import (
     ShallowDrafter,
@@ -29,6 +28,7 @@ from .decode.lossless import (
     unsupported_options,
 )
 from .decode.runtime import FixedPlan, LayerPolicy, LayerRuntime, Stats
+from .decode.skip_draft import SkipDrafter, SkipPlan
 from .decode.stats import DecodeStats
 from .learn.practice import Experience, Learner
 from .observe import Observer
