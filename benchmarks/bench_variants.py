@@ -23,7 +23,7 @@ from typing import Any
 import shortcut_eval.workload as workload
 from shortcut.decode.draft_length import ShallowOdds
 from shortcut_eval.peers import peer_methods
-from shortcut_eval.workload import DATA, Method, load_system, prompt_sets, summarise
+from shortcut_eval.workload import WORKLOADS, Method, load_system, prompt_sets, summarise
 
 SETS = ("exact repeats", "near-duplicates", "transfer", "novel")
 
@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skills", required=True, help="a practised skills folder")
     parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="chat",
+                        help="the prompt sets the skills were practised on")
     parser.add_argument("--sets", nargs="+", choices=SETS, default=["transfer"])
     parser.add_argument("--test-prompts", type=int, default=12, help="prompts per set")
     parser.add_argument("--family-prompts", type=int, default=6,
@@ -82,8 +84,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
 
     system = load_system("skills", args.model, dtype="float32", skills=args.skills, seed=0, corpus=Path("."),
                          sae_steps=1, progress=False)
-    sets = prompt_sets(DATA / "prompts.jsonl", DATA / "near_duplicates.jsonl", n_practice=args.practice_prompts,
-                       n_test=args.test_prompts, families=DATA / "families.jsonl", n_family=args.family_prompts)
+    prompts, near, families = WORKLOADS[args.workload]
+    sets = prompt_sets(prompts, near, n_practice=args.practice_prompts, n_test=args.test_prompts,
+                       families=families, n_family=args.family_prompts)
     ablated = {name for name, options in variants.items() if options.pop("shallow_odds", True) is False}
     methods = [Method(name, "shortcut", system, mode=options.pop("mode", "lossless"), options=options)
                for name, options in variants.items()]
