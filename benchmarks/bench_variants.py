@@ -22,6 +22,7 @@ from typing import Any
 
 import shortcut_eval.workload as workload
 from shortcut.decode.draft_length import ShallowOdds
+from shortcut.decode.skip_draft import ALL, PRIOR_CHANCE, PRIOR_TOKENS, SkipPlan
 from shortcut_eval.peers import peer_methods
 from shortcut_eval.workload import WORKLOADS, Method, load_system, prompt_sets, summarise
 
@@ -108,7 +109,31 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
             print(f"{set_name:<16} {method.name:<24} speed {s['speed_ratio']:.2f}x  FLOPs {s['flops_rel']:.2f}  "
                   f"drafted/token {s['drafted_per_token']:.2f}  acceptance {s['acceptance'] or 0:.2f}  "
                   f"identical {s['identical']:.0%}  agreement {s['agreement']:.3f}", flush=True)
+            if s["skip_drafted_per_token"]:
+                print(f"{'':<41} skip-drafted/token {s['skip_drafted_per_token']:.3f}  "
+                      f"skip-accepted/token {s['skip_accepted_per_token']:.3f}", flush=True)
+    plan = system.handle._skip_plan
+    if plan is not None:
+        print(describe_plan(plan))
     return results
+
+
+def describe_plan(plan: SkipPlan) -> str:
+    """What the skip drafts learned: each depth's layers, its chance over all situations
+    against the chance it needs to pay, and how many situations clear that."""
+    influence = plan.influence / max(plan.measured, 1)
+    lines = [f"skip plan: {plan.measured} tokens measured; influence per layer "
+             + " ".join(f"{i}:{float(v):.3f}" for i, v in enumerate(influence))]
+    situations = {key[0] for key in plan.counts if key[0] != ALL}
+    for depth in plan.depths:
+        accepted, rejections = plan.counts.get((ALL, depth), (0.0, 0.0))
+        paying = sum(plan.probability(sit, depth) > plan.cost(depth) for sit in situations)
+        lines.append(f"  depth {depth:>2} layers {sorted(plan.skip_set(depth))}: chance "
+                     f"{plan.probability(ALL, depth):.3f} (needs > {plan.cost(depth):.3f}; "
+                     f"{accepted - PRIOR_TOKENS * PRIOR_CHANCE:.0f} accepted, "
+                     f"{rejections - PRIOR_TOKENS * (1 - PRIOR_CHANCE):.0f} rejected); "
+                     f"{paying} of {len(situations)} situations pay")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -263,6 +263,7 @@ def generate(method: Method, ids: torch.Tensor, new_tokens: int) -> dict[str, An
         cost = decode_only(shortcut_cost(system.sizes, stats, decode), system.sizes, ids.shape[1])
     return {"output": out, "seconds": seconds, "new_tokens": new, "cost": cost,
             "drafted": float(decode.drafted), "accepted": float(decode.accepted),
+            "skip_drafted": float(decode.skip_drafted), "skip_accepted": float(decode.skip_accepted),
             # tokens from practised sequences: accepted lossless drafts, committed fast-mode answers
             "recalled": float(decode.recall_accepted + decode.recall_committed),
             "learn_seconds": (learner.stats.learn_seconds - learn_before) if learner else 0.0}
@@ -316,6 +317,7 @@ def measure_prompt(methods: list[Method], plain: Method, record: dict, new_token
             "flops_rel": run["cost"]["flops"] / reference["flops"],
             "identical": bool(torch.equal(run["output"], base["output"])), "agreed_tokens": agree,
             "drafted": run["drafted"], "accepted": run["accepted"], "recalled": run["recalled"],
+            "skip_drafted": run["skip_drafted"], "skip_accepted": run["skip_accepted"],
             "learn_seconds": run["learn_seconds"],
             "output_ids": run["output"][0, ids.shape[1]:].tolist(),
         }
@@ -339,6 +341,9 @@ def summarise(rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         "drafted_per_token": drafted / max(tokens, 1),
         # generated tokens that came from practised sequences (accepted drafts, committed answers)
         "recalled_share": sum(r.get("recalled", 0.0) for r in rows) / max(tokens, 1),
+        # drafts made with layers stepped over (lossless.skip_drafts)
+        "skip_drafted_per_token": sum(r.get("skip_drafted", 0.0) for r in rows) / max(tokens, 1),
+        "skip_accepted_per_token": sum(r.get("skip_accepted", 0.0) for r in rows) / max(tokens, 1),
         "learn_seconds": sum(r["learn_seconds"] for r in rows),
     }
     summary.update(extra)
