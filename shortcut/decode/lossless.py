@@ -364,9 +364,11 @@ class ShallowDrafter:
         budget = min(limit, self.num_draft)
         if self.skips is not None:
             skipped = self.skips.draft(input_ids, cache, budget, stop_ids, inputs)
-            # A declined first token was plain decoding's step, nothing wasted: only a
-            # rejected proposal backs off.
-            self.attempted, self.skip_drafted = bool(skipped), True
+            # A declined first token was plain decoding's step: while the plan warms up
+            # that is the point (it measures the layers), afterwards asking again costs
+            # an SAE encode per token, so the back-off applies as to the shallow path.
+            self.attempted = bool(skipped) or self.skips.plan.warm
+            self.skip_drafted = True
             self.full_logits = self.skips.full_logits
             self.stats.drafted += len(skipped)
             return torch.cat(skipped, dim=-1) if skipped else input_ids[:, :0]

@@ -3,9 +3,10 @@ next tokens (self-speculation, as SWIFT and CLaSp do), and the full model verifi
 like any other draft, so the output stays the full model's.
 
 Which layers. Each layer's *influence* is ``1 - cos(input, output)`` of the residual
-stream at the newest token (ShortGPT's block influence), averaged over tokens that ran
-every layer. A skip set of depth ``m`` steps over the ``m`` least influential layers
-from the signature layer (the observer reads the residual stream before any layer is
+stream at the newest token (ShortGPT's block influence), averaged over the first
+``MEASURE_TOKENS`` tokens that ran every layer; no skip draft before ``WARMUP_TOKENS``
+of them. A skip set of depth ``m`` steps over the ``m`` least influential layers from
+the signature layer (the observer reads the residual stream before any layer is
 stepped over) up to, not including, the last layer.
 
 How many, per situation. The situation is the most active SAE feature of the token's
@@ -46,6 +47,7 @@ VERIFY_COST = 0.15
 PRIOR_TOKENS = 4.0  # verified tokens a prior counts as
 PRIOR_CHANCE = 0.9  # optimistic: every depth is tried before its estimate settles
 WARMUP_TOKENS = 16  # tokens measured on the full path before the first skip draft
+MEASURE_TOKENS = 256  # influences settle: later tokens are not measured (it costs a little per token)
 EXPLORE = 8
 ALL = -1  # the situation key of the estimate over all situations
 
@@ -72,6 +74,11 @@ class SkipPlan:
         self.influence = torch.zeros(self.num_layers)
 
     @property
+    def warm(self) -> bool:
+        """Whether enough tokens were measured to rank the layers."""
+        return self.measured >= WARMUP_TOKENS
+
+    @property
     def eligible(self) -> list[int]:
         """Layers a skip set may step over (never the last)."""
         return list(range(self.first_layer, self.num_layers - 1))
@@ -86,7 +93,7 @@ class SkipPlan:
     def measure(self, inputs: list[torch.Tensor]) -> None:
         """Add one token's influences from the residuals ``inputs`` [d] that entered each
         layer in turn (every layer ran)."""
-        if len(inputs) != self.num_layers:
+        if len(inputs) != self.num_layers or self.measured >= MEASURE_TOKENS:
             return
         states = torch.stack([h.float() for h in inputs])
         cos = torch.nn.functional.cosine_similarity(states[:-1], states[1:], dim=-1)
@@ -123,7 +130,7 @@ class SkipPlan:
     def choose(self, situation: int, reach: float = 1.0) -> int | None:
         """The depth to draft the next token at after earlier draft tokens whose chances
         multiply to ``reach`` (1.0: the draft's first token); ``None``: run every layer."""
-        if self.measured < WARMUP_TOKENS or not self.depths:
+        if not self.warm or not self.depths:
             return None
         gains = [(reach * self.probability(situation, d) - self.cost(d), d) for d in self.depths]
         gain, depth = max(gains)
@@ -186,7 +193,7 @@ class SkipStep:
             self.propagate_kv = False  # cropped right after: nothing to keep
             return False
         self.propagate_kv = True
-        if self.depth is None:
+        if self.depth is None and self.plan.measured < MEASURE_TOKENS:
             self.inputs.append(hidden[0, -1].detach())
         return layer_idx not in self.skip
 
