@@ -5,9 +5,11 @@ for every prompt of the chosen test sets runs plain ``generate`` and each varian
 rotating order in one process, and prints per set and variant the median speed ratio
 and FLOPs ratio to plain, drafted tokens per generated token, acceptance, identical
 outputs and agreement (``shortcut_eval.workload.measure_prompt``). A variant is a
-``ShortcutConfig`` change by dotted name, plus ``"mode"`` and one benchmark-only switch:
+``ShortcutConfig`` change by dotted name, plus ``"mode"`` and two benchmark-only switches:
 ``"shallow_odds": false`` proposes every shallow token the heads are sure of, as before
-the learned odds existed (an ablation of ``ShallowOdds``).
+the learned odds existed (an ablation of ``ShallowOdds``); ``"skip_set": [layers]`` makes
+skip drafts (``lossless.skip_drafts``) step over exactly these layers, e.g. the best
+global set ``bench_skips.py`` found.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_variants.py --skills runs/eval/<run>/skills \\
         --sets transfer --variants '{"full": {}, "memory only": {"lossless.shallow_drafts": false}}'
@@ -22,7 +24,7 @@ from typing import Any
 
 import shortcut_eval.workload as workload
 from shortcut.decode.draft_length import ShallowOdds
-from shortcut.decode.skip_draft import ALL, PRIOR_CHANCE, PRIOR_TOKENS, SkipPlan
+from shortcut.decode.skip_draft import ALL, PRIOR_TOKENS, SkipDrafter, SkipPlan
 from shortcut_eval.peers import peer_methods
 from shortcut_eval.workload import WORKLOADS, Method, load_system, prompt_sets, summarise
 
@@ -36,27 +38,59 @@ class ProposeAll(ShallowOdds):
         return True
 
 
-def _with_own_odds(ablated: set[str]) -> Any:
-    """``workload.generate`` where each variant keeps its own learned shallow odds, so one
-    variant's outcomes do not steer another's drafts."""
+class PinnedPlan(SkipPlan):
+    """A skip plan with one fixed layer set (e.g. the best global set ``bench_skips.py``
+    found offline) and no situations; it still learns the set's chance and drafts only
+    where that pays."""
+
+    def __init__(self, num_layers: int, layers: list[int]) -> None:
+        super().__init__(num_layers, min(layers))
+        self.layers = frozenset(layers)
+        self.counts[(ALL, len(self.layers))] = [PRIOR_TOKENS, 0.0]  # drafts until outcomes say otherwise
+
+    @property
+    def warm(self) -> bool:
+        return True
+
+    @property
+    def depths(self) -> list[int]:
+        return [len(self.layers)]
+
+    def skip_set(self, depth: int) -> frozenset[int]:
+        return self.layers
+
+
+def _with_own_state(ablated: set[str], pinned: dict[str, list[int]]) -> Any:
+    """``workload.generate`` where each variant keeps its own learned shallow odds and
+    skip plan, so one variant's outcomes do not steer another's drafts; ``pinned``
+    variants draft with a fixed skip set and no observer situations."""
     plain_generate = workload.generate
     odds: dict[str, ShallowOdds] = {}
+    plans: dict[str, SkipPlan | None] = {}
 
     def generate(method: Method, ids: Any, new_tokens: int) -> dict[str, Any]:
         handle = method.system.handle
         if method.kind != "shortcut" or handle.learner is None:
             return plain_generate(method, ids, new_tokens)
-        saved = handle._shallow_odds
+        saved, saved_plan = handle._shallow_odds, handle._skip_plan
         handle._odds_for = (id(handle.learner), handle.learner.stats.consolidations)  # frozen skills
         bar = handle.config.lossless.accept_bar
         handle._shallow_odds = odds.setdefault(method.name, ProposeAll(bar) if method.name in ablated
                                                else ShallowOdds(bar))
+        handle._skip_plan = plans.get(method.name)
+        if method.name in pinned:
+            plan = plans.get(method.name) or PinnedPlan(handle.parts.num_layers, pinned[method.name])
+            handle._skip_plan = plan
+            handle._skip_drafter = lambda learner: SkipDrafter(handle.model, handle._runtime, plan, None,
+                                                               handle.decode_stats)
         try:
             return plain_generate(method, ids, new_tokens)
         finally:
-            odds[method.name] = handle._shallow_odds
-            handle._shallow_odds = saved
+            odds[method.name], plans[method.name] = handle._shallow_odds, handle._skip_plan
+            handle._shallow_odds, handle._skip_plan = saved, saved_plan
+            handle.__dict__.pop("_skip_drafter", None)
 
+    generate.plans = plans  # type: ignore[attr-defined]
     return generate
 
 
@@ -89,10 +123,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     sets = prompt_sets(prompts, near, n_practice=args.practice_prompts, n_test=args.test_prompts,
                        families=families, n_family=args.family_prompts)
     ablated = {name for name, options in variants.items() if options.pop("shallow_odds", True) is False}
+    pinned = {name: options.pop("skip_set") for name, options in variants.items() if "skip_set" in options}
     methods = [Method(name, "shortcut", system, mode=options.pop("mode", "lossless"), options=options)
                for name, options in variants.items()]
     methods += peer_methods(system, [], args.lookup_tokens)
-    workload.generate = _with_own_odds(ablated)
+    workload.generate = _with_own_state(ablated, pinned)
     plain = Method("plain", "plain", system)
     results: dict[str, dict[str, Any]] = {}
     rotation = 0
@@ -112,9 +147,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
             if s["skip_drafted_per_token"]:
                 print(f"{'':<41} skip-drafted/token {s['skip_drafted_per_token']:.3f}  "
                       f"skip-accepted/token {s['skip_accepted_per_token']:.3f}", flush=True)
-    plan = system.handle._skip_plan
-    if plan is not None:
-        print(describe_plan(plan))
+    for name, plan in workload.generate.plans.items():  # type: ignore[attr-defined]
+        if plan is not None:
+            print(f"{name}: {describe_plan(plan)}")
     return results
 
 
@@ -126,12 +161,11 @@ def describe_plan(plan: SkipPlan) -> str:
              + " ".join(f"{i}:{float(v):.3f}" for i, v in enumerate(influence))]
     situations = {key[0] for key in plan.counts if key[0] != ALL}
     for depth in plan.depths:
-        accepted, rejections = plan.counts.get((ALL, depth), (0.0, 0.0))
+        accepted, rejections = plan._counts(ALL, depth)
         paying = sum(plan.probability(sit, depth) > plan.cost(depth) for sit in situations)
         lines.append(f"  depth {depth:>2} layers {sorted(plan.skip_set(depth))}: chance "
                      f"{plan.probability(ALL, depth):.3f} (needs > {plan.cost(depth):.3f}; "
-                     f"{accepted - PRIOR_TOKENS * PRIOR_CHANCE:.0f} accepted, "
-                     f"{rejections - PRIOR_TOKENS * (1 - PRIOR_CHANCE):.0f} rejected); "
+                     f"{accepted:.1f} accepted, {rejections:.1f} rejected with the prior); "
                      f"{paying} of {len(situations)} situations pay")
     return "\n".join(lines)
 
