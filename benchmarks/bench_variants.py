@@ -5,11 +5,13 @@ for every prompt of the chosen test sets runs plain ``generate`` and each varian
 rotating order in one process, and prints per set and variant the median speed ratio
 and FLOPs ratio to plain, drafted tokens per generated token, acceptance, identical
 outputs and agreement (``shortcut_eval.workload.measure_prompt``). A variant is a
-``ShortcutConfig`` change by dotted name, plus ``"mode"`` and two benchmark-only switches:
+``ShortcutConfig`` change by dotted name, plus ``"mode"`` and benchmark-only switches:
 ``"shallow_odds": false`` proposes every shallow token the heads are sure of, as before
 the learned odds existed (an ablation of ``ShallowOdds``); ``"skip_set": [layers]`` makes
 skip drafts (``lossless.skip_drafts``) step over exactly these layers, e.g. the best
-global set ``bench_skips.py`` found.
+global set ``bench_skips.py`` found, and ``"skip_always": true`` with it drafts with them
+wherever the chance of reaching the token is at least 0.5, paying or not (measures the
+set's acceptance).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_variants.py --skills runs/eval/<run>/skills \\
         --sets transfer --variants '{"full": {}, "memory only": {"lossless.shallow_drafts": false}}'
@@ -43,10 +45,16 @@ class PinnedPlan(SkipPlan):
     found offline) and no situations; it still learns the set's chance and drafts only
     where that pays."""
 
-    def __init__(self, num_layers: int, layers: list[int]) -> None:
+    def __init__(self, num_layers: int, layers: list[int], always: bool = False) -> None:
         super().__init__(num_layers, min(layers))
         self.layers = frozenset(layers)
+        self.always = always  # draft every token (while its reach is at least 0.5): measures the set's chance
         self.counts[(ALL, len(self.layers))] = [PRIOR_TOKENS, 0.0]  # drafts until outcomes say otherwise
+
+    def choose(self, situation: int, reach: float = 1.0) -> int | None:
+        if self.always:
+            return len(self.layers) if reach * self.probability(situation, len(self.layers)) >= 0.5 else None
+        return super().choose(situation, reach)
 
     @property
     def warm(self) -> bool:
@@ -79,7 +87,7 @@ def _with_own_state(ablated: set[str], pinned: dict[str, list[int]]) -> Any:
                                                else ShallowOdds(bar))
         handle._skip_plan = plans.get(method.name)
         if method.name in pinned:
-            plan = plans.get(method.name) or PinnedPlan(handle.parts.num_layers, pinned[method.name])
+            plan = plans.get(method.name) or PinnedPlan(handle.parts.num_layers, *pinned[method.name])
             handle._skip_plan = plan
             handle._skip_drafter = lambda learner: SkipDrafter(handle.model, handle._runtime, plan, None,
                                                                handle.decode_stats)
@@ -123,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     sets = prompt_sets(prompts, near, n_practice=args.practice_prompts, n_test=args.test_prompts,
                        families=families, n_family=args.family_prompts)
     ablated = {name for name, options in variants.items() if options.pop("shallow_odds", True) is False}
-    pinned = {name: options.pop("skip_set") for name, options in variants.items() if "skip_set" in options}
+    pinned = {name: (options.pop("skip_set"), options.pop("skip_always", False))
+              for name, options in variants.items() if "skip_set" in options}
     methods = [Method(name, "shortcut", system, mode=options.pop("mode", "lossless"), options=options)
                for name, options in variants.items()]
     methods += peer_methods(system, [], args.lookup_tokens)

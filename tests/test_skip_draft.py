@@ -133,3 +133,37 @@ def test_skip_drafts_without_an_observer_are_lossless(arch):
         assert handle.decode_stats.skip_drafted > 0
     finally:
         handle.remove()
+
+
+def test_a_skip_draft_is_the_model_with_those_layers_stepped_over():
+    """The first drafted token is the argmax of the model run with exactly the plan's
+    layers stepped over (``FixedPlan``) after the same cache."""
+    from transformers import DynamicCache
+
+    from shortcut.decode.lossless import SequenceInputs
+    from shortcut.decode.skip_draft import SkipDrafter
+    from shortcut.decode.stats import DecodeStats
+
+    model = make_tiny("llama")
+    handle = shortcut.wrap(model, shortcut.ShortcutConfig(learning=shortcut.LearningConfig(enabled=False)))
+    try:
+        plan = SkipPlan(num_layers=4, first_layer=1)
+        _measured(plan, [0.5, 0.4, 0.1, 0.0])
+        plan.counts[(ALL, 2)] = [100.0, 0.0]  # sure to draft at depth 2
+        drafter = SkipDrafter(model, handle._runtime, plan, None, DecodeStats())
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+        with handle.disabled():
+            cache = DynamicCache(config=model.config)
+            model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+        drafted = drafter.draft(ids, cache, budget=1, stop_ids=frozenset(), inputs=SequenceInputs({}))
+        assert cache.get_seq_length() == 5  # the draft's keys/values were cropped
+        with handle.disabled():
+            full = DynamicCache(config=model.config)
+            model(input_ids=ids[:, :-1], past_key_values=full, use_cache=True)
+        handle.set_policy(shortcut.FixedPlan(skip=plan.skip_set(2)))
+        logits = model(input_ids=ids[:, -1:], past_key_values=full, use_cache=True).logits
+        handle.set_policy(None)
+        assert plan.skip_set(2) == {1, 2}
+        assert [int(t) for t in drafted] == [int(logits[0, -1].argmax())]
+    finally:
+        handle.remove()
