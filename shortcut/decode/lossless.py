@@ -58,9 +58,10 @@ promised.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -375,19 +376,16 @@ class ShallowDrafter:
         heads = self.heads
         if not self.shallow or self.step is None or heads is None or heads.shortlist.numel() == 0:
             return input_ids[:, :0]
-        lengths = layer_lengths(cache)
         drafted: list[torch.Tensor] = []
         token = input_ids[:, -1:]
         position = input_ids.shape[1] - 1
-        previous = self.runtime.policy
-        self.runtime.policy = self.step
         self.attempted = True
         self.step.ceiling = None
         self.step.reach = 1.0
         # The first token is the one verification would run anyway: when it is
         # unfamiliar it simply continues through every layer (plain decoding's step).
         self.step.unfamiliar_runs_full = True
-        try:
+        with drafting(self.runtime, self.step, cache) as keep:
             for index in range(budget):
                 self.step.position = position
                 self.step.prediction, self.step.unsure = None, False
@@ -405,7 +403,7 @@ class ShallowDrafter:
                     else:
                         self.stats.draft_unfamiliar += 1
                     self.full_logits = full_logits(self.model, hidden[:, -1:])
-                    lengths = layer_lengths(cache)
+                    keep()
                     if self.on_full_path is not None:
                         self.on_full_path(self.full_logits)
                     break
@@ -431,10 +429,6 @@ class ShallowDrafter:
                 if int(token) in stop_ids:  # nothing after the end is ever accepted
                     break
                 position += 1
-        finally:
-            self.runtime.policy = previous
-            self.step.unfamiliar_runs_full = False
-            crop_to(cache, lengths)
         self.stats.drafted += len(drafted)
         return torch.cat(drafted, dim=-1) if drafted else input_ids[:, :0]
 
@@ -558,6 +552,26 @@ def crop_to(cache: Any, lengths: list[int]) -> None:
         extra = (layer.get_seq_length() if layer.is_initialized else 0) - length
         if extra > 0:
             layer.crop(-extra)
+
+
+@contextlib.contextmanager
+def drafting(runtime: Any, policy: Any, cache: Any) -> Iterator[Callable[[], None]]:
+    """Run the body's draft forwards under the layer ``policy``. Afterwards the runtime's
+    own policy is back and the cache is cropped to where it was, or to where it was when
+    the body last called the yielded ``keep()`` (a first token that took the full path
+    stays: it is plain decoding's step)."""
+    lengths = layer_lengths(cache)
+
+    def keep() -> None:
+        lengths[:] = layer_lengths(cache)
+
+    previous = runtime.policy
+    runtime.policy = policy
+    try:
+        yield keep
+    finally:
+        runtime.policy = previous
+        crop_to(cache, lengths)
 
 
 def choose_next(input_ids: torch.Tensor, logits: torch.Tensor, logits_processor: Any, stopping_criteria: Any,

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ..observe import Observer
-from .lossless import SequenceInputs, crop_to, full_logits, layer_lengths
+from .lossless import SequenceInputs, drafting, full_logits
 from .stats import DecodeStats
 
 SKIP_SHARES = (0.2, 0.3, 0.4, 0.5)  # shares of the model's layers a skip set steps over
@@ -220,14 +220,11 @@ class SkipDrafter:
         ``cache`` yet). When the first token runs every layer, ``full_logits`` holds its
         logits and the cache keeps it; otherwise the cache is left as it was."""
         self.situations, self.full_logits = [], None
-        lengths = layer_lengths(cache)
         drafted: list[torch.Tensor] = []
         token = input_ids[:, -1:]
         position = input_ids.shape[1] - 1
-        previous = self.runtime.policy
-        self.runtime.policy = self.step
         self.step.reach, self.step.runs_full = 1.0, True
-        try:
+        with drafting(self.runtime, self.step, cache) as keep:
             for index in range(budget):
                 self.step.begin(token)  # the runtime begins only the LM's own forwards
                 hidden = self.base(input_ids=token, cache=cache, use_cache=True,
@@ -241,7 +238,7 @@ class SkipDrafter:
                         self.stats.full_path_steps += 1
                         self.stats.draft_declined += 1
                         self.full_logits = full_logits(self.model, hidden[:, -1:])
-                        lengths = layer_lengths(cache)
+                        keep()
                         if self.on_full_path is not None:
                             self.on_full_path(self.full_logits)
                     else:
@@ -254,9 +251,6 @@ class SkipDrafter:
                 if int(token) in stop_ids:  # nothing after the end is ever accepted
                     break
                 position += 1
-        finally:
-            self.runtime.policy = previous
-            crop_to(cache, lengths)
         self.stats.skip_drafted += len(drafted)
         return drafted
 
