@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from ..observe import Observer
+from .draft_length import EXPLORE, SHALLOW_PRIOR_TOKENS
 from .lossless import SequenceInputs, drafting, full_logits
 from .stats import DecodeStats
 
@@ -44,11 +45,10 @@ SKIP_SHARES = (0.2, 0.3, 0.4, 0.5)  # shares of the model's layers a skip set st
 # Steps a draft token adds to its verification forward: a verification of a 4-5 token
 # draft costs about 1.5-1.7 single-token steps on CPU (benchmarks/bench_verify.py).
 VERIFY_COST = 0.15
-PRIOR_TOKENS = 4.0  # verified tokens a prior counts as
+PRIOR_TOKENS = SHALLOW_PRIOR_TOKENS  # verified tokens a prior counts as (as for shallow tokens)
 PRIOR_CHANCE = 0.9  # optimistic: every depth is tried before its estimate settles
 WARMUP_TOKENS = 16  # tokens measured on the full path before the first skip draft
 MEASURE_TOKENS = 256  # influences settle: later tokens are not measured (it costs a little per token)
-EXPLORE = 8
 ALL = -1  # the situation key of the estimate over all situations
 
 
