@@ -7,7 +7,9 @@ and FLOPs ratio to plain, drafted tokens per generated token, acceptance, identi
 outputs and agreement (``shortcut_eval.workload.measure_prompt``). A variant is a
 ``ShortcutConfig`` change by dotted name, plus ``"mode"`` and benchmark-only switches:
 ``"shallow_odds": false`` proposes every shallow token the heads are sure of, as before
-the learned odds existed (an ablation of ``ShallowOdds``); ``"skip_set": [layers]`` makes
+the learned odds existed (an ablation of ``ShallowOdds``); ``"shallow_costs": false``
+proposes them against ``accept_bar`` alone, not against what their draft step costs
+(the rule before the costs were counted); ``"skip_set": [layers]`` makes
 skip drafts (``lossless.skip_drafts``) step over exactly these layers, e.g. the best
 global set ``bench_skips.py`` found, and ``"skip_always": true`` with it drafts with them
 wherever the chance of reaching the token is at least 0.5, paying or not (measures the
@@ -68,9 +70,10 @@ class PinnedPlan(SkipPlan):
         return self.layers
 
 
-def _with_own_state(ablated: set[str], pinned: dict[str, list[int]]) -> Any:
+def _with_own_state(ablated: set[str], uncosted: set[str], pinned: dict[str, list[int]]) -> Any:
     """``workload.generate`` where each variant keeps its own learned shallow odds and
-    skip plan, so one variant's outcomes do not steer another's drafts; ``pinned``
+    skip plan, so one variant's outcomes do not steer another's drafts; ``uncosted``
+    variants propose shallow tokens against ``accept_bar`` alone (not their cost); ``pinned``
     variants draft with a fixed skip set and no observer situations."""
     plain_generate = workload.generate
     odds: dict[str, ShallowOdds] = {}
@@ -83,8 +86,11 @@ def _with_own_state(ablated: set[str], pinned: dict[str, list[int]]) -> Any:
         saved, saved_plan = handle._shallow_odds, handle._skip_plan
         handle._odds_for = (id(handle.learner), handle.learner.stats.consolidations)  # frozen skills
         bar = handle.config.lossless.accept_bar
-        handle._shallow_odds = odds.setdefault(method.name, ProposeAll(bar) if method.name in ablated
-                                               else ShallowOdds(bar))
+        if method.name not in odds:
+            odds[method.name] = (ProposeAll(bar) if method.name in ablated
+                                 else ShallowOdds(bar) if method.name in uncosted
+                                 else handle._fresh_shallow_odds(handle.learner))
+        handle._shallow_odds = odds[method.name]
         handle._skip_plan = plans.get(method.name)
         if method.name in pinned:
             plan = plans.get(method.name) or PinnedPlan(handle.parts.num_layers, *pinned[method.name])
@@ -131,12 +137,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     sets = prompt_sets(prompts, near, n_practice=args.practice_prompts, n_test=args.test_prompts,
                        families=families, n_family=args.family_prompts)
     ablated = {name for name, options in variants.items() if options.pop("shallow_odds", True) is False}
+    uncosted = {name for name, options in variants.items() if options.pop("shallow_costs", True) is False}
     pinned = {name: (options.pop("skip_set"), options.pop("skip_always", False))
               for name, options in variants.items() if "skip_set" in options}
     methods = [Method(name, "shortcut", system, mode=options.pop("mode", "lossless"), options=options)
                for name, options in variants.items()]
     methods += peer_methods(system, [], args.lookup_tokens)
-    workload.generate = _with_own_state(ablated, pinned)
+    workload.generate = _with_own_state(ablated, uncosted, pinned)
     plain = Method("plain", "plain", system)
     results: dict[str, dict[str, Any]] = {}
     rotation = 0

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from .arch import ModelParts, resolve
 from .config import ShortcutConfig
+from .decode.accounting import ParamSizes, shallow_step_costs
 from .decode.draft_length import DraftLengths, ShallowOdds
 from .decode.fast import FastBatchDecoder, FastController, FastDecoder, FastStep
 from .decode.lossless import (
@@ -296,7 +297,7 @@ class Shortcut:
             observer, heads, policy = (learner.observer, learner.heads, learner.policy) if learner else (None,) * 3
             self._lookup_lengths.accept_bar = self.config.lossless.accept_bar  # the config may change between calls
             if learner is not None and self._odds_for != (id(learner), learner.stats.consolidations):
-                self._shallow_odds = ShallowOdds(self.config.lossless.accept_bar)
+                self._shallow_odds = self._fresh_shallow_odds(learner)
                 self._odds_for = (id(learner), learner.stats.consolidations)
                 if self._skip_plan is not None:
                     self._skip_plan.forget_situations()
@@ -353,6 +354,12 @@ class Shortcut:
         with self.disabled():
             return collect_activations(self.model, self.parts.layers[auto.layer], texts, tokenizer,
                                        max_tokens=n_tokens, progress=False)
+
+    def _fresh_shallow_odds(self, learner: Learner) -> ShallowOdds:
+        """Shallow-draft chances with nothing learned yet, and what a draft step costs at
+        each of ``learner``'s exits (a token is proposed only where its chance pays that)."""
+        return ShallowOdds(self.config.lossless.accept_bar,
+                           costs=shallow_step_costs(ParamSizes.of(self), learner.heads))
 
     def _skip_drafter(self, learner: Learner | None) -> SkipDrafter:
         """The skip drafter of one call. Its plan outlives the call; the signature layer

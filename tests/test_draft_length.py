@@ -64,3 +64,48 @@ def test_shallow_odds_learn_per_exit_and_confidence_and_gate_the_draft():
     assert odds.counts[(5, 0.5)][1] == pytest.approx(4 * 0.45 + 1)  # the prior's share and this one
     with pytest.raises(ValueError, match="accept_bar=0.0"):
         ShallowOdds(accept_bar=0.0)
+
+
+def test_a_shallow_token_must_pay_for_its_draft_step():
+    # exit 3 reads a tenth of a plain step, exit 19 more than half: the same chance pays
+    # at the shallow exit and not at the deep one
+    odds = ShallowOdds(accept_bar=0.3, costs={3: 0.1, 19: 0.55})
+    assert odds.bar(3) == 0.3 and odds.bar(19) == 0.55 and odds.bar(7) == 0.3  # no cost known: the bar
+    for exit_layer in (3, 19):
+        for _ in range(20):  # both exits' confident tokens are accepted half the time
+            odds.update([(exit_layer, 0.9)] * 2, accepted=1, rejected=True)
+    assert odds.probability(3, 0.9) == pytest.approx(odds.probability(19, 0.9))
+    assert 0.3 < odds.probability(3, 0.9) < 0.55
+    assert odds.worth(3, 0.9, reach=0.99) and not odds.worth(19, 0.9, reach=0.99)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        ShallowOdds(costs={3: -0.1})
+
+
+
+def test_draft_step_costs_count_the_layers_to_the_exit_its_head_and_the_observer():
+    from types import SimpleNamespace
+
+    from shortcut.decode.accounting import ParamSizes, shallow_step_costs
+
+    sizes = ParamSizes(layer=10, kv_projection=2, unembed=40, num_layers=4, observer=5)
+    heads = SimpleNamespace(layers=(0, 2), head_cost=lambda layer: {"shortlist": 3 + layer})
+    plain = 4 * 10 + 40  # every layer and the unembedding
+    assert shallow_step_costs(sizes, heads) == {0: (10 + 3 + 5) / plain, 2: (30 + 5 + 5) / plain}
+
+
+def test_back_off_doubles_while_attempts_fail_and_ends_on_an_accepted_token():
+    from shortcut.decode.lossless import BackOff
+
+    backoff = BackOff()
+    assert not backoff.waiting()
+    sat_out = []
+    for _ in range(5):  # five failed attempts in a row: 1, 2, 4, 8, 8 steps sat out
+        backoff.record(accepted=0)
+        steps = 0
+        while backoff.waiting():
+            steps += 1
+        sat_out.append(steps)
+    assert sat_out == [1, 2, 4, 8, 8]
+    backoff.record(accepted=2)
+    backoff.record(accepted=0)
+    assert backoff.waiting() and not backoff.waiting()  # back to one step

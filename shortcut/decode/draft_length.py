@@ -119,20 +119,32 @@ class ShallowOdds:
     exit head's confidence bucket, keeps the same estimate as a lookup situation
     (``accepted / (accepted + rejections)`` over verified shallow tokens, starting from a
     prior of a few tokens at about the bucket's confidence), and a draft proposes its next token only
-    while the chance of reaching it, the product of its tokens' estimates, stays at least
-    ``accept_bar``. A token that would fall below the bar ends the draft; as the first
+    while the chance of reaching it, the product of its tokens' estimates, pays for making
+    it: it stays at least the token's cost, what its draft step reads relative to a plain
+    step (``costs`` per exit layer, from
+    :func:`~shortcut.decode.accounting.shallow_step_costs`), and at least ``accept_bar``.
+    An accepted token saves one plain step, so below its cost a proposal loses time on
+    average. A token that would fall below the bar ends the draft; as the first
     token of a draft it simply goes on through every layer (plain decoding's step). A
     situation below the bar is still proposed as a draft's first token every
     ``EXPLORE``-th time it comes up, so an estimate that was too low can recover.
     """
 
     accept_bar: float = 0.3
+    costs: dict[int, float] = field(default_factory=dict)  # exit layer -> a draft step's cost in plain steps
     counts: dict[tuple[int, float], list[float]] = field(default_factory=dict)
     _declined: dict[tuple[int, float], int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.accept_bar < 1.0:
             raise ValueError(f"accept_bar={self.accept_bar} must be in (0, 1)")
+        bad = {layer: cost for layer, cost in self.costs.items() if not 0.0 <= cost}
+        if bad:
+            raise ValueError(f"costs {bad} must be >= 0 (a draft step's share of a plain step)")
+
+    def bar(self, exit_layer: int) -> float:
+        """The chance of being reached that a token drafted at ``exit_layer`` needs."""
+        return max(self.accept_bar, self.costs.get(exit_layer, 0.0))
 
     def _counts(self, exit_layer: int, confidence: float) -> list[float]:
         key = (exit_layer, confidence_bucket(confidence))
@@ -150,7 +162,7 @@ class ShallowOdds:
     def worth(self, exit_layer: int, confidence: float, reach: float = 1.0) -> bool:
         """Whether to propose a token drafted in this situation after earlier tokens whose
         chances multiply to ``reach`` (1.0: the draft's first token)."""
-        if reach * self.probability(exit_layer, confidence) >= self.accept_bar:
+        if reach * self.probability(exit_layer, confidence) >= self.bar(exit_layer):
             return True
         if reach < 1.0:
             return False

@@ -62,6 +62,7 @@ import contextlib
 import copy
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -285,6 +286,30 @@ class DraftStep:
         return layer_idx < self.exit_layer
 
 
+@dataclass
+class BackOff:
+    """After an attempt that got nothing accepted, sit out the next ``pause`` steps
+    (1, then doubling up to 8 while attempts keep failing); an accepted token ends it."""
+
+    pause: int = 0
+    left: int = 0
+
+    def waiting(self) -> bool:
+        """Whether this step is sat out (counts it off)."""
+        if self.left > 0:
+            self.left -= 1
+            return True
+        return False
+
+    def record(self, accepted: int) -> None:
+        """The outcome of an attempt: ``accepted`` tokens."""
+        if accepted == 0:
+            self.pause = min(8, max(1, 2 * self.pause))
+            self.left = self.pause
+        else:
+            self.pause = 0
+
+
 class ShallowDrafter:
     """Drafts tokens with the shallow path of the model itself, and recalls practised
     sequences.
@@ -329,13 +354,15 @@ class ShallowDrafter:
         self.copied = False  # whether it came from the text itself
         self._situation: tuple[str, bool, int] | None = None  # the latest lookup draft's, for record()
         self._shallow_situations: list[tuple[int, float]] = []  # the latest shallow draft's tokens'
-        # Back-off: after a draft attempt that produced nothing accepted, skip the next
-        # `_pause` steps (doubling up to 8): asking costs an SAE encode and a policy
-        # decision, a rejected draft its layers and a wider verification, and unfamiliar
-        # text mostly answers "full path".
-        self._pause = 0
-        self._skip = 0
-        self.attempted = False  # whether the latest draft() ran any forward
+        # Back-offs, one per kind of draft, so that one kind failing does not silence the
+        # other: a drafting forward (shallow or skip) that got nothing accepted pauses
+        # the next forwards (asking costs an SAE encode and a policy decision, a rejected
+        # draft its layers, and unfamiliar text mostly answers "full path"); a lookup
+        # draft that got nothing accepted pauses the next lookups (each rejected token
+        # costs a verification position).
+        self.forward_backoff = BackOff()
+        self.lookup_backoff = BackOff()
+        self.attempted = False  # whether the latest draft() ran a drafting forward
         # Logits [1, 1, V] of the newest token when draft() ran it on the full path (its
         # first token was unfamiliar): the decoding loop then needs no verification.
         self.full_logits: torch.Tensor | None = None
@@ -355,13 +382,13 @@ class ShallowDrafter:
         self.full_logits = None
         if limit <= 0:
             return input_ids[:, :0]
-        if self._skip > 0:
-            self._skip -= 1
+        if not self.lookup_backoff.waiting():
+            looked_up = self.lookup(input_ids, min(limit, self.max_draft), stop_ids, opening=False)
+            if looked_up.shape[1]:
+                return looked_up
+        if self.forward_backoff.waiting():
             self.stats.draft_paused += 1
             return input_ids[:, :0]
-        looked_up = self.lookup(input_ids, min(limit, self.max_draft), stop_ids, opening=False)
-        if looked_up.shape[1]:
-            return looked_up
         budget = min(limit, self.num_draft)
         if self.skips is not None:
             skipped = self.skips.draft(input_ids, cache, budget, stop_ids, inputs)
@@ -481,7 +508,6 @@ class ShallowDrafter:
             if token in stop_ids:  # nothing after the end is ever accepted
                 tokens = tokens[:i + 1]
                 break
-        self.attempted = True
         self.stats.drafted += len(tokens)
         if source == "memory":
             self.recalled = True
@@ -498,11 +524,10 @@ class ShallowDrafter:
         rejected nothing)."""
         if rejected is None:
             rejected = accepted < drafted
-        if self.attempted and accepted == 0:
-            self._pause = min(8, max(1, 2 * self._pause))
-            self._skip = self._pause
-        elif accepted > 0:
-            self._pause = 0
+        if self.recalled or self.copied:
+            self.lookup_backoff.record(accepted)
+        elif self.attempted:
+            self.forward_backoff.record(accepted)
         if drafted == 0:
             return
         self.stats.accepted += accepted
