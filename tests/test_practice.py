@@ -733,3 +733,23 @@ def test_only_plain_greedy_answers_become_practised_sequences(practised):
     assert len(memory) == held
     out = model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False)
     assert len(memory) == held + 1 and memory.sequences[-1] == out[0].tolist()
+
+
+def test_a_failed_shallow_attempt_does_not_pause_the_lookups(practised):
+    """Lookups and drafting forwards back off separately: new content where the shallow
+    path keeps failing must not silence the practised sequences (and the other way)."""
+    from shortcut.decode.stats import DecodeStats
+    from shortcut.learn.sequences import SequenceMemory
+
+    model, handle, _ = practised
+    memory = SequenceMemory()
+    memory.add(list(range(10, 40)))
+    drafter = lossless.ShallowDrafter(model, handle._runtime, None, None, None, None, max_draft=8,
+                                      min_confidence=0.0, stats=DecodeStats(), sequences=memory)
+    ids = torch.tensor([list(range(10, 22))])
+    drafter.forward_backoff.record(accepted=0)  # a shallow attempt just failed
+    drafter.forward_backoff.record(accepted=0)
+    assert drafter.draft(ids, None, limit=8)[0, 0].item() == 22  # the lookup still drafts
+    drafter.lookup_backoff.record(accepted=0)  # a lookup just failed: the next step sits out
+    assert drafter.draft(ids, None, limit=8).shape[1] == 0
+    assert drafter.draft(ids, None, limit=8)[0, 0].item() == 22
