@@ -81,7 +81,6 @@ def test_a_shallow_token_must_pay_for_its_draft_step():
         ShallowOdds(costs={3: -0.1})
 
 
-
 def test_draft_step_costs_count_the_layers_to_the_exit_its_head_and_the_observer():
     from types import SimpleNamespace
 
