@@ -13,7 +13,9 @@ proposes them against ``accept_bar`` alone, not against what their draft step co
 skip drafts (``lossless.skip_drafts``) step over exactly these layers, e.g. the best
 global set ``bench_skips.py`` found, and ``"skip_always": true`` with it drafts with them
 wherever the chance of reaching the token is at least 0.5, paying or not (measures the
-set's acceptance).
+set's acceptance). ``"kept_prefixes": false`` reads no kept keys and values of earlier
+text (``shortcut/decode/prefix.py``); with ``--keep-practised`` the others start from
+those of the practised sequences, as a practice run leaves them.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_variants.py --skills runs/eval/<run>/skills \\
         --sets transfer --variants '{"full": {}, "memory only": {"lossless.shallow_drafts": false}}'
@@ -26,8 +28,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import DynamicCache
+
 import shortcut_eval.workload as workload
 from shortcut.decode.draft_length import ShallowOdds
+from shortcut.decode.prefix import PrefixCache
 from shortcut.decode.skip_draft import ALL, PRIOR_TOKENS, SkipDrafter, SkipPlan
 from shortcut_eval.peers import peer_methods
 from shortcut_eval.workload import WORKLOADS, Method, load_system, prompt_sets, summarise
@@ -70,11 +76,13 @@ class PinnedPlan(SkipPlan):
         return self.layers
 
 
-def _with_own_state(ablated: set[str], uncosted: set[str], pinned: dict[str, list[int]]) -> Any:
+def _with_own_state(ablated: set[str], uncosted: set[str], pinned: dict[str, list[int]],
+                    unkept: set[str] = frozenset()) -> Any:
     """``workload.generate`` where each variant keeps its own learned shallow odds and
     skip plan, so one variant's outcomes do not steer another's drafts; ``uncosted``
     variants propose shallow tokens against ``accept_bar`` alone (not their cost); ``pinned``
-    variants draft with a fixed skip set and no observer situations."""
+    variants draft with a fixed skip set and no observer situations; ``unkept`` variants
+    read no kept keys and values."""
     plain_generate = workload.generate
     odds: dict[str, ShallowOdds] = {}
     plans: dict[str, SkipPlan | None] = {}
@@ -83,7 +91,9 @@ def _with_own_state(ablated: set[str], uncosted: set[str], pinned: dict[str, lis
         handle = method.system.handle
         if method.kind != "shortcut" or handle.learner is None:
             return plain_generate(method, ids, new_tokens)
-        saved, saved_plan = handle._shallow_odds, handle._skip_plan
+        saved, saved_plan, saved_prefixes = handle._shallow_odds, handle._skip_plan, handle.prefixes
+        if method.name in unkept:
+            handle.prefixes = PrefixCache(0)
         handle._odds_for = (id(handle.learner), handle.learner.stats.consolidations)  # frozen skills
         bar = handle.config.lossless.accept_bar
         if method.name not in odds:
@@ -101,7 +111,7 @@ def _with_own_state(ablated: set[str], uncosted: set[str], pinned: dict[str, lis
             return plain_generate(method, ids, new_tokens)
         finally:
             odds[method.name], plans[method.name] = handle._shallow_odds, handle._skip_plan
-            handle._shallow_odds, handle._skip_plan = saved, saved_plan
+            handle._shallow_odds, handle._skip_plan, handle.prefixes = saved, saved_plan, saved_prefixes
             handle.__dict__.pop("_skip_drafter", None)
 
     generate.plans = plans  # type: ignore[attr-defined]
@@ -121,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     parser.add_argument("--practice-prompts", type=int, default=8, help="as the practice run had them")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--lookup-tokens", type=int, default=0, help="add prompt lookup with this many tokens")
+    parser.add_argument("--keep-practised", action="store_true",
+                        help="start from the kept keys and values of the practised sequences")
     parser.add_argument("--variants", default='{"full": {}, "memory only": {"lossless.shallow_drafts": false}}',
                         help="JSON: name -> options")
     args = parser.parse_args(argv)
@@ -138,12 +150,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
                        families=families, n_family=args.family_prompts)
     ablated = {name for name, options in variants.items() if options.pop("shallow_odds", True) is False}
     uncosted = {name for name, options in variants.items() if options.pop("shallow_costs", True) is False}
+    unkept = {name for name, options in variants.items() if options.pop("kept_prefixes", True) is False}
     pinned = {name: (options.pop("skip_set"), options.pop("skip_always", False))
               for name, options in variants.items() if "skip_set" in options}
     methods = [Method(name, "shortcut", system, mode=options.pop("mode", "lossless"), options=options)
                for name, options in variants.items()]
     methods += peer_methods(system, [], args.lookup_tokens)
-    workload.generate = _with_own_state(ablated, uncosted, pinned)
+    workload.generate = _with_own_state(ablated, uncosted, pinned, unkept)
+    if args.keep_practised:
+        keep_practised(system.handle)
     plain = Method("plain", "plain", system)
     results: dict[str, dict[str, Any]] = {}
     rotation = 0
@@ -167,6 +182,19 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         if plan is not None:
             print(f"{name}: {describe_plan(plan)}")
     return results
+
+
+def keep_practised(handle: Any) -> None:
+    """Keep the keys and values of every practised sequence (prompt and answer), as the
+    practice run that made the skills left them (a skills folder does not hold them)."""
+    model = handle.model
+    for sequence in handle.experience.sequences.sequences:
+        cache = DynamicCache(config=model.config)
+        with handle.disabled(), torch.no_grad():
+            model(input_ids=torch.tensor([sequence]), cache=cache, use_cache=True)
+        handle.prefixes.keep(model, list(sequence), cache, len(sequence))
+    print(f"kept {len(handle.prefixes)} blocks ({handle.prefixes.nbytes / 2**20:.0f} MiB) "
+          f"of {len(handle.experience.sequences.sequences)} practised sequences", flush=True)
 
 
 def describe_plan(plan: SkipPlan) -> str:

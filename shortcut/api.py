@@ -28,6 +28,7 @@ from .decode.lossless import (
     unpadded,
     unsupported_options,
 )
+from .decode.prefix import PrefixCache, PromptReuse
 from .decode.runtime import FixedPlan, LayerPolicy, LayerRuntime, Stats
 from .decode.skip_draft import SkipDrafter, SkipPlan
 from .decode.stats import DecodeStats
@@ -94,6 +95,8 @@ class Shortcut:
         self._warned: set[str] = set()
         self._reference = False  # inside reference(): plain generate, counted, not learned
         self.fast: FastController | None = None  # fast mode's audits and calibration
+        # Keys and values of text read while learning, by prompt beginning (in memory only).
+        self.prefixes = PrefixCache(int(config.prefix_cache_mb * 2**20))
 
     # -- compute ------------------------------------------------------------------
     @property
@@ -276,6 +279,13 @@ class Shortcut:
         if auto is not None and self.config.learning.enabled and prompt is not None:
             collector = auto
             collector.begin_call(prompt)
+        # A batch-1 prompt starts from the kept keys and values of the longest beginning
+        # of it read before (prefix.py); the decoding loop reads only the rest.
+        reuse = None
+        if prompt is not None:
+            self.prefixes.resize(int(self.config.prefix_cache_mb * 2**20))
+            reuse = PromptReuse(self.prefixes, keep=self.config.learning.enabled, stats=self.decode_stats,
+                                on_reuse=collector.prefill_starts_at if collector is not None else None)
         trail = None
         if learner is not None:
             trail = Trail(learner.observer, learner.policy, self.parts.layers[learner.signature_layer],
@@ -288,7 +298,7 @@ class Shortcut:
                 assert learner is not None and fast is not None and trail is not None
                 step = FastStep(learner.observer, learner.policy, learner.heads, fast, trail, sequences=sequences)
                 fast_decoder = FastDecoder(self._runtime, step, fast, self.decode_stats, streamer=stream,
-                                           on_fallback=self._warn_full_path)
+                                           on_fallback=self._warn_full_path, reuse=reuse)
                 return original(*args, custom_generate=fast_decoder, **kwargs)
             if self.config.mode == "fast" and fast is not None and not any(commit_rows):
                 fast.lossless_calls += 1  # a prompt never practised verbatim: verify, do not commit
@@ -320,7 +330,7 @@ class Shortcut:
                                                on_fallback=self._warn_full_path)
                 else:
                     decoder = make_decoder(drafter, self.decode_stats, streamer=stream,
-                                           on_fallback=self._warn_full_path)
+                                           on_fallback=self._warn_full_path, reuse=reuse)
                 output = original(*args, custom_generate=decoder, **kwargs)
             finally:
                 self._draft_length = drafter.num_draft

@@ -217,6 +217,11 @@ class ShortcutConfig:
             the policy reads before it decides. ``None`` picks every fourth depth from
             just above the observer up to three quarters of the model.
         seed: seed of every random choice shortcut makes (audits, shuffles).
+        prefix_cache_mb: most memory, in MiB, for the keys and values of text read while
+            learning, so that a prompt beginning the way earlier text did (a chat
+            template's system prompt, a task's instruction, an exact repeat, earlier turns
+            of a conversation) skips the prefill of that beginning
+            (``shortcut/decode/prefix.py``); 0 keeps nothing. In memory only, never saved.
         lossless: how lossless mode drafts (:class:`LosslessConfig`).
         fast: how fast mode commits (:class:`FastConfig`).
         learning: practice during use and the policy's bar (:class:`LearningConfig`).
@@ -226,6 +231,7 @@ class ShortcutConfig:
     observer_layers: list[int] | None = None
     exit_layers: list[int] | None = None
     seed: int = 0
+    prefix_cache_mb: float = 512.0
     lossless: LosslessConfig = field(default_factory=LosslessConfig)
     fast: FastConfig = field(default_factory=FastConfig)
     learning: LearningConfig = field(default_factory=LearningConfig)
@@ -238,6 +244,8 @@ class ShortcutConfig:
                 raise TypeError(f"{name}={value!r} must be a {group.__name__}")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not one of {MODES}")
+        if self.prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb={self.prefix_cache_mb} must be 0 (keep nothing) or more")
         for name in ("observer_layers", "exit_layers"):
             value = getattr(self, name)
             if value is not None and not value:

@@ -260,7 +260,9 @@ def generate(method: Method, ids: torch.Tensor, new_tokens: int) -> dict[str, An
     else:
         stats = stats_delta(handle.stats.total.as_dict(), stats_before)
         decode = handle.decode_stats - decode_before
-        cost = decode_only(shortcut_cost(system.sizes, stats, decode), system.sizes, ids.shape[1])
+        # the prefill read only the prompt positions not kept from earlier text
+        prefilled = ids.shape[1] - decode.prompt_reused
+        cost = decode_only(shortcut_cost(system.sizes, stats, decode), system.sizes, prefilled)
     return {"output": out, "seconds": seconds, "new_tokens": new, "cost": cost,
             "drafted": float(decode.drafted), "accepted": float(decode.accepted),
             "skip_drafted": float(decode.skip_drafted), "skip_accepted": float(decode.skip_accepted),

@@ -29,6 +29,7 @@ from .conftest import VOCAB, make_tiny
 from .test_practice import PROMPTS, _observer
 
 FUZZ_ARCHS = ("llama", "gpt2", "qwen3", "gemma3_text")
+SHARED_BEGINNING = [3 + (7 * i) % 90 for i in range(40)]  # two and a half blocks of kept keys
 PAD, EOS = 0, 2
 
 
@@ -95,9 +96,13 @@ def _tokens(rng: random.Random, n: int) -> list[int]:
 
 def random_prompt(rng: random.Random, handle: Any, history: list[list[int]]) -> tuple[list[int], str]:
     """A prompt: random, a practised prompt, a prefix of a practised sequence, a
-    practised sequence extended, or an earlier call's prompt."""
+    practised sequence extended, an earlier call's prompt, or a long beginning many
+    calls share followed by random tokens (its keys and values are kept after the first:
+    ``shortcut/decode/prefix.py``)."""
     sequences = handle.learner.sequences.sequences
-    kind = rng.choice(["random", "practised", "prefix", "extend", "repeat"])
+    kind = rng.choice(["random", "practised", "prefix", "extend", "repeat", "shared"])
+    if kind == "shared":
+        return SHARED_BEGINNING[:rng.randint(17, len(SHARED_BEGINNING))] + _tokens(rng, rng.randint(1, 6)), kind
     if kind == "practised":
         return PROMPTS[rng.randrange(len(PROMPTS))][0].tolist(), kind
     if kind in ("prefix", "extend") and sequences:

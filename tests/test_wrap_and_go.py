@@ -262,6 +262,26 @@ def test_prompt_positions_with_a_collected_prefix_are_left_out(fresh):
     assert torch.equal(auto.residuals()[: first.shape[1] - 1].float(), _layer_rows(model, handle, first)[1:])
 
 
+def test_a_kept_beginning_shifts_no_collected_row(fresh):
+    """A prompt whose first block of keys and values was kept from an earlier call
+    (the prefill reads from position 16 on) adds the same rows as it would read whole:
+    those of the positions after the beginning it shares with a collected prompt."""
+    model, handle = fresh
+    handle.config.lossless.copy_drafts = False
+    auto = handle.auto_observer
+    shared = list(range(3, 23))  # 20 tokens: one kept block and 4 more
+    first = torch.tensor([shared + [30, 31]])
+    model.generate(input_ids=first, max_new_tokens=NEW, do_sample=False)
+    answer_rows = auto.tokens - (first.shape[1] - 1)
+    second = torch.tensor([shared + [40, 41, 42]])
+    before, reused = auto.tokens, handle.decode_stats.prompt_reused
+    model.generate(input_ids=second, max_new_tokens=NEW, do_sample=False)
+    assert handle.decode_stats.prompt_reused - reused == 16
+    assert auto.tokens - before == second.shape[1] - len(shared) + answer_rows
+    rows = auto.residuals()[before: before + second.shape[1] - len(shared)].float()
+    assert torch.allclose(rows, _layer_rows(model, handle, second)[len(shared):], atol=1e-2)
+
+
 def _layer_rows(model, handle, ids):
     rows = []
     module = shortcut.arch.resolve(model).layers[handle.auto_observer.layer]

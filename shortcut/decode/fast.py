@@ -81,8 +81,10 @@ from .lossless import (
     full_logits,
     plain_greedy,
     plain_if_undecodable,
+    prefill,
     unpadded,
 )
+from .prefix import PromptReuse
 from .stats import DecodeStats
 
 CONFIDENCE_STEP = 0.05  # how far one audited error raises the confidence bar
@@ -224,8 +226,10 @@ class FastDecoder:
     differed from the full model's: the rest of the call takes the full path)."""
 
     def __init__(self, runtime: Any, step: FastStep, controller: FastController, stats: DecodeStats, *,
-                 streamer: Any = None, on_fallback: Callable[[str], None] | None = None) -> None:
+                 streamer: Any = None, on_fallback: Callable[[str], None] | None = None,
+                 reuse: PromptReuse | None = None) -> None:
         self.runtime, self.step, self.controller, self.stats = runtime, step, controller, stats
+        self.reuse = reuse
         self.heads = step.heads
         self.streamer, self.on_fallback = streamer, on_fallback
         self.model: Any = None
@@ -251,8 +255,10 @@ class FastDecoder:
         self.model, self.base = model, getattr(model, model.base_model_prefix)
         self.inputs, self.cache = SequenceInputs(model_kwargs), model_kwargs["cache"]
         self.cache.activate_past_recording()  # catching up crops pending tokens
-        step.trail.expect(0)
-        logits = model._prefill(input_ids, generation_config, model_kwargs).logits[:, -1]
+        if self.reuse is not None:
+            self.reuse.fill(model, input_ids, model_kwargs, chunked=generation_config.prefill_chunk_size is not None)
+        step.trail.expect(self.cache.get_seq_length())  # a kept prefix is not read again
+        logits = prefill(model, input_ids, input_ids[:, :0], generation_config, model_kwargs, self.inputs)[:, -1]
         self.vocab = logits.shape[-1]
         self.exact, self.pending, self.unfed, self.off_track = input_ids.shape[1], [], False, False
         prompt_length = input_ids.shape[1]
@@ -282,6 +288,8 @@ class FastDecoder:
             logits = self._shallow_step(input_ids, token)
         if self.pending and controller.audit_now():
             self._catch_up(input_ids[:, :-1])  # the last token was never fed
+        if self.reuse is not None:  # the prompt's keys and values are the full model's; committed ones need not be
+            self.reuse.kept(model, input_ids, self.cache, prompt_length)
         if self.streamer is not None:
             self.streamer.end()
         return input_ids

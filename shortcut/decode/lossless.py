@@ -77,6 +77,7 @@ from ..observe import Observer, Signature
 from ..policy.exits import ExitPolicy, PolicyDecision
 from ..policy.heads import ExitHeads, Prediction
 from .draft_length import DraftLengths, ShallowOdds
+from .prefix import PromptReuse
 from .stats import DecodeStats
 
 if TYPE_CHECKING:
@@ -695,8 +696,20 @@ def prefill(model: Any, input_ids: torch.Tensor, drafts: torch.Tensor, generatio
     with ``drafts`` [1, k] after it in the same forward (the prompt's recalled
     continuation: an exact repeat verifies its answer with the forward that reads the
     prompt), their mask and positions extended as ``inputs`` extends them. Returns the
-    logits [1, k + 1, V] that pick the first k + 1 new tokens."""
+    logits [1, k + 1, V] that pick the first k + 1 new tokens.
+
+    Where the cache already holds the prompt's first positions (kept from earlier text,
+    ``prefix.py``), the forward reads only the rest, as a verification forward reads
+    the tokens after its cache."""
     k = drafts.shape[1]
+    cache = model_kwargs.get("cache")
+    start = cache.get_seq_length() if cache is not None else 0
+    if start:
+        inputs = inputs or SequenceInputs(model_kwargs)
+        ids = torch.cat([input_ids, drafts], dim=-1)
+        keep = {"logits_to_keep": k + 1} if "logits_to_keep" in model_kwargs else {}
+        return model(input_ids=ids[:, start:], cache=cache, use_cache=True, **keep,
+                     **inputs(start, ids.shape[1], ids.device)).logits[:, -(k + 1):]
     if k:
         inputs = inputs or SequenceInputs(model_kwargs)
         end = input_ids.shape[1] + k
@@ -712,13 +725,15 @@ def prefill(model: Any, input_ids: torch.Tensor, drafts: torch.Tensor, generatio
 
 
 def make_decoder(drafter: ShallowDrafter, stats: DecodeStats, *, streamer: Any = None,
-                 on_fallback: Callable[[str], None] | None = None) -> Callable[..., torch.Tensor]:
+                 on_fallback: Callable[[str], None] | None = None,
+                 reuse: PromptReuse | None = None) -> Callable[..., torch.Tensor]:
     """The decoding loop handed to ``generate(custom_generate=...)`` (see the module doc).
 
     ``generate`` hands a callable ``custom_generate`` no ``streamer``: the caller passes
     it here (the same object it gives ``generate``, which puts the prompt). A call the
     loop cannot decode exactly (:func:`cannot_decode`) runs plain decoding; its reason
-    goes to ``on_fallback``."""
+    goes to ``on_fallback``. ``reuse``: the kept keys and values a batch-1 prompt may
+    begin with, and whether to keep this call's (``prefix.py``)."""
 
     @torch.no_grad()
     def speculative_decode(model: Any, input_ids: torch.Tensor, logits_processor: Any,
@@ -740,11 +755,13 @@ def make_decoder(drafter: ShallowDrafter, stats: DecodeStats, *, streamer: Any =
         inputs = SequenceInputs(model_kwargs)
         cache = model_kwargs["cache"]
         cache.activate_past_recording()  # sliding-window layers must be able to roll back
+        if reuse is not None:
+            reuse.fill(model, input_ids, model_kwargs, chunked=generation_config.prefill_chunk_size is not None)
         eos = generation_config.eos_token_id
         stop_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else [int(e) for e in eos])
         trail = drafter.trail  # None without an observer: nothing to encode
         if trail is not None:
-            trail.expect(0)
+            trail.expect(cache.get_seq_length())  # a kept prefix (prefix.py) is not read again
         limit = generation_config.max_length - input_ids.shape[1] - 1
         drafts = drafter.prompt_draft(input_ids, limit, stop_ids, do_sample, inputs.mask_to(input_ids.shape[1])) \
             if can_extend_prefill(generation_config, model_kwargs) else input_ids[:, :0]
@@ -778,6 +795,8 @@ def make_decoder(drafter: ShallowDrafter, stats: DecodeStats, *, streamer: Any =
                 trail.expect(valid)
             pending = model(input_ids=verify, cache=cache, use_cache=True,
                             **inputs(valid, valid + verify.shape[1], verify.device)).logits
+        if reuse is not None:  # every position the cache holds is the full model's (drafts were cropped)
+            reuse.kept(model, input_ids, cache, input_ids.shape[1])
         if streamer is not None:
             streamer.end()
         return input_ids

@@ -39,6 +39,8 @@ class DecodeStats:
             set was expected to save compute (``SkipPlan``).
         draft_refusals: drafts ended by a later token the policy found unfamiliar.
         draft_paused: decoding steps the back-off skipped without asking the policy.
+        prompt_reused: prompt positions whose keys and values were kept from earlier
+            text (``prefix.py``): the prefill did not read them.
         observer_encodes: SAE encodes of a single position (decisions and trails).
         head_params: exit-head parameters read (shortlist scoring), for compute
             accounting.
@@ -62,6 +64,7 @@ class DecodeStats:
     draft_declined: int = 0
     draft_refusals: int = 0
     draft_paused: int = 0
+    prompt_reused: int = 0
     observer_encodes: int = 0
     head_params: float = 0.0
     exits: dict[int, int] = field(default_factory=dict)

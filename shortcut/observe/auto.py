@@ -96,6 +96,7 @@ class AutoObserver:
         self._prefixes: set[int] = set()  # rolling hashes of their prefixes (see _prefix_skip)
         self._skip = 1  # leading positions of this call's prefill to leave out
         self._prompt_length = 0  # of this call's prompt without padding
+        self._reused = 0  # leading prompt positions the prefill does not read
         self._armed = False
         self._first = False  # the next forward is a prefill: leave its first position out
         self._hook: Any = None
@@ -126,7 +127,13 @@ class AutoObserver:
         self._first = True
         self._skip = self._prefix_skip(prompt, add=self._armed)
         self._prompt_length = len(prompt)
+        self._reused = 0
         self._seen.add(key)
+
+    def prefill_starts_at(self, position: int) -> None:
+        """The call's prefill reads its prompt from ``position`` on: the positions before
+        were kept from earlier text (``shortcut/decode/prefix.py``)."""
+        self._reused = position
 
     def _prefix_skip(self, prompt: list[int], *, add: bool) -> int:
         """How many leading positions of ``prompt`` to leave out: the first (an
@@ -158,7 +165,9 @@ class AutoObserver:
         hidden = layer_output(output)
         if hidden.shape[0] != 1:
             return
-        if self._first:  # the prefill: its first positions may be padding, then the prompt
+        if self._first and self._reused:  # the prefill reads the prompt from position _reused on
+            rows = hidden[0, max(0, self._skip - self._reused):]
+        elif self._first:  # the prefill: its first positions may be padding, then the prompt
             rows = hidden[0, max(0, hidden.shape[1] - self._prompt_length) + self._skip:]
         else:
             rows = hidden[0]
