@@ -44,6 +44,22 @@ def test_a_beginning_read_before_is_not_read_again_and_tokens_stay_identical(arc
     assert reused == [0, 2 * BLOCK, 2 * BLOCK]
 
 
+def test_a_conversation_reads_only_its_new_turn():
+    """Lossless mode keeps the whole text its cache holds (prompt and verified answer):
+    the next turn, which repeats both, reads from the last whole block on."""
+    model = make_tiny("llama")
+    handle = shortcut.wrap(model)
+    first = model.generate(input_ids=_prompt([50]), max_new_tokens=16, do_sample=False)
+    second_turn = torch.cat([first, torch.tensor([[60, 61, 62]])], dim=-1)
+    with handle.disabled():
+        expected = model.generate(input_ids=second_turn, max_new_tokens=NEW, do_sample=False)
+    before = handle.decode_stats.prompt_reused
+    out = model.generate(input_ids=second_turn, max_new_tokens=NEW, do_sample=False)
+    assert torch.equal(out, expected)
+    # the first call's text (36 + 16 tokens, its last token never fed) holds three whole blocks
+    assert handle.decode_stats.prompt_reused - before == 3 * BLOCK
+
+
 def test_the_prefill_skips_real_compute():
     """Layers actually run: a call whose beginning was kept runs each layer over
     exactly the kept positions fewer than the same call with nothing kept."""
