@@ -411,6 +411,7 @@ class Shortcut:
                 self.auto_observer.uninstall()
             self.model.__dict__.pop("generate", None)
             self._runtime.uninstall()
+            self.prefixes.clear()  # the kept keys and values are memory the model no longer needs
             _HANDLES.pop(self.model, None)
             self._removed = True
         return self.model

@@ -113,6 +113,15 @@ def test_a_changed_model_forgets_what_it_read():
     assert torch.equal(out, expected)
 
 
+def test_removing_the_handle_frees_what_it_kept():
+    model = make_tiny("llama")
+    handle = shortcut.wrap(model)
+    model.generate(input_ids=_prompt([50]), max_new_tokens=NEW, do_sample=False)
+    assert handle.prefixes.nbytes > 0
+    handle.remove()
+    assert handle.prefixes.nbytes == 0 and len(handle.prefixes) == 0
+
+
 def test_only_text_read_while_learning_is_kept():
     model = make_tiny("llama")
     handle = shortcut.wrap(model)
