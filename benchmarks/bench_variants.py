@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ class PinnedPlan(SkipPlan):
 
 
 def _with_own_state(ablated: set[str], uncosted: set[str], pinned: dict[str, list[int]],
-                    unkept: set[str] = frozenset()) -> Any:
+                    unkept: AbstractSet[str] = frozenset()) -> Any:
     """``workload.generate`` where each variant keeps its own learned shallow odds and
     skip plan, so one variant's outcomes do not steer another's drafts; ``uncosted``
     variants propose shallow tokens against ``accept_bar`` alone (not their cost); ``pinned``
