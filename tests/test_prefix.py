@@ -192,6 +192,17 @@ def test_the_least_used_block_goes_first_and_new_text_does_not_push_out_what_is_
     assert store.nbytes == 2 * probe.nbytes
 
 
+def test_a_text_that_goes_on_never_pushes_out_its_own_beginning():
+    model = make_tiny("llama")
+    text = list(range(3, 3 + 2 * BLOCK + 1))
+    probe = PrefixCache(1 << 30)
+    probe.keep(model, text, _kv(model, text), BLOCK)
+    store = PrefixCache(probe.nbytes)  # room for one block
+    store.keep(model, text, _kv(model, text), BLOCK)
+    store.keep(model, text, _kv(model, text), 2 * BLOCK)  # the second block has no room
+    assert len(store) == 1 and _reused(store, model, text) == BLOCK
+
+
 def test_kept_blocks_are_copies_and_a_block_is_found_by_all_text_before_it():
     model = make_tiny("llama")
     text = list(range(3, 3 + 2 * BLOCK + 1))

@@ -86,8 +86,6 @@ class PrefixCache:
         self._next_id = 1
         self._clock = 0
         self._fingerprint: int | None = None
-        self.reused_tokens = 0  # prompt positions whose prefill was skipped, over all calls
-        self.lookups = 0
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -133,7 +131,6 @@ class PrefixCache:
             return 0
         self._check_model(model)
         self._clock += 1
-        self.lookups += 1
         blocks = self._walk(tokens, len(tokens) - 1)
         for block in blocks:
             block.uses += 1
@@ -142,9 +139,7 @@ class PrefixCache:
             for i, layer in enumerate(cache.layers):
                 layer.update(torch.cat([b.keys[i] for b in blocks], dim=-2),
                              torch.cat([b.values[i] for b in blocks], dim=-2))
-        reused = len(blocks) * BLOCK
-        self.reused_tokens += reused
-        return reused
+        return len(blocks) * BLOCK
 
     def keep(self, model: nn.Module, tokens: list[int], cache: Any, length: int) -> None:
         """Keep the keys and values of ``tokens[:length]`` from ``cache``, which holds the
@@ -163,6 +158,7 @@ class PrefixCache:
                 block = self._add(key, cache, start)
                 if block is None:
                     return  # no room: what follows could not be found without it
+            block.last_used = self._clock  # read again just now: not the block to make room
             parent = block.id
 
     def _add(self, key: tuple[int, tuple[int, ...]], cache: Any, start: int) -> _Block | None:
