@@ -284,7 +284,7 @@ class Shortcut:
         reuse = None
         if prompt is not None:
             self.prefixes.resize(int(self.config.prefix_cache_mb * 2**20))
-            reuse = PromptReuse(self.prefixes, keep=self.config.learning.enabled, stats=self.decode_stats,
+            reuse = PromptReuse(self.prefixes, keep_text=self.config.learning.enabled, stats=self.decode_stats,
                                 on_reuse=collector.prefill_starts_at if collector is not None else None)
         trail = None
         if learner is not None:

@@ -197,11 +197,11 @@ class PromptReuse:
     """What one batch-1 ``generate`` call does with the kept keys and values: the
     decoding loop fills the cache ``generate`` prepared before the prefill (it sees the
     attention mask ``generate`` settled on, inferred from pad tokens included) and
-    keeps the call's text at the end while learning (``keep``). ``on_reuse(n)`` hears
+    keeps the call's text at the end while learning (``keep_text``). ``on_reuse(n)`` hears
     how many leading positions the prefill will not read."""
 
     store: PrefixCache
-    keep: bool
+    keep_text: bool  # keep the call's text when it ends (while learning)
     stats: Any = None  # a DecodeStats: prompt_reused is counted there
     on_reuse: Callable[[int], None] | None = None
     eligible: bool = False  # set by fill: the prompt reads from position 0 with no mask
@@ -227,5 +227,5 @@ class PromptReuse:
     def kept(self, model: nn.Module, input_ids: torch.Tensor, cache: Any, length: int) -> None:
         """The call ended: keep the full model's keys and values of ``input_ids[0, :length]``
         (only for a prompt :meth:`fill` found eligible)."""
-        if self.keep and self.eligible:
+        if self.keep_text and self.eligible:
             self.store.keep(model, input_ids[0].tolist(), cache, length)
