@@ -365,6 +365,23 @@ class Shortcut:
             return collect_activations(self.model, self.parts.layers[auto.layer], texts, tokenizer,
                                        max_tokens=n_tokens, progress=False)
 
+    def _current_shallow_odds(self) -> ShallowOdds | None:
+        """The shallow-draft chances if they were learned on the current heads (none
+        learned since the heads were attached or last consolidated: ``None``)."""
+        learner = self.learner
+        if learner is None or self._odds_for != (id(learner), learner.stats.consolidations):
+            return None
+        return self._shallow_odds
+
+    def _restore_draft_odds(self, lengths: DraftLengths, shallow: ShallowOdds) -> None:
+        """Take the draft chances a skills folder held (see :func:`load`)."""
+        self._lookup_lengths.counts.update(lengths.counts)
+        learner = self.learner
+        if learner is not None and shallow.counts:
+            self._shallow_odds = self._fresh_shallow_odds(learner)
+            self._shallow_odds.counts.update(shallow.counts)
+            self._odds_for = (id(learner), learner.stats.consolidations)
+
     def _fresh_shallow_odds(self, learner: Learner) -> ShallowOdds:
         """Shallow-draft chances with nothing learned yet, and what a draft step costs at
         each of ``learner``'s exits (a token is proposed only where its chance pays that)."""
@@ -433,6 +450,7 @@ class Shortcut:
             contents = {"config": "config.json"}
             if self.learner is not None:
                 contents.update(skills.save_learned(tmp, self.learner, self.fingerprint))
+                contents.update(skills.save_draft_odds(tmp, self._lookup_lengths, self._current_shallow_odds()))
             else:
                 contents.update(skills.save_prompt_log(tmp, self.experience))
                 auto = self.auto_observer
@@ -440,6 +458,7 @@ class Shortcut:
                 if residuals is not None:  # the observer's training data so far: a reload goes on collecting
                     assert auto is not None and auto.layer is not None
                     contents.update(skills.save_observer_buffer(tmp, residuals, auto.layer))
+                contents.update(skills.save_draft_odds(tmp, self._lookup_lengths))
             skills.write_manifest(tmp, self.fingerprint, contents)
 
         with self._lock:
@@ -590,6 +609,8 @@ def load(model: PreTrainedModel, folder: str | Path) -> Shortcut:
         assert observer_layers is not None  # resolved
         residuals = skills.load_observer_buffer(folder, manifest, width=int(parts.unembed.weight.shape[1]),
                                                 layer=observer_layers[0])
+    lengths, shallow = DraftLengths(config.lossless.accept_bar), ShallowOdds(config.lossless.accept_bar)
+    skills.load_draft_odds(folder, manifest, lengths, shallow if learned is not None else None, parts.num_layers)
     adapter = manifest.get("contents", {}).get("adapter")
     if adapter:
         skills.merge_adapter(model, skills.inside(folder, adapter, "contents.adapter"))
@@ -604,6 +625,7 @@ def load(model: PreTrainedModel, folder: str | Path) -> Shortcut:
             experience.fitted_log = len(experience.practised)  # saved skills: heads fitted on their log
         elif residuals is not None and handle.auto_observer is not None:
             handle.auto_observer.restore(residuals, practised)
+        handle._restore_draft_odds(lengths, shallow)
     except BaseException:
         handle.remove()
         raise

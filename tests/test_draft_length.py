@@ -108,3 +108,24 @@ def test_back_off_doubles_while_attempts_fail_and_ends_on_an_accepted_token():
     backoff.record(accepted=2)
     backoff.record(accepted=0)
     assert backoff.waiting() and not backoff.waiting()  # back to one step
+
+
+def test_counts_round_trip_and_bad_ones_change_nothing():
+    lengths = DraftLengths()
+    lengths.update("memory", True, 30, accepted=7, rejected=True)
+    lengths.length("context", False, 4)  # a situation met, with its prior only
+    again = DraftLengths()
+    again.load_dict(lengths.to_dict())
+    assert again.counts == lengths.counts
+    odds = ShallowOdds()
+    odds.update([(3, 0.9), (3, 0.9)], accepted=1, rejected=True)
+    restored = ShallowOdds()
+    restored.load_dict(odds.to_dict(), num_layers=8)
+    assert restored.counts == odds.counts and restored.probability(3, 0.9) == odds.probability(3, 0.9)
+    for bad in ({"memory|1|12": [1, 1], "memory|2|12": [1, 1]}, {"memory|1|12": [1]}, {"memory|1|12": [True, 1]},
+                ["memory|1|12"]):
+        with pytest.raises(ValueError):
+            again.load_dict(bad)
+    assert again.counts == lengths.counts  # a bad dict takes nothing, not even its good keys
+    with pytest.raises(ValueError, match="1..7"):
+        restored.load_dict({"8|0.5": [1, 1]}, num_layers=8)

@@ -341,6 +341,29 @@ def test_save_load_same_decisions_and_tokens(practised, tmp_path):
         loaded.remove()
 
 
+def test_draft_chances_learned_by_verification_survive_save_and_load(practised, tmp_path):
+    model, handle, _ = practised
+    generator = torch.Generator().manual_seed(5)
+    for prompt in [*PROMPTS, *(torch.randint(3, 96, (1, 9), generator=generator) for _ in range(4))]:
+        model.generate(input_ids=prompt, max_new_tokens=16, do_sample=False)
+    lookups, shallow = dict(handle._lookup_lengths.counts), dict(handle._current_shallow_odds().counts)
+    assert lookups and shallow  # this practice drafts both ways
+    folder = handle.save_pretrained(tmp_path / "skills")
+    loaded = shortcut.load(make_tiny("llama"), folder)
+    try:
+        assert loaded._lookup_lengths.counts == lookups
+        assert loaded._current_shallow_odds().counts == shallow
+    finally:
+        loaded.remove()
+    handle.learner.consolidate()  # new heads: their chances start again, and are not saved as theirs
+    assert handle._current_shallow_odds() is None
+    again = shortcut.load(make_tiny("llama"), handle.save_pretrained(tmp_path / "after"))
+    try:
+        assert again._lookup_lengths.counts == lookups and again._current_shallow_odds() is None
+    finally:
+        again.remove()
+
+
 def test_practice_bad_input(practised):
     _, handle, _ = practised
     with pytest.raises(ValueError, match="tokenizer"):

@@ -140,6 +140,23 @@ CORRUPTIONS = {
     "config exit layer beyond the model": (_edit_json("config.json", lambda c: c.__setitem__("exit_layers", [9])),
                                            "config.json"),
     "config not an object": (_edit_json("config.json", lambda c: c.clear() or c.update({"x": 1}) or None), None),
+    "draft odds unknown situation": (
+        _edit_json("draft_odds.json", lambda d: d["lookup"].__setitem__("teleport|0|3", [1, 1])), "teleport|0|3"),
+    "draft odds negative count": (
+        _edit_json("draft_odds.json", lambda d: d["lookup"].__setitem__("memory|1|12", [-1, 2])), "memory|1|12"),
+    "draft odds NaN count": (
+        _edit_json("draft_odds.json", lambda d: d["lookup"].__setitem__("context|0|3", [float("nan"), 1])),
+        "context|0|3"),
+    "draft odds both counts zero": (
+        _edit_json("draft_odds.json", lambda d: d["lookup"].__setitem__("context|0|6", [0, 0])), "context|0|6"),
+    "draft odds exit beyond the model": (
+        _edit_json("draft_odds.json", lambda d: d["shallow"].__setitem__("9|0.5", [1, 1])), "field 'shallow'"),
+    "draft odds bucket not a bucket": (
+        _edit_json("draft_odds.json", lambda d: d["shallow"].__setitem__("1|0.6", [1, 1])), "1|0.6"),
+    "draft odds lookup not an object": (
+        _edit_json("draft_odds.json", lambda d: d.__setitem__("lookup", [1, 2])), "field 'lookup'"),
+    "draft odds FIFO": (_fifo("draft_odds.json"), "draft_odds.json"),
+    "manifest draft odds path with ..": (_manifest("draft_odds", "../draft_odds.json"), "contents.draft_odds"),
     "observer weights truncated": (_truncate("observers/layer_0/sae_weights.safetensors"), "layer_0"),
     "observer config FIFO": (_fifo("observers/layer_0/cfg.json"), "cfg.json"),
 }

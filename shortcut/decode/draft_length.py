@@ -97,6 +97,19 @@ class DraftLengths:
         """Json-ready counts (``"source|opening|bucket"`` -> [accepted, rejections])."""
         return {f"{s}|{int(o)}|{b}": list(v) for (s, o, b), v in self.counts.items()}
 
+    def load_dict(self, data: object) -> None:
+        """Take the counts of :meth:`to_dict` (replacing those of the same situations).
+        Raises ``ValueError`` naming the first bad key or value; nothing is taken then."""
+        counts = {}
+        for key, value in _items(data):
+            parts = key.split("|")
+            if (len(parts) != 3 or parts[0] not in SOURCES or parts[1] not in ("0", "1")
+                    or not parts[2].isdigit() or int(parts[2]) not in AGREEMENT_BUCKETS):
+                raise ValueError(f"situation {key!r} is not 'source|opening|bucket' with source in {SOURCES}, "
+                                 f"opening 0 or 1 and bucket in {AGREEMENT_BUCKETS}")
+            counts[(parts[0], parts[1] == "1", int(parts[2]))] = _pair(key, value)
+        self.counts.update(counts)
+
 
 CONFIDENCE_BUCKETS = (0.0, 0.5, 0.7, 0.85, 0.95)  # lower bounds of the head-confidence buckets
 SHALLOW_PRIOR_TOKENS = 4.0  # verified tokens the prior of a shallow situation counts as
@@ -170,6 +183,26 @@ class ShallowOdds:
         self._declined[key] = (self._declined.get(key, 0) + 1) % EXPLORE
         return self._declined[key] == 0
 
+    def to_dict(self) -> dict[str, list[float]]:
+        """Json-ready counts (``"exit_layer|confidence_bucket"`` -> [accepted, rejections])."""
+        return {f"{layer}|{b}": list(v) for (layer, b), v in self.counts.items()}
+
+    def load_dict(self, data: object, num_layers: int) -> None:
+        """Take the counts of :meth:`to_dict` for a model of ``num_layers`` layers.
+        Raises ``ValueError`` naming the first bad key or value; nothing is taken then."""
+        counts = {}
+        for key, value in _items(data):
+            parts = key.split("|")
+            try:
+                layer, confidence = int(parts[0]), float(parts[1])
+            except (ValueError, IndexError):
+                layer, confidence = -1, -1.0
+            if len(parts) != 2 or not 0 < layer < num_layers or confidence not in CONFIDENCE_BUCKETS:
+                raise ValueError(f"situation {key!r} is not 'exit_layer|confidence_bucket' with an exit layer in "
+                                 f"1..{num_layers - 1} and a bucket in {CONFIDENCE_BUCKETS}")
+            counts[(layer, confidence)] = _pair(key, value)
+        self.counts.update(counts)
+
     def update(self, situations: list[tuple[int, float]], accepted: int, rejected: bool) -> None:
         """Record a verified shallow draft whose tokens were made in ``situations``:
         the first ``accepted`` were accepted, the next was rejected if ``rejected``."""
@@ -177,3 +210,19 @@ class ShallowOdds:
             self._counts(*situation)[0] += 1.0
         if rejected and accepted < len(situations):
             self._counts(*situations[accepted])[1] += 1.0
+
+
+def _items(data: object) -> list[tuple[str, object]]:
+    if not isinstance(data, dict):
+        raise ValueError(f"counts must be a json object of situations, not {type(data).__name__}")
+    return list(data.items())
+
+
+def _pair(key: str, value: object) -> list[float]:
+    """``[accepted, rejections]``: two finite numbers >= 0, not both 0 (a chance needs one)."""
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                       for v in value) or value[0] + value[1] <= 0):
+        raise ValueError(f"counts of {key!r} must be [accepted, rejections], two finite numbers >= 0 with a "
+                         f"positive sum, got {value!r}")
+    return [float(value[0]), float(value[1])]

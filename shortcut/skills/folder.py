@@ -8,6 +8,8 @@ Layout::
       observers/layer_N/     one sae-lens SAE folder per observed layer
       *.safetensors          learned tensors (exit heads, policy statistics; before an
                              observer exists, the residuals collected to train one)
+      replay_log.json        practised prompts and sequences (token ids)
+      draft_odds.json        draft chances learned from verification outcomes
 
 No pickles and no base-model weights. Folders are written with
 :func:`shortcut.atomic.replace_folder`: a failed or killed save leaves the old folder or
@@ -46,13 +48,14 @@ from .validate import tensor as checked_tensor
 HEADS_FILE = "heads.safetensors"
 POLICY_FILE = "policy.safetensors"
 PROMPT_LOG = "replay_log.json"
+DRAFT_ODDS = "draft_odds.json"  # learned chances of drafts, per situation
 OBSERVER_BUFFER = "observer_buffer.safetensors"  # residuals an auto observer collected, not yet trained on
 ADAPTER_DIR = "adapter"  # a peft (LoRA) adapter from ``shortcut-finetune --level layerskip``
 
 FORMAT_VERSION = 1
 MANIFEST = "shortcut.json"
 # Manifest entries that name a file or folder inside the skills folder.
-PATH_FIELDS = ("config", "observer", "heads", "policy", "replay_log", "adapter", "observer_buffer")
+PATH_FIELDS = ("config", "observer", "heads", "policy", "replay_log", "adapter", "observer_buffer", "draft_odds")
 
 
 class SkillsMismatchError(ValueError):
@@ -189,6 +192,38 @@ def load_prompt_log(folder: Path, manifest: dict[str, Any],
     practised = token_lists(log.get("prompts", []), vocab_size, log_path, "field 'prompts'")
     sequences = token_lists(log.get("sequences", []), vocab_size, log_path, "field 'sequences'")
     return practised, sequences
+
+
+def save_draft_odds(folder: Path, lengths: Any, odds: Any = None) -> dict[str, Any]:
+    """Write what verification taught about drafts: the lookup drafts' continuation
+    counts (a :class:`~shortcut.decode.draft_length.DraftLengths`) and, when given, the
+    shallow drafts' (a :class:`~shortcut.decode.draft_length.ShallowOdds`, which belong
+    to the exit heads saved beside them). Nothing is written before anything was learned."""
+    data = {"lookup": lengths.to_dict(), "shallow": odds.to_dict() if odds is not None else {}}
+    if not data["lookup"] and not data["shallow"]:
+        return {}
+    (folder / DRAFT_ODDS).write_text(json.dumps(data) + "\n")
+    return {"draft_odds": DRAFT_ODDS}
+
+
+def load_draft_odds(folder: Path, manifest: dict[str, Any], lengths: Any, odds: Any, num_layers: int) -> None:
+    """Fill ``lengths`` (and ``odds`` unless ``None``) from what :func:`save_draft_odds`
+    wrote, checked; nothing when the folder has none (an older folder, a merge or a
+    consolidation: the chances start again from their priors)."""
+    name = manifest.get("contents", {}).get("draft_odds")
+    if name is None:
+        return
+    path = inside(folder, name, "contents.draft_odds")
+    data = expect_object(read_json(path, "draft odds"), path, "the draft odds")
+    try:
+        lengths.load_dict(data.get("lookup", {}))
+    except ValueError as err:
+        raise SkillsFileError(f"{path}: field 'lookup': {err}") from err
+    if odds is not None:
+        try:
+            odds.load_dict(data.get("shallow", {}), num_layers)
+        except ValueError as err:
+            raise SkillsFileError(f"{path}: field 'shallow': {err}") from err
 
 
 def save_observer_buffer(folder: Path, residuals: torch.Tensor, layer: int) -> dict[str, Any]:

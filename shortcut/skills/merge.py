@@ -2,7 +2,8 @@
 
 Policies merge by evidence (see ExitPolicy.merge); exit-head translators are averaged,
 weighted by the tokens each worker practised; shortlists and prompt logs (prompts and
-practised sequences) are united.
+practised sequences) are united. Draft chances (``draft_odds.json``) are not merged: they
+were learned on each folder's own heads, and the merged heads learn theirs again.
 All inputs must share the base model and the very same observer (identical SAE
 weights): signatures of different SAEs do not mean the same thing. Folders holding a
 LoRA adapter (``shortcut-finetune --level layerskip``) are refused: their heads and
@@ -108,6 +109,8 @@ def merge_skills(folders: list[Path], output: Path, *, overwrite: bool = False) 
         save_file({k: v.contiguous() for k, v in merged_heads.items()}, str(tmp / HEADS_FILE))
         save_file({k: v.contiguous() for k, v in merged_policy.state_dict().items()}, str(tmp / POLICY_FILE))
         (tmp / PROMPT_LOG).write_text(json.dumps({"prompts": practised, "sequences": sequences.sequences}) + "\n")
-        write_manifest(tmp, base, dict(manifests[0]["contents"], merged_from=[str(f) for f in folders]))
+        # Draft chances were learned on each folder's own heads: the merged heads start again.
+        contents = {k: v for k, v in manifests[0]["contents"].items() if k != "draft_odds"}
+        write_manifest(tmp, base, dict(contents, merged_from=[str(f) for f in folders]))
 
     return write_atomically(output, fill, overwrite=overwrite)
