@@ -24,6 +24,7 @@ those of the practised sequences, as a practice run leaves them.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from collections.abc import Set as AbstractSet
 from pathlib import Path
@@ -80,7 +81,8 @@ class PinnedPlan(SkipPlan):
 def _with_own_state(ablated: set[str], uncosted: set[str], pinned: dict[str, list[int]],
                     unkept: AbstractSet[str] = frozenset()) -> Any:
     """``workload.generate`` where each variant keeps its own learned shallow odds and
-    skip plan, so one variant's outcomes do not steer another's drafts; ``uncosted``
+    skip plan (the shallow odds start from the skills folder's when it kept them), so one
+    variant's outcomes do not steer another's drafts; ``uncosted``
     variants propose shallow tokens against ``accept_bar`` alone (not their cost); ``pinned``
     variants draft with a fixed skip set and no observer situations; ``unkept`` variants
     read no kept keys and values."""
@@ -100,6 +102,7 @@ def _with_own_state(ablated: set[str], uncosted: set[str], pinned: dict[str, lis
         if method.name not in odds:
             odds[method.name] = (ProposeAll(bar) if method.name in ablated
                                  else ShallowOdds(bar) if method.name in uncosted
+                                 else copy.deepcopy(saved) if saved.counts  # the skills folder's own
                                  else handle._fresh_shallow_odds(handle.learner))
         handle._shallow_odds = odds[method.name]
         handle._skip_plan = plans.get(method.name)
