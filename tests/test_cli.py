@@ -29,6 +29,7 @@ def test_practice_inspect_merge(tiny_model_dir, tmp_path, capsys):
     assert "observer share of decode time" in report
     assert "exit after" in report and "decode-time decisions:" in report and "observer:" in report
     assert "prompt log: 10 practised prompts" in report  # 5 prompts x 2 rounds
+    assert "draft chances from verification" in report and "lookup" in report
 
     assert _practice(tiny_model_dir, b, "--skills", str(a), "--rounds", "1") == 0
     assert cli.main(["merge", str(a), str(b), "-o", str(merged)]) == 0
@@ -36,6 +37,7 @@ def test_practice_inspect_merge(tiny_model_dir, tmp_path, capsys):
     merged_report = capsys.readouterr().out
     assert "prompt log: 25 practised prompts" in merged_report  # 10 + (10 + 5)
     assert "5 practised sequences" in merged_report  # greedy: both runs produced the same 5, united
+    assert "draft chances" not in merged_report  # learned on each folder's own heads: not merged
 
     # Another practice run trains its own observer: its signatures do not mix.
     c = tmp_path / "c"

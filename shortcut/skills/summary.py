@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .folder import read_manifest
+from .folder import load_draft_odds, read_manifest
 from .validate import (
     base_sizes,
     check_heads,
@@ -34,6 +34,26 @@ def _prompt_log_line(folder: Path, contents: dict, vocab_size: int) -> str:
             f"({sum(len(s) for s in sequences)} tokens) that lossless drafts recall")
 
 
+def _draft_odds_lines(folder: Path, manifest: dict, num_layers: int) -> list[str]:
+    """The draft chances the folder kept (checked as loading checks them), a line per
+    situation; none when it kept none."""
+    from ..decode.draft_length import DraftLengths, ShallowOdds
+
+    lengths, odds = DraftLengths(), ShallowOdds()
+    load_draft_odds(folder, manifest, lengths, odds, num_layers)
+    if not lengths.counts and not odds.counts:
+        return []
+    lines = ["  draft chances from verification (a drafted token accepted, given the one before it was):"]
+    for (source, opening, agreement), (accepted, rejections) in sorted(lengths.counts.items()):
+        where = "opening the answer" if opening else "continuing it"
+        lines.append(f"    {source} lookup {where}, {agreement}+ tokens agreeing: "
+                     f"{accepted / (accepted + rejections):.2f}")
+    for (layer, confidence), (accepted, rejections) in sorted(odds.counts.items()):
+        lines.append(f"    shallow draft at exit {layer}, head confidence {confidence:.2f}+: "
+                     f"{accepted / (accepted + rejections):.2f}")
+    return lines
+
+
 def describe(folder: Path, *, top: int = 10) -> str:
     """A human-readable report of the skills in ``folder``."""
     manifest = read_manifest(folder)
@@ -52,6 +72,7 @@ def describe(folder: Path, *, top: int = 10) -> str:
     if "observer" not in contents:
         log = _prompt_log_line(folder, contents, sizes["vocab_size"])
         lines.append(f"  no observer yet (no shallow path);{log[1:]}" if log else "  nothing learned yet (config only)")
+        lines += _draft_odds_lines(folder, manifest, sizes["num_layers"])
         return "\n".join(lines)
     observer_dir = inside(folder, contents["observer"], "contents.observer")
     meta_path = observer_dir / "shortcut_observer.json"
@@ -96,6 +117,7 @@ def describe(folder: Path, *, top: int = 10) -> str:
     log = _prompt_log_line(folder, contents, sizes["vocab_size"])
     if log:
         lines.append(log)
+    lines += _draft_odds_lines(folder, manifest, sizes["num_layers"])
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     lines.append(f"  size on disk: {size / 1e6:.1f} MB")
     return "\n".join(lines)
