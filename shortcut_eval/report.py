@@ -17,6 +17,7 @@ COLUMNS = [  # (key, header, format)
     ("tokens_per_second", "tok/s", "{:.1f}"),
     ("bytes_rel", "bytes", "{:.2f}"),
     ("flops_rel", "flops", "{:.2f}"),
+    ("call_flops_rel", "call flops", "{:.2f}"),
     ("mean_layers", "layers", "{:.1f}"),
     ("identical", "identical", "{:.0%}"),
     ("agreement", "agree", "{:.1%}"),
@@ -100,7 +101,9 @@ def markdown(result: dict) -> str:
         lines += [f"{settings['rounds']} practice rounds over {settings['practice_prompts']} prompts, greedy, "
                   f"{settings['max_new_tokens']} new tokens. Ratios are to plain `generate` of the same prompt in "
                   "the same run (medians over prompts); bytes and FLOPs per generated token relative to plain "
-                  "decoding, every layer, exit head, observer encode and verification counted. The oracle is the "
+                  "decoding after the prefill, every layer, exit head, observer encode and verification counted; "
+                  "call flops: the whole call, prefill included (prompt positions kept from earlier text are not "
+                  "read again). The oracle is the "
                   "bound of a perfect exit policy with the current exit heads (no timing).", "",
                   "## Practice rounds", "", table(result["rounds"], markdown=True), "",
                   "## Test sets (skills frozen)", "", table(result["tests"], markdown=True), ""]

@@ -23,7 +23,7 @@ import torch
 
 import shortcut
 from shortcut.data import DataFileError, check_prompt, prompt_input_ids, read_jsonl, read_passages, read_prompts
-from shortcut.decode.accounting import ParamSizes, decode_only, plain_cost, shortcut_cost, stats_delta
+from shortcut.decode.accounting import ParamSizes, decode_only, plain_cost, prefill_cost, shortcut_cost, stats_delta
 from shortcut.decode.stats import DecodeStats
 from shortcut.models import cache_root
 
@@ -256,14 +256,17 @@ def generate(method: Method, ids: torch.Tensor, new_tokens: int) -> dict[str, An
     new = int(out.shape[1] - ids.shape[1])
     if method.kind == "plain":
         cost = plain_cost(system.sizes, ids.shape[1], new)
+        prefill = prefill_cost(system.sizes, ids.shape[1])
+        call_cost = {k: cost[k] + prefill[k] for k in cost}
         decode = DecodeStats()
     else:
         stats = stats_delta(handle.stats.total.as_dict(), stats_before)
         decode = handle.decode_stats - decode_before
+        call_cost = shortcut_cost(system.sizes, stats, decode)
         # the prefill read only the prompt positions not kept from earlier text
         prefilled = ids.shape[1] - decode.prompt_reused
-        cost = decode_only(shortcut_cost(system.sizes, stats, decode), system.sizes, prefilled)
-    return {"output": out, "seconds": seconds, "new_tokens": new, "cost": cost,
+        cost = decode_only(call_cost, system.sizes, prefilled)
+    return {"output": out, "seconds": seconds, "new_tokens": new, "cost": cost, "call_cost": call_cost,
             "drafted": float(decode.drafted), "accepted": float(decode.accepted),
             "skip_drafted": float(decode.skip_drafted), "skip_accepted": float(decode.skip_accepted),
             # tokens from practised sequences: accepted lossless drafts, committed fast-mode answers
@@ -306,6 +309,7 @@ def measure_prompt(methods: list[Method], plain: Method, record: dict, new_token
     runs = {m.name: generate(m, ids, new_tokens) for m in order}
     base = runs[plain.name]
     reference = plain_cost(plain.system.sizes, ids.shape[1], base["new_tokens"])
+    call_reference = base["call_cost"]["flops"]  # plain's whole call, its prefill included
     rows = {}
     for method in [plain, *methods]:
         run = runs[method.name]
@@ -317,6 +321,7 @@ def measure_prompt(methods: list[Method], plain: Method, record: dict, new_token
             "speed_ratio": base["seconds"] / run["seconds"],
             "bytes_rel": run["cost"]["bytes"] / reference["bytes"],
             "flops_rel": run["cost"]["flops"] / reference["flops"],
+            "call_flops_rel": run["call_cost"]["flops"] / call_reference,
             "identical": bool(torch.equal(run["output"], base["output"])), "agreed_tokens": agree,
             "drafted": run["drafted"], "accepted": run["accepted"], "recalled": run["recalled"],
             "skip_drafted": run["skip_drafted"], "skip_accepted": run["skip_accepted"],
@@ -337,6 +342,8 @@ def summarise(rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         "tokens_per_second": statistics.median(r["tokens_per_second"] for r in rows),
         "bytes_rel": statistics.median(r["bytes_rel"] for r in rows),
         "flops_rel": statistics.median(r["flops_rel"] for r in rows),
+        # the whole call, prefill included (kept prefixes show here, not in flops_rel)
+        "call_flops_rel": statistics.median(r.get("call_flops_rel", r["flops_rel"]) for r in rows),
         "identical": sum(r["identical"] for r in rows) / len(rows),
         "agreement": sum(r["agreed_tokens"] for r in rows) / max(tokens, 1),
         "acceptance": sum(r["accepted"] for r in rows) / drafted if drafted else None,

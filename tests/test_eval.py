@@ -48,6 +48,12 @@ def test_practice_writes_documented_outputs(practice_run):
         assert row["flops_rel"] >= 0 if row["method"] == "shortcut fast" else row["flops_rel"] > 0, row
         if row["method"].startswith(("plain", "shortcut lossless", "early-exit", "prompt")):
             assert row["identical"] == 1.0, row  # every lossless method emits the model's own tokens
+    for row in result["raw"]["tests"]["exact repeats"]["plain"]:
+        assert row["call_flops_rel"] == 1.0
+    exact = next(r for r in result["tests"] if (r["set"], r["method"]) == ("exact repeats", "shortcut lossless"))
+    # the practised prompt's kept keys and values are not read again: the call costs less than plain's,
+    # while per generated token after the prefill it cannot (every token passes every layer once)
+    assert exact["call_flops_rel"] < 1.0 <= exact["flops_rel"] + 1e-9, exact
     fast = next(r for r in result["tests"] if (r["set"], r["method"]) == ("exact repeats", "shortcut fast"))
     assert fast["recalled_share"] > 0 and fast["identical"] == 1.0  # practised answers committed, no layer run
     assert result["early_exit_sweep"]["best"] in (1, 2)
