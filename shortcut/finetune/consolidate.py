@@ -566,7 +566,7 @@ def write_output(output: Path, source: Path, manifest: dict[str, Any], learned: 
         contents.update(heads=skills.HEADS_FILE, policy=skills.POLICY_FILE, replay_log=skills.PROMPT_LOG,
                         consolidation=brief)
         contents.pop("adapter", None)
-        contents.pop("draft_odds", None)  # learned on the heads before: they start again
+        contents.pop("draft_odds", None)  # the shallow ones belong to the heads before: relearned
         if peft_model is not None:
             peft_model.save_pretrained(str(tmp / skills.ADAPTER_DIR))
             contents["adapter"] = skills.ADAPTER_DIR

@@ -2,8 +2,9 @@
 
 Policies merge by evidence (see ExitPolicy.merge); exit-head translators are averaged,
 weighted by the tokens each worker practised; shortlists and prompt logs (prompts and
-practised sequences) are united. Draft chances (``draft_odds.json``) are not merged: they
-were learned on each folder's own heads, and the merged heads learn theirs again.
+practised sequences) are united. Draft chances (``draft_odds.json``) are left out: the
+shallow ones belong to each folder's own heads, and all of them are relearned within a
+few calls from their priors.
 All inputs must share the base model and the very same observer (identical SAE
 weights): signatures of different SAEs do not mean the same thing. Folders holding a
 LoRA adapter (``shortcut-finetune --level layerskip``) are refused: their heads and
@@ -109,7 +110,7 @@ def merge_skills(folders: list[Path], output: Path, *, overwrite: bool = False) 
         save_file({k: v.contiguous() for k, v in merged_heads.items()}, str(tmp / HEADS_FILE))
         save_file({k: v.contiguous() for k, v in merged_policy.state_dict().items()}, str(tmp / POLICY_FILE))
         (tmp / PROMPT_LOG).write_text(json.dumps({"prompts": practised, "sequences": sequences.sequences}) + "\n")
-        # Draft chances were learned on each folder's own heads: the merged heads start again.
+        # Draft chances are left out: the shallow ones belong to each folder's heads.
         contents = {k: v for k, v in manifests[0]["contents"].items() if k != "draft_odds"}
         write_manifest(tmp, base, dict(contents, merged_from=[str(f) for f in folders]))
 
