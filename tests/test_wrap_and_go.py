@@ -132,7 +132,7 @@ def test_memory_only_save_load_round_trip_replays_on_the_first_call(fresh, tmp_p
     for prompt in PROMPTS:
         model.generate(input_ids=prompt, max_new_tokens=NEW, do_sample=False)
     folder = handle.save_pretrained(tmp_path / "skills")
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "observer_buffer.safetensors",
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "draft_odds.json", "observer_buffer.safetensors",
                                                         "replay_log.json", "shortcut.json"]
     assert json.loads((folder / "shortcut.json").read_text())["contents"]["replay_log"] == "replay_log.json"
     summary = describe(folder)
@@ -144,6 +144,7 @@ def test_memory_only_save_load_round_trip_replays_on_the_first_call(fresh, tmp_p
         assert loaded.learner is None
         assert loaded.experience.practised == handle.experience.practised
         assert loaded.experience.sequences.sequences == handle.experience.sequences.sequences
+        assert loaded._lookup_lengths.counts == handle._lookup_lengths.counts  # what verification taught
         ref = _reference(other, loaded, PROMPTS[1], do_sample=False)
         out = other.generate(input_ids=PROMPTS[1], max_new_tokens=NEW, do_sample=False)
         assert torch.equal(out, ref)
