@@ -450,7 +450,6 @@ class Shortcut:
             contents = {"config": "config.json"}
             if self.learner is not None:
                 contents.update(skills.save_learned(tmp, self.learner, self.fingerprint))
-                contents.update(skills.save_draft_odds(tmp, self._lookup_lengths, self._current_shallow_odds()))
             else:
                 contents.update(skills.save_prompt_log(tmp, self.experience))
                 auto = self.auto_observer
@@ -458,7 +457,7 @@ class Shortcut:
                 if residuals is not None:  # the observer's training data so far: a reload goes on collecting
                     assert auto is not None and auto.layer is not None
                     contents.update(skills.save_observer_buffer(tmp, residuals, auto.layer))
-                contents.update(skills.save_draft_odds(tmp, self._lookup_lengths))
+            contents.update(skills.save_draft_odds(tmp, self._lookup_lengths, self._current_shallow_odds()))
             skills.write_manifest(tmp, self.fingerprint, contents)
 
         with self._lock:

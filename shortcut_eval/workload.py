@@ -343,7 +343,7 @@ def summarise(rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         "bytes_rel": statistics.median(r["bytes_rel"] for r in rows),
         "flops_rel": statistics.median(r["flops_rel"] for r in rows),
         # the whole call, prefill included (kept prefixes show here, not in flops_rel)
-        "call_flops_rel": statistics.median(r.get("call_flops_rel", r["flops_rel"]) for r in rows),
+        "call_flops_rel": statistics.median(r["call_flops_rel"] for r in rows),
         "identical": sum(r["identical"] for r in rows) / len(rows),
         "agreement": sum(r["agreed_tokens"] for r in rows) / max(tokens, 1),
         "acceptance": sum(r["accepted"] for r in rows) / drafted if drafted else None,
